@@ -1,0 +1,114 @@
+"""Per-token bookkeeping and query chunking shared by the XLA pieces.
+
+Every XLA piece works on one batch row of `T` tokens (the batch axis is vmapped) and sees, per
+token, its position in its own sequence and where that sequence starts; this is what makes packed
+varlen batches and ordinary rows one code path. Queries are processed in chunks under
+`jax.checkpoint`, so neither the forward nor the backward pass ever holds more than one chunk's
+score matrix or gathered keys: peak memory grows linearly in `T`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ejkernel_nsa.problem import Segments
+
+# Upper bound on the bytes that one query chunk's intermediates may take, per batch row.
+CHUNK_BYTES = 256 * 2**20
+MIN_CHUNK, MAX_CHUNK = 16, 1024
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """Per token of one row: position in its sequence, index of the sequence's first token, and
+    index of the sequence's first compressed block on the packed block axis."""
+
+    pos: jax.Array
+    seq_start: jax.Array
+    first_block: jax.Array
+
+
+def row_layout(num_tokens: int, block_size: int, segments: Segments | None) -> RowLayout:
+    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
+    if segments is None:
+        zeros = jnp.zeros_like(tokens)
+        return RowLayout(pos=tokens, seq_start=zeros, first_block=zeros)
+    seq = segments.sequence_ids(num_tokens)
+    seq_start = segments.cu_seqlens.astype(jnp.int32)[seq]
+    first_block = segments.block_offsets(block_size)[seq]
+    if segments.token_indices is not None:
+        pos = segments.token_indices[:, 1].astype(jnp.int32)
+    else:
+        pos = tokens - seq_start
+    return RowLayout(pos=pos, seq_start=seq_start, first_block=first_block)
+
+
+def chunk_len(num_tokens: int, bytes_per_query: int) -> int:
+    """Largest power-of-two chunk within `CHUNK_BYTES`, clamped to [MIN_CHUNK, MAX_CHUNK] and to
+    the (rounded-up) sequence length."""
+    limit = max(MIN_CHUNK, min(MAX_CHUNK, CHUNK_BYTES // max(bytes_per_query, 1)))
+    chunk = MIN_CHUNK
+    while chunk * 2 <= limit and chunk < num_tokens:
+        chunk *= 2
+    return chunk
+
+
+def map_query_chunks(body: Callable, chunk: int, *per_token):
+    """Apply `body(chunk_start, *chunk_slices)` to consecutive query chunks and stitch the results.
+
+    Each array in `per_token` has the token axis first; it is padded to a multiple of `chunk`
+    (padded tokens compute garbage that is sliced off). `body` returns arrays with the chunk's
+    token axis first. Checkpointing the body keeps only its inputs for the backward pass.
+    """
+    num_tokens = per_token[0].shape[0]
+    num_chunks = -(-num_tokens // chunk)
+    padded = num_chunks * chunk
+    stacked = [
+        jnp.pad(x, [(0, padded - num_tokens)] + [(0, 0)] * (x.ndim - 1)).reshape(
+            (num_chunks, chunk) + x.shape[1:]
+        )
+        for x in per_token
+    ]
+    starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk
+    rematerialized = jax.checkpoint(body)
+    if num_chunks == 1:
+        outs = rematerialized(starts[0], *[x[0] for x in stacked])
+        outs = jax.tree.map(lambda y: y[None], outs)
+    else:
+        outs = jax.lax.map(lambda args: rematerialized(*args), (starts, *stacked))
+    return jax.tree.map(lambda y: y.reshape((padded,) + y.shape[2:])[:num_tokens], outs)
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Softmax over the last axis restricted to `mask`, in float32.
+
+    Returns the probabilities (zero where masked, and all zero for a row with nothing visible)
+    and the log-sum-exp (-inf for such a row). The `where`s keep both finite-gradient: no
+    exp(-inf - -inf) or log(0) is ever differentiated.
+    """
+    scores = jnp.where(mask, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    unnormalized = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    seen = total > 0
+    safe_total = jnp.where(seen, total, 1.0)
+    probs = unnormalized / safe_total
+    lse = jnp.where(seen, row_max + jnp.log(safe_total), -jnp.inf)
+    return probs, lse[..., 0]
+
+
+def split_heads(query: jax.Array, num_kv_heads: int) -> jax.Array:
+    """`[..., HQ, D]` -> `[..., H, G, D]`: query head i belongs to kv head i // G."""
+    *lead, num_q_heads, dim = query.shape
+    return query.reshape(*lead, num_kv_heads, num_q_heads // num_kv_heads, dim)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    *lead, num_kv_heads, group, dim = x.shape
+    return x.reshape(*lead, num_kv_heads * group, dim)

@@ -1,0 +1,53 @@
+"""Sliding-window attention (SPEC section 5), in plain XLA.
+
+A chunk of `C` queries reads one contiguous span of `C + W - 1` keys, so the cost is
+`O(T * (C + W))` and no `[T, T]` matrix exists.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ejkernel_nsa.backends.xla.layout import (
+    chunk_len,
+    map_query_chunks,
+    masked_softmax,
+    merge_heads,
+    row_layout,
+    split_heads,
+)
+from ejkernel_nsa.problem import Segments
+
+
+def sliding_window_attention(query, key, value, *, window_size: int, scale: float, segments: Segments | None):
+    batch, num_tokens, num_q_heads, _ = query.shape
+    num_kv_heads = key.shape[2]
+    window = min(window_size, num_tokens)
+    chunk = chunk_len(num_tokens, batch * num_q_heads * 2 * window * 4 * 3)
+    padded = -(-num_tokens // chunk) * chunk
+    span = chunk + window - 1
+    layout = row_layout(num_tokens, 1, segments)
+    # Key rows before the first and after the last token, so every chunk slices a full span.
+    pad = ((window - 1, padded - num_tokens), (0, 0), (0, 0))
+
+    def row(q, k, v):
+        k_padded, v_padded = jnp.pad(k, pad), jnp.pad(v, pad)
+
+        def body(start, q_chunk, seq_start):
+            k_span = jax.lax.dynamic_slice_in_dim(k_padded, start, span)
+            v_span = jax.lax.dynamic_slice_in_dim(v_padded, start, span)
+            token = start + jnp.arange(q_chunk.shape[0])[:, None]
+            key_token = start - (window - 1) + jnp.arange(span)[None, :]
+            first = jnp.maximum(seq_start[:, None], token - window + 1)
+            mask = (key_token >= first) & (key_token <= token)
+            scores = jnp.einsum(
+                "chgd,khd->chgk", split_heads(q_chunk, num_kv_heads), k_span, preferred_element_type=jnp.float32
+            )
+            probs, _ = masked_softmax(scores * scale, mask[:, None, None, :])
+            out = jnp.einsum("chgk,khd->chgd", probs.astype(v.dtype), v_span, preferred_element_type=jnp.float32)
+            return merge_heads(out).astype(q.dtype)
+
+        return map_query_chunks(body, chunk, q, layout.seq_start)
+
+    return jax.vmap(row)(query, key, value)

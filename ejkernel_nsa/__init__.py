@@ -1,0 +1,37 @@
+"""ejkernel-nsa: Native Sparse Attention (arXiv 2502.11089) for JAX, one call on every platform.
+
+`native_sparse_attention` computes the contract in SPEC.md (docs/semantics.md) with whichever
+registered backend fits the call; `use_backend`, the `backend=` argument or the environment
+variable `EJKERNEL_NSA_BACKEND` force one; `explain` shows the choice and the reasons.
+"""
+
+from ejkernel_nsa.api import (
+    apply_native_sparse_attention,
+    compressed_attention,
+    explain,
+    mean_pool,
+    native_sparse_attention,
+    select_blocks,
+    sliding_window_attention,
+)
+from ejkernel_nsa.config import interpret_mode, use_backend
+from ejkernel_nsa.problem import NSAProblem, Piece
+from ejkernel_nsa.registry import BackendError, backend_status
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "NSAProblem",
+    "Piece",
+    "apply_native_sparse_attention",
+    "backend_status",
+    "compressed_attention",
+    "explain",
+    "interpret_mode",
+    "mean_pool",
+    "native_sparse_attention",
+    "select_blocks",
+    "sliding_window_attention",
+    "use_backend",
+]

@@ -1,0 +1,269 @@
+"""The public NSA calls: the whole of SPEC.md in one function, and each piece on its own.
+
+Every call checks its arguments (`validation`), describes itself as an `NSAProblem`, asks the
+registry for an implementation per piece, and runs them. Which backend runs is decided at trace
+time; see `ejkernel_nsa.config` for forcing one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import jaxtyped
+
+from ejkernel_nsa import config, registry
+from ejkernel_nsa.problem import NSAProblem, Piece, platform_of
+from ejkernel_nsa.validation import (
+    NSACall,
+    ShapeChecker,
+    block_counts_of,
+    check_compressed,
+    check_nsa_call,
+    check_qkv,
+    segments_of,
+    softmax_scale_of,
+    static_int,
+)
+
+
+def native_sparse_attention(
+    query,
+    key,
+    value,
+    g_cmp=None,
+    g_slc=None,
+    block_indices=None,
+    block_counts=16,
+    block_size: int = 64,
+    softmax_scale: float | None = None,
+    cu_seqlens=None,
+    *,
+    g_swa=None,
+    window_size: int = 0,
+    max_block_counts: int | None = None,
+    backend: str | None = None,
+) -> jax.Array:
+    """Native Sparse Attention (arXiv 2502.11089): compressed, selected and sliding-window branches.
+
+    Args:
+      query: `[B, T, HQ, Dk]`. key: `[B, T, H, Dk]`. value: `[B, T, H, Dv]`, with `HQ = G * H` for
+        any integer group size `G`; query head `i` reads kv head `i // G`.
+      g_cmp, g_slc, g_swa: optional gates `[B, T, HQ]` of the three branches. With `g_cmp`, the
+        compressed branch is added and (unless `block_indices` is given) selects the blocks.
+      block_indices: `[B, T, H, S]` int, the caller's selection (local block indices; -1 = empty).
+      block_counts: blocks each (token, kv head) selects: an int, or an int array `[B, T, H]`.
+      block_size: the compression and selection block length.
+      softmax_scale: defaults to `Dk ** -0.5`.
+      cu_seqlens: `[N + 1]` int offsets of packed sequences (then `B == 1`); may be traced.
+      window_size: the sliding window `W` (0 disables it; `W > 0` needs `g_swa`).
+      max_block_counts: the static slot count `S` when `block_counts` is an array and the
+        selection is computed.
+      backend: force one backend by name (see `ejkernel_nsa.backends_info()`).
+
+    Returns:
+      `[B, T, HQ, Dv]` in the query's dtype.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, ejkernel_nsa
+      >>> q, k, v, g = (jax.random.normal(jax.random.key(i), s) for i, s in
+      ...               enumerate([(1, 256, 8, 64), (1, 256, 2, 64), (1, 256, 2, 64), (1, 256, 8)]))
+      >>> ejkernel_nsa.native_sparse_attention(q, k, v, g_cmp=g, block_counts=4, block_size=32).shape
+      (1, 256, 8, 64)
+    """
+    call = check_nsa_call(
+        query, key, value, g_cmp=g_cmp, g_slc=g_slc, g_swa=g_swa, block_indices=block_indices,
+        block_counts=block_counts, block_size=block_size, softmax_scale=softmax_scale,
+        cu_seqlens=cu_seqlens, window_size=window_size, max_block_counts=max_block_counts,
+    )
+    return _run(call, _plan(call.problem, backend))
+
+
+def apply_native_sparse_attention(
+    query,
+    key,
+    value,
+    block_indices,
+    block_counts=16,
+    block_size: int = 64,
+    softmax_scale: float | None = None,
+    cu_seqlens=None,
+    token_indices=None,
+    *,
+    backend: str | None = None,
+) -> jax.Array:
+    """Attention over given blocks only (SPEC section 4): the selected branch without gates.
+
+    `block_indices` is `[B, T, H, S]` (local block indices, -1 for empty slots); each (token, kv
+    head) uses the distinct entries of its first `block_counts` slots that are not in its future.
+    `token_indices` (`[T, 2]`: sequence id and position per token, with `cu_seqlens`) may be passed
+    when the caller already has it; otherwise it is derived from `cu_seqlens`.
+    """
+    call = check_nsa_call(
+        query, key, value, block_indices=block_indices, block_counts=block_counts,
+        block_size=block_size, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
+        token_indices=token_indices,
+    )
+    return _run(call, _plan(call.problem, backend))
+
+
+def explain(query, key, value, g_cmp=None, g_slc=None, block_indices=None, block_counts=16, block_size=64,
+            softmax_scale=None, cu_seqlens=None, *, g_swa=None, window_size=0, max_block_counts=None,
+            backend=None) -> registry.Plan:
+    """Which implementation each piece of this call would use, and why each other one was not.
+
+    Takes the arguments of `native_sparse_attention`, checks them the same way, and runs nothing.
+    `print(explain(...))` shows the table.
+    """
+    call = check_nsa_call(
+        query, key, value, g_cmp=g_cmp, g_slc=g_slc, g_swa=g_swa, block_indices=block_indices,
+        block_counts=block_counts, block_size=block_size, softmax_scale=softmax_scale,
+        cu_seqlens=cu_seqlens, window_size=window_size, max_block_counts=max_block_counts,
+    )
+    return _plan(call.problem, backend)
+
+
+def _plan(problem: NSAProblem, backend: str | None, pieces: tuple[Piece, ...] | None = None) -> registry.Plan:
+    forced, forced_by = config.forced_backend(backend)
+    return registry.resolve(problem, forced, forced_by, pieces)
+
+
+def _run(call: NSACall, plan: registry.Plan) -> jax.Array:
+    problem, segments, scale = call.problem, call.segments, call.scale
+    q, k, v = call.query, call.key, call.value
+    block_size = problem.block_size
+    out = jnp.zeros(q.shape[:3] + (v.shape[3],), jnp.float32)
+    block_indices = call.block_indices
+    if call.g_cmp is not None:
+        k_cmp, v_cmp = plan[Piece.COMPRESSION](k, v, block_size=block_size, segments=segments)
+        o_cmp, lse = plan[Piece.COMPRESSED_ATTENTION](q, k_cmp, v_cmp, block_size=block_size, scale=scale,
+                                                      segments=segments)
+        out += _gated(o_cmp, call.g_cmp)
+        if block_indices is None:
+            # The selection is piecewise constant in its inputs: it carries no gradient.
+            q_sel, k_sel, lse_sel = jax.lax.stop_gradient((q, k_cmp, lse))
+            block_indices = plan[Piece.SELECTION](
+                q_sel, k_sel, lse_sel, block_counts=call.block_counts, num_slots=problem.num_slots,
+                block_size=block_size, scale=scale, segments=segments,
+            )
+    o_slc = plan[Piece.SELECTED_ATTENTION](q, k, v, block_indices, call.block_counts, block_size=block_size,
+                                           scale=scale, segments=segments)
+    out += _gated(o_slc, call.g_slc)
+    if call.g_swa is not None:
+        o_swa = plan[Piece.SLIDING_WINDOW](q, k, v, window_size=problem.window_size, scale=scale, segments=segments)
+        out += _gated(o_swa, call.g_swa)
+    return out.astype(q.dtype)
+
+
+def _gated(branch: jax.Array, gate: jax.Array | None) -> jax.Array:
+    branch = branch.astype(jnp.float32)
+    return branch if gate is None else branch * gate.astype(jnp.float32)[..., None]
+
+
+# ---- the pieces, each usable alone -------------------------------------------------------------
+
+
+def _piece_problem(query, key, value, block_size, segments, num_slots=0, window_size=0, per_token=False):
+    return NSAProblem(
+        batch=key.shape[0], seq_len=key.shape[1] if query is None else query.shape[1],
+        num_q_heads=key.shape[2] if query is None else query.shape[2], num_kv_heads=key.shape[2],
+        head_dim=key.shape[3], value_dim=value.shape[3], dtype=str(key.dtype), block_size=block_size,
+        num_slots=num_slots, window_size=window_size, num_seqs=None if segments is None else segments.num_seqs,
+        per_token_counts=per_token, platform=platform_of(*(x for x in (query, key, value) if x is not None)),
+    )
+
+
+@jaxtyped(typechecker=None)
+def mean_pool(key, value, block_size: int = 64, cu_seqlens=None, *, backend: str | None = None):
+    """Compress `key` `[B, T, H, Dk]` and `value` `[B, T, H, Dv]` into block means (SPEC section 1).
+
+    Returns `(key_cmp, value_cmp)`, `[B, NB, H, D]` float32, NB = ceil(T / block_size). They stay
+    float32 whatever the inputs' dtype: they are `block_size` times smaller than the keys, and
+    rounding them to bf16 would move the top-k selection.
+    With `cu_seqlens`, the blocks of all sequences are packed on one axis of static length
+    `T // block_size + N`: sequence n's blocks start at `sum(ceil(L_m / block_size), m < n)`, and
+    the unused tail is zero.
+    """
+    checker = ShapeChecker()
+    key = checker.array("key", key, "float", "B T H Dk")
+    value = checker.array("value", value, "float", "B T H Dv")
+    block_size = static_int("block_size", block_size, 1)
+    segments = segments_of(checker, cu_seqlens, key.shape[0], key.shape[1])
+    problem = _piece_problem(None, key, value, block_size, segments)
+    fn = _plan(problem, backend, (Piece.COMPRESSION,))[Piece.COMPRESSION]
+    return fn(key, value, block_size=block_size, segments=segments)
+
+
+@jaxtyped(typechecker=None)
+def compressed_attention(query, key_cmp, value_cmp, block_size: int = 64, softmax_scale: float | None = None,
+                         cu_seqlens=None, *, backend: str | None = None):
+    """Attention of each query over the complete compressed blocks before it (SPEC section 2).
+
+    `key_cmp` / `value_cmp` are `mean_pool`'s output. Returns `(out, lse)`: `[B, T, HQ, Dv]` in the
+    query's dtype, and the float32 log-sum-exp `[B, T, HQ]` of the scaled scores (-inf, with a
+    zero output, for the first `block_size - 1` tokens, which see no complete block).
+    """
+    checker = ShapeChecker()
+    query = checker.array("query", query, "float", "B T HQ Dk")
+    block_size = static_int("block_size", block_size, 1)
+    segments = segments_of(checker, cu_seqlens, query.shape[0], query.shape[1])
+    key_cmp, value_cmp = check_compressed(checker, key_cmp, value_cmp, query.shape[1], block_size, segments)
+    _check_groups(query, key_cmp)
+    scale = softmax_scale_of(softmax_scale, query.shape[3])
+    problem = _piece_problem(query, key_cmp, value_cmp, block_size, segments)
+    fn = _plan(problem, backend, (Piece.COMPRESSED_ATTENTION,))[Piece.COMPRESSED_ATTENTION]
+    return fn(query, key_cmp, value_cmp, block_size=block_size, scale=scale, segments=segments)
+
+
+@jaxtyped(typechecker=None)
+def select_blocks(query, key_cmp, lse, block_counts=16, block_size: int = 64, softmax_scale: float | None = None,
+                  cu_seqlens=None, *, max_block_counts: int | None = None, backend: str | None = None):
+    """Top-k block selection (SPEC section 3): `[B, T, H, S]` int32 local block indices, -1 = empty.
+
+    Scores each candidate block by the compressed-attention probability summed over the query
+    heads of the group (`lse` is `compressed_attention`'s second output); the first, previous
+    and current blocks are always chosen while there is room; ties go to the later block.
+    """
+    checker = ShapeChecker()
+    query = checker.array("query", query, "float", "B T HQ Dk")
+    block_size = static_int("block_size", block_size, 1)
+    segments = segments_of(checker, cu_seqlens, query.shape[0], query.shape[1])
+    key_cmp = checker.array("key_cmp", key_cmp, "float", "B NB H Dk")
+    check_compressed(checker, key_cmp, key_cmp, query.shape[1], block_size, segments)
+    lse = checker.array("lse", lse, "float", "B T HQ")
+    _check_groups(query, key_cmp)
+    block_counts = block_counts_of(checker, block_counts)
+    if max_block_counts is not None:
+        num_slots = static_int("max_block_counts", max_block_counts, 1)
+    elif isinstance(block_counts, int):
+        num_slots = static_int("block_counts", block_counts, 1)
+    else:
+        raise ValueError("max_block_counts: required with an array block_counts (the static number of slots)")
+    problem = _piece_problem(query, key_cmp, key_cmp, block_size, segments, num_slots,
+                             per_token=not isinstance(block_counts, int))
+    fn = _plan(problem, backend, (Piece.SELECTION,))[Piece.SELECTION]
+    return jax.lax.stop_gradient(
+        fn(query, key_cmp, lse, block_counts=block_counts, num_slots=num_slots, block_size=block_size,
+           scale=softmax_scale_of(softmax_scale, query.shape[3]), segments=segments)
+    )
+
+
+@jaxtyped(typechecker=None)
+def sliding_window_attention(query, key, value, window_size: int, softmax_scale: float | None = None,
+                             cu_seqlens=None, *, backend: str | None = None):
+    """Causal attention over the last `window_size` keys of each query's own sequence (SPEC
+    section 5). Returns `[B, T, HQ, Dv]` in the query's dtype."""
+    checker = ShapeChecker()
+    query, key, value = check_qkv(checker, query, key, value)
+    window_size = static_int("window_size", window_size, 1)
+    segments = segments_of(checker, cu_seqlens, query.shape[0], query.shape[1])
+    problem = _piece_problem(query, key, value, 1, segments, window_size=window_size)
+    fn = _plan(problem, backend, (Piece.SLIDING_WINDOW,))[Piece.SLIDING_WINDOW]
+    return fn(query, key, value, window_size=window_size, scale=softmax_scale_of(softmax_scale, query.shape[3]),
+              segments=segments)
+
+
+def _check_groups(query, key_cmp):
+    if query.shape[2] % key_cmp.shape[2]:
+        raise ValueError(
+            f"query: its {query.shape[2]} heads must be a multiple of the {key_cmp.shape[2]} kv heads of key_cmp"
+        )

@@ -1,0 +1,235 @@
+"""Argument checks at the boundary of the public API, at trace time (shapes and dtypes are static).
+
+Shapes are checked with jaxtyping (one memo per call, so a dimension name binds once across all
+arguments); every failure becomes a `TypeError` (wrong kind of thing) or `ValueError` (right kind,
+wrong value) that names the argument, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, Integer, jaxtyped
+
+from ejkernel_nsa.problem import NSAProblem, Segments, num_compressed_blocks, platform_of
+
+_KINDS = {"float": (Float, "floating-point"), "int": (Int, "signed integer"), "integer": (Integer, "integer")}
+
+
+class ShapeChecker:
+    """Binds dimension names across the arguments of one call and explains any mismatch."""
+
+    def __init__(self):
+        self.dims: dict[str, tuple[int, str]] = {}
+
+    def array(self, name: str, value, kind: str, spec: str) -> jax.Array:
+        x = as_array(name, value)
+        jaxtyping_kind, kind_word = _KINDS[kind]
+        names = spec.split()
+        if x.ndim != len(names):
+            raise ValueError(f"{name}: expected a rank-{len(names)} array [{', '.join(names)}], got shape {x.shape}")
+        if not isinstance(x, jaxtyping_kind[Array, "..."]):
+            raise TypeError(f"{name}: expected a {kind_word} array, got dtype {x.dtype}")
+        for dim, size in zip(names, x.shape, strict=True):
+            if dim in self.dims and self.dims[dim][0] != size:
+                bound, source = self.dims[dim]
+                raise ValueError(
+                    f"{name}: expected shape [{', '.join(names)}] with {dim}={bound} (from {source}), "
+                    f"got shape {x.shape}"
+                )
+        if not isinstance(x, jaxtyping_kind[Array, spec]):
+            raise ValueError(f"{name}: shape {x.shape} does not match [{', '.join(names)}]")
+        for dim, size in zip(names, x.shape, strict=True):
+            self.dims.setdefault(dim, (size, name))
+        return x
+
+    def optional(self, name: str, value, kind: str, spec: str) -> jax.Array | None:
+        return None if value is None else self.array(name, value, kind, spec)
+
+
+def as_array(name: str, value) -> jax.Array:
+    if isinstance(value, jax.Array):
+        return value
+    if isinstance(value, (np.ndarray, np.generic, list, tuple)):
+        return jnp.asarray(value)
+    raise TypeError(f"{name}: expected an array, got {type(value).__name__}")
+
+
+def static_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a Python int (a static value), got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def softmax_scale_of(value, head_dim: int) -> float:
+    if value is None:
+        return head_dim**-0.5
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"softmax_scale: expected a Python float or None, got {type(value).__name__}")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"softmax_scale: expected a finite positive number, got {value}")
+    return float(value)
+
+
+def segments_of(
+    checker: ShapeChecker, cu_seqlens, batch: int, num_tokens: int, token_indices=None
+) -> Segments | None:
+    if cu_seqlens is None:
+        if token_indices is not None:
+            raise ValueError("token_indices: only meaningful with cu_seqlens, which is None")
+        return None
+    cu = checker.array("cu_seqlens", cu_seqlens, "int", "N1")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens: packed sequences need batch size 1, got query batch {batch}")
+    if cu.shape[0] < 2:
+        raise ValueError(f"cu_seqlens: expected [N + 1] offsets with N >= 1, got shape {cu.shape}")
+    if not isinstance(cu, jax.core.Tracer):
+        offsets = np.asarray(cu)
+        if offsets[0] != 0 or offsets[-1] != num_tokens or np.any(np.diff(offsets) < 0):
+            raise ValueError(
+                f"cu_seqlens: expected non-decreasing offsets from 0 to T={num_tokens}, got {offsets.tolist()}"
+            )
+    if token_indices is not None:
+        token_indices = checker.array("token_indices", token_indices, "int", "T 2")
+    return Segments(cu.astype(jnp.int32), None if token_indices is None else token_indices.astype(jnp.int32))
+
+
+def block_counts_of(checker: ShapeChecker, block_counts):
+    if isinstance(block_counts, (bool, np.bool_)):
+        raise TypeError("block_counts: expected an int or an integer array [B, T, H], got a bool")
+    if isinstance(block_counts, numbers.Integral):
+        return static_int("block_counts", block_counts, 0)
+    return checker.array("block_counts", block_counts, "integer", "B T H").astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class NSACall:
+    """The arguments of one call, checked and normalized, with its static description."""
+
+    query: jax.Array
+    key: jax.Array
+    value: jax.Array
+    g_cmp: jax.Array | None
+    g_slc: jax.Array | None
+    g_swa: jax.Array | None
+    block_indices: jax.Array | None
+    block_counts: int | jax.Array
+    segments: Segments | None
+    scale: float
+    problem: NSAProblem
+
+
+def check_qkv(checker: ShapeChecker, query, key, value) -> tuple[jax.Array, jax.Array, jax.Array]:
+    query = checker.array("query", query, "float", "B T HQ Dk")
+    key = checker.array("key", key, "float", "B T H Dk")
+    value = checker.array("value", value, "float", "B T H Dv")
+    for name, x in (("key", key), ("value", value)):
+        if x.dtype != query.dtype:
+            raise TypeError(f"{name}: expected dtype {query.dtype} (the query's), got {x.dtype}")
+    num_q_heads, num_kv_heads = query.shape[2], key.shape[2]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"query: its {num_q_heads} heads must be a multiple of the {num_kv_heads} kv heads of key/value "
+            f"(HQ = G * H for an integer group size G)"
+        )
+    return query, key, value
+
+
+@jaxtyped(typechecker=None)
+def check_nsa_call(
+    query,
+    key,
+    value,
+    *,
+    g_cmp=None,
+    g_slc=None,
+    g_swa=None,
+    block_indices=None,
+    block_counts=16,
+    block_size=64,
+    softmax_scale=None,
+    cu_seqlens=None,
+    token_indices=None,
+    window_size=0,
+    max_block_counts=None,
+) -> NSACall:
+    checker = ShapeChecker()
+    query, key, value = check_qkv(checker, query, key, value)
+    batch, num_tokens, num_q_heads, head_dim = query.shape
+    block_size = static_int("block_size", block_size, 1)
+    window_size = static_int("window_size", window_size, 0)
+    g_cmp, g_slc, g_swa = (
+        checker.optional(name, gate, "float", "B T HQ")
+        for name, gate in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa))
+    )
+    block_indices = checker.optional("block_indices", block_indices, "int", "B T H S")
+    block_counts = block_counts_of(checker, block_counts)
+    segments = segments_of(checker, cu_seqlens, batch, num_tokens, token_indices)
+
+    if g_swa is not None and window_size == 0:
+        raise ValueError("g_swa: the sliding-window gate needs window_size > 0, got window_size=0")
+    if g_swa is None and window_size > 0:
+        raise ValueError(f"window_size: {window_size} asks for the sliding-window branch, which needs its gate g_swa")
+    if g_cmp is None and block_indices is None:
+        raise ValueError("block_indices: required when g_cmp is None (there is no compressed branch to select from)")
+    if max_block_counts is not None:
+        max_block_counts = static_int("max_block_counts", max_block_counts, 1)
+
+    if block_indices is not None:
+        num_slots = block_indices.shape[-1]
+    elif max_block_counts is not None:
+        num_slots = max_block_counts
+        if isinstance(block_counts, int) and block_counts > max_block_counts:
+            raise ValueError(f"block_counts: {block_counts} exceeds max_block_counts={max_block_counts}")
+    elif isinstance(block_counts, int):
+        num_slots = block_counts
+    else:
+        raise ValueError(
+            "max_block_counts: an array block_counts with a computed selection needs the static number of "
+            "slots; pass max_block_counts=<int> (it cannot be read from traced data)"
+        )
+    if block_indices is None and num_slots < 1:
+        raise ValueError("block_counts: a computed selection needs at least 1 block per token, got 0")
+
+    problem = NSAProblem(
+        batch=batch,
+        seq_len=num_tokens,
+        num_q_heads=num_q_heads,
+        num_kv_heads=key.shape[2],
+        head_dim=head_dim,
+        value_dim=value.shape[3],
+        dtype=str(query.dtype),
+        block_size=block_size,
+        num_slots=num_slots,
+        window_size=window_size,
+        num_seqs=None if segments is None else segments.num_seqs,
+        per_token_counts=not isinstance(block_counts, int),
+        selection="given" if block_indices is not None else "computed",
+        has_g_cmp=g_cmp is not None,
+        has_g_slc=g_slc is not None,
+        has_g_swa=g_swa is not None,
+        platform=platform_of(query, key, value),
+    )
+    return NSACall(
+        query, key, value, g_cmp, g_slc, g_swa, block_indices, block_counts, segments,
+        softmax_scale_of(softmax_scale, head_dim), problem,
+    )
+
+
+def check_compressed(checker: ShapeChecker, k_cmp, v_cmp, num_tokens: int, block_size: int, segments):
+    """The compressed keys/values that `mean_pool` returns, for the pieces that take them."""
+    k_cmp = checker.array("key_cmp", k_cmp, "float", "B NB H Dk")
+    v_cmp = checker.array("value_cmp", v_cmp, "float", "B NB H Dv")
+    expected = num_compressed_blocks(num_tokens, block_size, None if segments is None else segments.num_seqs)
+    if k_cmp.shape[1] != expected:
+        raise ValueError(
+            f"key_cmp: expected {expected} compressed blocks (mean_pool's output for T={num_tokens}, "
+            f"block_size={block_size}), got shape {k_cmp.shape}"
+        )
+    return k_cmp, v_cmp

@@ -1,0 +1,214 @@
+"""The table of NSA implementations, and how one is chosen for a call.
+
+Backends register per piece (`Piece`): a backend name, the platforms it runs on, a priority and a
+`supports(problem) -> reason or None`. For a call, each needed piece gets the implementation of the
+forced backend (which must support the problem, or the call raises with its reason), or else the
+highest-priority implementation that runs on the inputs' platform and supports the problem.
+Nothing falls back silently: every rejection is kept with its reason, for errors and `explain`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import threading
+from collections.abc import Callable
+
+from ejkernel_nsa.problem import NSAProblem, Piece
+
+# The backends the registry knows, best first when priorities tie. Each is a subpackage of
+# `ejkernel_nsa.backends` that registers itself on import; one whose toolchain is missing is
+# listed as unavailable with the import error as its reason.
+KNOWN_BACKENDS = ("triton", "pallas_mosaic", "pallas_triton", "xla")
+
+SupportsFn = Callable[[NSAProblem], "str | None"]
+
+
+class BackendError(ValueError):
+    """No implementation can run a call: the forced one declined, or every one did.
+
+    `forced` / `forced_by` say which backend was forced and how (None for automatic choice);
+    `reasons` lists (backend, why not) for the piece that could not be placed.
+    """
+
+    def __init__(self, message: str, forced: str | None = None, forced_by: str = "",
+                 reasons: tuple[tuple[str, str], ...] = ()):
+        super().__init__(message)
+        self.forced, self.forced_by, self.reasons = forced, forced_by, reasons
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    description: str
+    # Returns None when the backend can run here, else why not (toolchain, platform, ...).
+    availability: Callable[[], str | None]
+    # Interpret-mode backends run only when forced: automatic resolution never picks them.
+    interpret: Callable[[], bool] = lambda: False
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    backend: str
+    piece: Piece
+    fn: Callable
+    platforms: frozenset[str]
+    priority: int
+    supports: SupportsFn
+
+    def decline_reason(self, problem: NSAProblem) -> str | None:
+        if problem.platform not in self.platforms:
+            return f"runs on {sorted(self.platforms)}, the inputs are on {problem.platform}"
+        return self.supports(problem)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The implementation chosen for each piece of one call, and why the others were not."""
+
+    problem: NSAProblem
+    forced: str | None
+    forced_by: str
+    chosen: dict[Piece, Implementation]
+    rejected: dict[Piece, list[tuple[str, str]]]
+
+    def __getitem__(self, piece: Piece) -> Callable:
+        return self.chosen[piece].fn
+
+    def __str__(self) -> str:
+        lines = [f"NSA plan ({self.forced_by}" + (f": {self.forced})" if self.forced else ")")]
+        for piece, impl in self.chosen.items():
+            lines.append(f"  {piece.value:<21} -> {impl.backend} (priority {impl.priority})")
+            for backend, reason in self.rejected.get(piece, []):
+                lines.append(f"  {'':<21}    not {backend}: {reason}")
+        return "\n".join(lines)
+
+
+_lock = threading.Lock()
+_backends: dict[str, Backend] = {}
+_import_errors: dict[str, str] = {}
+_implementations: list[Implementation] = []
+_loaded = False
+
+
+def register_backend(backend: Backend) -> None:
+    with _lock:
+        _backends[backend.name] = backend
+
+
+def register(
+    piece: Piece,
+    *,
+    backend: str,
+    platforms: tuple[str, ...],
+    priority: int,
+    supports: SupportsFn = lambda problem: None,
+) -> Callable[[Callable], Callable]:
+    """Decorator: add `fn` to the table as `backend`'s implementation of `piece`."""
+
+    def add(fn: Callable) -> Callable:
+        with _lock:
+            _implementations.append(
+                Implementation(backend, Piece(piece), fn, frozenset(platforms), priority, supports)
+            )
+        return fn
+
+    return add
+
+
+def load_backends() -> None:
+    """Import every known backend once; a failed import becomes that backend's reason."""
+    global _loaded
+    if _loaded:
+        return
+    for name in KNOWN_BACKENDS:
+        try:
+            importlib.import_module(f"ejkernel_nsa.backends.{name}")
+        except ImportError as error:
+            _import_errors[name] = f"cannot be imported: {type(error).__name__}: {error}"
+    _loaded = True
+
+
+def backend_status() -> dict[str, str | None]:
+    """Every known backend mapped to None when it can run here, else the reason it cannot."""
+    load_backends()
+    status = {}
+    for name in KNOWN_BACKENDS:
+        if name in _import_errors:
+            status[name] = _import_errors[name]
+        elif name not in _backends:
+            status[name] = "not registered"
+        else:
+            status[name] = _backends[name].availability()
+    return status
+
+
+def backend_description(name: str) -> str:
+    load_backends()
+    return _backends[name].description if name in _backends else ""
+
+
+def implementations(piece: Piece | None = None, backend: str | None = None) -> list[Implementation]:
+    load_backends()
+    return [
+        impl
+        for impl in _implementations
+        if (piece is None or impl.piece == piece) and (backend is None or impl.backend == backend)
+    ]
+
+
+def resolve(
+    problem: NSAProblem, forced: str | None = None, forced_by: str = "", pieces: tuple[Piece, ...] | None = None
+) -> Plan:
+    """Choose one implementation per piece (by default, those the problem needs); raise
+    `BackendError` with every reason if a piece has none (or the forced backend cannot run it)."""
+    status = backend_status()
+    if forced is not None and forced not in status:
+        raise BackendError(
+            f"backend: unknown backend {forced!r} (set by {forced_by}); "
+            f"known backends: {', '.join(KNOWN_BACKENDS)}",
+            forced, forced_by,
+        )
+    chosen: dict[Piece, Implementation] = {}
+    rejected: dict[Piece, list[tuple[str, str]]] = {}
+    for piece in problem.needed_pieces if pieces is None else pieces:
+        accepted, reasons = [], []
+        for impl in sorted(implementations(piece), key=lambda i: -i.priority):
+            reason = _reason_to_skip(impl, problem, status, forced)
+            if reason is None:
+                accepted.append(impl)
+            else:
+                reasons.append((impl.backend, reason))
+        if forced is not None and not any(i.backend == forced for i in implementations(piece)):
+            reasons.append((forced, status[forced] or f"has no implementation of {piece.value}"))
+        if not accepted:
+            raise BackendError(
+                _no_implementation_message(piece, problem, forced, forced_by, reasons), forced, forced_by,
+                tuple(reasons),
+            )
+        chosen[piece] = accepted[0]
+        rejected[piece] = reasons + [(i.backend, "lower priority") for i in accepted[1:]]
+    return Plan(problem, forced, forced_by, chosen, rejected)
+
+
+def _reason_to_skip(
+    impl: Implementation, problem: NSAProblem, status: dict[str, str | None], forced: str | None
+) -> str | None:
+    if forced is not None and impl.backend != forced:
+        return f"not the forced backend ({forced})"
+    if status.get(impl.backend) is not None:
+        return status[impl.backend]
+    if forced is None and _backends[impl.backend].interpret():
+        return "interpret mode is used only when forced"
+    return impl.decline_reason(problem)
+
+
+def _no_implementation_message(piece, problem, forced, forced_by, reasons) -> str:
+    who = f"the forced backend {forced!r} (set by {forced_by})" if forced else "no backend"
+    details = "; ".join(f"{backend}: {reason}" for backend, reason in reasons if backend == forced or not forced)
+    return (
+        f"{who} cannot run the {piece.value} piece of this NSA call "
+        f"(T={problem.seq_len}, HQ={problem.num_q_heads}, H={problem.num_kv_heads}, "
+        f"Dk={problem.head_dim}, Dv={problem.value_dim}, dtype={problem.dtype}, "
+        f"block_size={problem.block_size}, platform={problem.platform}): {details or 'no implementation registered'}"
+    )

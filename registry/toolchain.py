@@ -1,0 +1,31 @@
+"""Availability checks that several backends share: is a toolchain importable, is a GPU here."""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+
+
+def import_failure(module: str) -> str | None:
+    """None when `module` imports, else the error (e.g. jax_triton on a CPU-only jaxlib)."""
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # a toolchain can fail with more than ImportError (e.g. RuntimeError)
+        return f"{module} cannot be imported: {type(error).__name__}: {str(error).splitlines()[0]}"
+    return None
+
+
+def gpu_failure(min_compute_capability: tuple[int, int] | None = None) -> str | None:
+    """None when an NVIDIA GPU (of at least that compute capability) is visible to JAX."""
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        return f"needs an NVIDIA GPU; JAX sees only {jax.default_backend()} devices"
+    if min_compute_capability is not None:
+        capability = getattr(devices[0], "compute_capability", "0.0")
+        major, minor = (int(part) for part in str(capability).split(".")[:2])
+        if (major, minor) < min_compute_capability:
+            wanted = ".".join(map(str, min_compute_capability))
+            return f"needs compute capability >= {wanted}, the GPU has {capability}"
+    return None
