@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from ejkernel_nsa.backends.xla.layout import (
     chunk_len,
+    matmul,
     map_query_chunks,
     masked_softmax,
     merge_heads,
@@ -25,7 +26,7 @@ NO_BLOCK = -1
 
 def _scores(q_chunk, k_cmp, scale):
     """`[C, H, G, Dk] x [NB, H, Dk] -> [C, H, G, NB]` scaled scores in float32."""
-    return jnp.einsum("chgd,nhd->chgn", q_chunk, k_cmp, preferred_element_type=jnp.float32) * scale
+    return matmul("chgd,nhd->chgn", q_chunk, k_cmp) * scale
 
 
 def _visible(pos, first_block, num_blocks, block_size):
@@ -46,7 +47,7 @@ def compressed_attention(query, k_cmp, v_cmp, *, block_size: int, scale: float, 
             scores = _scores(split_heads(q_chunk, num_kv_heads), kc, scale)
             mask = _visible(pos, first_block, num_blocks, block_size)[:, None, None, :]
             probs, lse = masked_softmax(scores, mask)
-            out = jnp.einsum("chgn,nhd->chgd", probs.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
+            out = matmul("chgn,nhd->chgd", probs.astype(vc.dtype), vc)
             return merge_heads(out).astype(q.dtype), lse.reshape(lse.shape[0], num_q_heads)
 
         return map_query_chunks(body, chunk, q, layout.pos, layout.first_block)

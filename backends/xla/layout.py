@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from ejkernel_nsa.problem import Segments
 
-# Upper bound on the bytes that one query chunk's intermediates may take, per batch row.
+# Upper bound on the bytes that one query chunk's intermediates may take, for the whole batch.
 CHUNK_BYTES = 256 * 2**20
 MIN_CHUNK, MAX_CHUNK = 16, 1024
 
@@ -101,6 +101,14 @@ def masked_softmax(scores: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.A
     probs = unnormalized / safe_total
     lse = jnp.where(seen, row_max + jnp.log(safe_total), -jnp.inf)
     return probs, lse[..., 0]
+
+
+def matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`einsum` accumulating in float32. Float32 operands run at full precision: XLA on a GPU would
+    otherwise round them to tf32, outside the contract's float32 tolerance."""
+    full = jnp.result_type(a, b) == jnp.float32
+    precision = jax.lax.Precision.HIGHEST if full else None
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=precision)
 
 
 def split_heads(query: jax.Array, num_kv_heads: int) -> jax.Array:

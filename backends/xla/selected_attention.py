@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from ejkernel_nsa.backends.xla.layout import (
     chunk_len,
+    matmul,
     map_query_chunks,
     masked_softmax,
     merge_heads,
@@ -61,11 +62,9 @@ def selected_attention(
             rows = jnp.clip(seq_start[:, None, None, None] + offsets, 0, num_tokens - 1)
             rows = rows.reshape(size, num_kv_heads, span)
             k_sel, v_sel = k[rows, heads], v[rows, heads]  # [C, H, S*BS, D]
-            scores = jnp.einsum(
-                "chgd,chkd->chgk", split_heads(q_chunk, num_kv_heads), k_sel, preferred_element_type=jnp.float32
-            )
+            scores = matmul("chgd,chkd->chgk", split_heads(q_chunk, num_kv_heads), k_sel)
             probs, _ = masked_softmax(scores * scale, key_mask.reshape(size, num_kv_heads, 1, span))
-            out = jnp.einsum("chgk,chkd->chgd", probs.astype(v.dtype), v_sel, preferred_element_type=jnp.float32)
+            out = matmul("chgk,chkd->chgd", probs.astype(v.dtype), v_sel)
             return merge_heads(out).astype(q.dtype)
 
         return map_query_chunks(body, chunk, q, indices, counts, layout.pos, layout.seq_start)

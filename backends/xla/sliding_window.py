@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from ejkernel_nsa.backends.xla.layout import (
     chunk_len,
+    matmul,
     map_query_chunks,
     masked_softmax,
     merge_heads,
@@ -41,11 +42,9 @@ def sliding_window_attention(query, key, value, *, window_size: int, scale: floa
             key_token = start - (window - 1) + jnp.arange(span)[None, :]
             first = jnp.maximum(seq_start[:, None], token - window + 1)
             mask = (key_token >= first) & (key_token <= token)
-            scores = jnp.einsum(
-                "chgd,khd->chgk", split_heads(q_chunk, num_kv_heads), k_span, preferred_element_type=jnp.float32
-            )
+            scores = matmul("chgd,khd->chgk", split_heads(q_chunk, num_kv_heads), k_span)
             probs, _ = masked_softmax(scores * scale, mask[:, None, None, :])
-            out = jnp.einsum("chgk,khd->chgd", probs.astype(v.dtype), v_span, preferred_element_type=jnp.float32)
+            out = matmul("chgk,khd->chgd", probs.astype(v.dtype), v_span)
             return merge_heads(out).astype(q.dtype)
 
         return map_query_chunks(body, chunk, q, layout.seq_start)
