@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import jaxtyped
-
 from ejkernel_nsa import config, registry
 from ejkernel_nsa.problem import NSAProblem, Piece, platform_of
 from ejkernel_nsa.validation import (
     NSACall,
-    ShapeChecker,
-    block_counts_of,
-    check_compressed,
+    check_compressed_args,
     check_nsa_call,
-    check_qkv,
-    segments_of,
-    softmax_scale_of,
-    static_int,
+    check_pool_args,
+    check_select_args,
+    check_window_args,
 )
 
 
@@ -58,7 +53,7 @@ def native_sparse_attention(
       window_size: the sliding window `W` (0 disables it; `W > 0` needs `g_swa`).
       max_block_counts: the static slot count `S` when `block_counts` is an array and the
         selection is computed.
-      backend: force one backend by name (see `ejkernel_nsa.backends_info()`).
+      backend: force one backend by name (see `ejkernel_nsa.backend_status()`).
 
     Returns:
       `[B, T, HQ, Dv]` in the query's dtype.
@@ -172,7 +167,6 @@ def _piece_problem(query, key, value, block_size, segments, num_slots=0, window_
     )
 
 
-@jaxtyped(typechecker=None)
 def mean_pool(key, value, block_size: int = 64, cu_seqlens=None, *, backend: str | None = None):
     """Compress `key` `[B, T, H, Dk]` and `value` `[B, T, H, Dv]` into block means (SPEC section 1).
 
@@ -183,17 +177,12 @@ def mean_pool(key, value, block_size: int = 64, cu_seqlens=None, *, backend: str
     `T // block_size + N`: sequence n's blocks start at `sum(ceil(L_m / block_size), m < n)`, and
     the unused tail is zero.
     """
-    checker = ShapeChecker()
-    key = checker.array("key", key, "float", "B T H Dk")
-    value = checker.array("value", value, "float", "B T H Dv")
-    block_size = static_int("block_size", block_size, 1)
-    segments = segments_of(checker, cu_seqlens, key.shape[0], key.shape[1])
+    key, value, block_size, segments = check_pool_args(key, value, block_size, cu_seqlens)
     problem = _piece_problem(None, key, value, block_size, segments)
     fn = _plan(problem, backend, (Piece.COMPRESSION,))[Piece.COMPRESSION]
     return fn(key, value, block_size=block_size, segments=segments)
 
 
-@jaxtyped(typechecker=None)
 def compressed_attention(query, key_cmp, value_cmp, block_size: int = 64, softmax_scale: float | None = None,
                          cu_seqlens=None, *, backend: str | None = None):
     """Attention of each query over the complete compressed blocks before it (SPEC section 2).
@@ -202,19 +191,14 @@ def compressed_attention(query, key_cmp, value_cmp, block_size: int = 64, softma
     query's dtype, and the float32 log-sum-exp `[B, T, HQ]` of the scaled scores (-inf, with a
     zero output, for the first `block_size - 1` tokens, which see no complete block).
     """
-    checker = ShapeChecker()
-    query = checker.array("query", query, "float", "B T HQ Dk")
-    block_size = static_int("block_size", block_size, 1)
-    segments = segments_of(checker, cu_seqlens, query.shape[0], query.shape[1])
-    key_cmp, value_cmp = check_compressed(checker, key_cmp, value_cmp, query.shape[1], block_size, segments)
-    _check_groups(query, key_cmp)
-    scale = softmax_scale_of(softmax_scale, query.shape[3])
+    query, key_cmp, value_cmp, block_size, scale, segments = check_compressed_args(
+        query, key_cmp, value_cmp, block_size, softmax_scale, cu_seqlens
+    )
     problem = _piece_problem(query, key_cmp, value_cmp, block_size, segments)
     fn = _plan(problem, backend, (Piece.COMPRESSED_ATTENTION,))[Piece.COMPRESSED_ATTENTION]
     return fn(query, key_cmp, value_cmp, block_size=block_size, scale=scale, segments=segments)
 
 
-@jaxtyped(typechecker=None)
 def select_blocks(query, key_cmp, lse, block_counts=16, block_size: int = 64, softmax_scale: float | None = None,
                   cu_seqlens=None, *, max_block_counts: int | None = None, backend: str | None = None):
     """Top-k block selection (SPEC section 3): `[B, T, H, S]` int32 local block indices, -1 = empty.
@@ -222,48 +206,27 @@ def select_blocks(query, key_cmp, lse, block_counts=16, block_size: int = 64, so
     Scores each candidate block by the compressed-attention probability summed over the query
     heads of the group (`lse` is `compressed_attention`'s second output); the first, previous
     and current blocks are always chosen while there is room; ties go to the later block.
+    `S` is `max_block_counts` if given, else the int `block_counts`.
     """
-    checker = ShapeChecker()
-    query = checker.array("query", query, "float", "B T HQ Dk")
-    block_size = static_int("block_size", block_size, 1)
-    segments = segments_of(checker, cu_seqlens, query.shape[0], query.shape[1])
-    key_cmp = checker.array("key_cmp", key_cmp, "float", "B NB H Dk")
-    check_compressed(checker, key_cmp, key_cmp, query.shape[1], block_size, segments)
-    lse = checker.array("lse", lse, "float", "B T HQ")
-    _check_groups(query, key_cmp)
-    block_counts = block_counts_of(checker, block_counts)
-    if max_block_counts is not None:
-        num_slots = static_int("max_block_counts", max_block_counts, 1)
-    elif isinstance(block_counts, int):
-        num_slots = static_int("block_counts", block_counts, 1)
-    else:
-        raise ValueError("max_block_counts: required with an array block_counts (the static number of slots)")
+    query, key_cmp, lse, block_counts, num_slots, block_size, scale, segments = check_select_args(
+        query, key_cmp, lse, block_counts, block_size, softmax_scale, cu_seqlens, max_block_counts
+    )
     problem = _piece_problem(query, key_cmp, key_cmp, block_size, segments, num_slots,
                              per_token=not isinstance(block_counts, int))
     fn = _plan(problem, backend, (Piece.SELECTION,))[Piece.SELECTION]
     return jax.lax.stop_gradient(
-        fn(query, key_cmp, lse, block_counts=block_counts, num_slots=num_slots, block_size=block_size,
-           scale=softmax_scale_of(softmax_scale, query.shape[3]), segments=segments)
+        fn(query, key_cmp, lse, block_counts=block_counts, num_slots=num_slots, block_size=block_size, scale=scale,
+           segments=segments)
     )
 
 
-@jaxtyped(typechecker=None)
 def sliding_window_attention(query, key, value, window_size: int, softmax_scale: float | None = None,
                              cu_seqlens=None, *, backend: str | None = None):
     """Causal attention over the last `window_size` keys of each query's own sequence (SPEC
     section 5). Returns `[B, T, HQ, Dv]` in the query's dtype."""
-    checker = ShapeChecker()
-    query, key, value = check_qkv(checker, query, key, value)
-    window_size = static_int("window_size", window_size, 1)
-    segments = segments_of(checker, cu_seqlens, query.shape[0], query.shape[1])
+    query, key, value, window_size, scale, segments = check_window_args(
+        query, key, value, window_size, softmax_scale, cu_seqlens
+    )
     problem = _piece_problem(query, key, value, 1, segments, window_size=window_size)
     fn = _plan(problem, backend, (Piece.SLIDING_WINDOW,))[Piece.SLIDING_WINDOW]
-    return fn(query, key, value, window_size=window_size, scale=softmax_scale_of(softmax_scale, query.shape[3]),
-              segments=segments)
-
-
-def _check_groups(query, key_cmp):
-    if query.shape[2] % key_cmp.shape[2]:
-        raise ValueError(
-            f"query: its {query.shape[2]} heads must be a multiple of the {key_cmp.shape[2]} kv heads of key_cmp"
-        )
+    return fn(query, key, value, window_size=window_size, scale=scale, segments=segments)

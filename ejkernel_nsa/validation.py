@@ -132,12 +132,7 @@ def check_qkv(checker: ShapeChecker, query, key, value) -> tuple[jax.Array, jax.
     for name, x in (("key", key), ("value", value)):
         if x.dtype != query.dtype:
             raise TypeError(f"{name}: expected dtype {query.dtype} (the query's), got {x.dtype}")
-    num_q_heads, num_kv_heads = query.shape[2], key.shape[2]
-    if num_q_heads % num_kv_heads:
-        raise ValueError(
-            f"query: its {num_q_heads} heads must be a multiple of the {num_kv_heads} kv heads of key/value "
-            f"(HQ = G * H for an integer group size G)"
-        )
+    check_groups(query, key, "key/value (HQ = G * H for an integer group size G)")
     return query, key, value
 
 
@@ -233,3 +228,63 @@ def check_compressed(checker: ShapeChecker, k_cmp, v_cmp, num_tokens: int, block
             f"block_size={block_size}), got shape {k_cmp.shape}"
         )
     return k_cmp, v_cmp
+
+
+def check_groups(query, kv: jax.Array, kv_name: str) -> None:
+    if query.shape[2] % kv.shape[2]:
+        raise ValueError(
+            f"query: its {query.shape[2]} heads must be a multiple of the {kv.shape[2]} kv heads of {kv_name}"
+        )
+
+
+# ---- the pieces' arguments ---------------------------------------------------------------------
+
+
+@jaxtyped(typechecker=None)
+def check_pool_args(key, value, block_size, cu_seqlens):
+    checker = ShapeChecker()
+    key = checker.array("key", key, "float", "B T H Dk")
+    value = checker.array("value", value, "float", "B T H Dv")
+    block_size = static_int("block_size", block_size, 1)
+    return key, value, block_size, segments_of(checker, cu_seqlens, key.shape[0], key.shape[1])
+
+
+@jaxtyped(typechecker=None)
+def check_compressed_args(query, key_cmp, value_cmp, block_size, softmax_scale, cu_seqlens):
+    checker = ShapeChecker()
+    query = checker.array("query", query, "float", "B T HQ Dk")
+    block_size = static_int("block_size", block_size, 1)
+    segments = segments_of(checker, cu_seqlens, query.shape[0], query.shape[1])
+    key_cmp, value_cmp = check_compressed(checker, key_cmp, value_cmp, query.shape[1], block_size, segments)
+    check_groups(query, key_cmp, "key_cmp")
+    scale = softmax_scale_of(softmax_scale, query.shape[3])
+    return query, key_cmp, value_cmp, block_size, scale, segments
+
+
+@jaxtyped(typechecker=None)
+def check_select_args(query, key_cmp, lse, block_counts, block_size, softmax_scale, cu_seqlens, max_block_counts):
+    checker = ShapeChecker()
+    query = checker.array("query", query, "float", "B T HQ Dk")
+    block_size = static_int("block_size", block_size, 1)
+    segments = segments_of(checker, cu_seqlens, query.shape[0], query.shape[1])
+    key_cmp, _ = check_compressed(checker, key_cmp, key_cmp, query.shape[1], block_size, segments)
+    lse = checker.array("lse", lse, "float", "B T HQ")
+    check_groups(query, key_cmp, "key_cmp")
+    block_counts = block_counts_of(checker, block_counts)
+    if max_block_counts is not None:
+        num_slots = static_int("max_block_counts", max_block_counts, 1)
+    elif isinstance(block_counts, int):
+        num_slots = static_int("block_counts", block_counts, 1)
+    else:
+        raise ValueError("max_block_counts: required with an array block_counts (the static number of slots)")
+    scale = softmax_scale_of(softmax_scale, query.shape[3])
+    return query, key_cmp, lse, block_counts, num_slots, block_size, scale, segments
+
+
+@jaxtyped(typechecker=None)
+def check_window_args(query, key, value, window_size, softmax_scale, cu_seqlens):
+    checker = ShapeChecker()
+    query, key, value = check_qkv(checker, query, key, value)
+    window_size = static_int("window_size", window_size, 1)
+    segments = segments_of(checker, cu_seqlens, query.shape[0], query.shape[1])
+    return query, key, value, window_size, softmax_scale_of(softmax_scale, query.shape[3]), segments

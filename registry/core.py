@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from ejkernel_nsa.problem import NSAProblem, Piece
 
-# The backends the registry knows, best first when priorities tie. Each is a subpackage of
+# The backends the registry knows, in the order that breaks ties between equal priorities. Each is a subpackage of
 # `ejkernel_nsa.backends` that registers itself on import; one whose toolchain is missing is
 # listed as unavailable with the import error as its reason.
 KNOWN_BACKENDS = ("triton", "pallas_mosaic", "pallas_triton", "xla")
@@ -172,15 +172,17 @@ def resolve(
     chosen: dict[Piece, Implementation] = {}
     rejected: dict[Piece, list[tuple[str, str]]] = {}
     for piece in problem.needed_pieces if pieces is None else pieces:
+        candidates = sorted(implementations(piece), key=lambda i: (-i.priority, KNOWN_BACKENDS.index(i.backend)))
         accepted, reasons = [], []
-        for impl in sorted(implementations(piece), key=lambda i: -i.priority):
+        for impl in candidates:
             reason = _reason_to_skip(impl, problem, status, forced)
             if reason is None:
                 accepted.append(impl)
             else:
                 reasons.append((impl.backend, reason))
-        if forced is not None and not any(i.backend == forced for i in implementations(piece)):
-            reasons.append((forced, status[forced] or f"has no implementation of {piece.value}"))
+        for name in KNOWN_BACKENDS:
+            if (forced is None or name == forced) and not any(i.backend == name for i in candidates):
+                reasons.append((name, status[name] or f"has no implementation of {piece.value}"))
         if not accepted:
             raise BackendError(
                 _no_implementation_message(piece, problem, forced, forced_by, reasons), forced, forced_by,

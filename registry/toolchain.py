@@ -12,7 +12,8 @@ def import_failure(module: str) -> str | None:
     try:
         importlib.import_module(module)
     except Exception as error:  # a toolchain can fail with more than ImportError (e.g. RuntimeError)
-        return f"{module} cannot be imported: {type(error).__name__}: {str(error).splitlines()[0]}"
+        first_sentence = str(error).splitlines()[0].split(". ")[0].rstrip(":. ")
+        return f"{module} cannot be imported: {type(error).__name__}: {first_sentence}"
     return None
 
 

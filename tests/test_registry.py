@@ -98,7 +98,7 @@ def fake_kernel(monkeypatch):
     def supports(problem):
         return None if problem.head_dim <= 16 else f"head_dim {problem.head_dim} > 16"
 
-    core.register(Piece.COMPRESSED_ATTENTION, backend="triton", platforms=("cpu",), priority=10,
+    core.register(Piece.COMPRESSED_ATTENTION, backend="triton", platforms=("cpu", "gpu", "tpu"), priority=10,
                   supports=supports)(kernel)
     return calls
 
