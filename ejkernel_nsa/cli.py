@@ -1,0 +1,271 @@
+"""The `ejkernel-nsa` command: what this machine can run (`info`), NSA on random inputs with its
+timing and an accuracy check (`demo`), and the cross-backend test suite (`check`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ejkernel_nsa
+from ejkernel_nsa import config, registry
+
+# SPEC section 8: relative L2 error of the output against a float64 reference.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+# The accuracy check recomputes a slice in float64. Causality makes a token prefix independent of
+# later tokens, and kv groups never mix, so the slice's outputs equal those of the full run. The
+# prefix is long enough (32 blocks of 64) for the top-k selection to have a real choice.
+REFERENCE_TOKENS = 2048
+REFERENCE_KV_HEADS = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Everything after `check` belongs to pytest, options included, so argparse never sees it.
+    if argv[:1] == ["check"]:
+        return check(argv[1:])
+    args = _parser().parse_args(argv)
+    return info() if args.command == "info" else demo(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ejkernel-nsa", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="platform, devices, versions and every backend's status")
+    commands.add_parser("check", help="run the cross-backend test suite (arguments go to pytest)", add_help=False)
+    demo_parser = commands.add_parser("demo", help="NSA on random inputs: plan, timing, accuracy")
+    for flag, default, help_text in [
+        ("--batch", 1, "batch size B"),
+        ("--seq-len", 4096, "sequence length T"),
+        ("--heads", 16, "query heads HQ"),
+        ("--kv-heads", 2, "key/value heads H (HQ must be a multiple)"),
+        ("--head-dim", 64, "head dimension D"),
+        ("--block-counts", 16, "selected blocks per token S"),
+        ("--block-size", 64, "compression/selection block size BS"),
+        ("--window", 256, "sliding window W (0 drops the window branch)"),
+        ("--repeats", 5, "timed runs after compilation"),
+    ]:
+        minimum = 0 if flag == "--window" else 1
+        demo_parser.add_argument(flag, type=_int_at_least(minimum), default=default,
+                                 help=f"{help_text} (default {default})")
+    demo_parser.add_argument("--dtype", choices=sorted(TOLERANCE), default="float32")
+    demo_parser.add_argument("--backend", default=None, help="force a backend (default: automatic choice)")
+    return parser
+
+
+def _int_at_least(minimum: int):
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return integer
+
+
+# ---- info --------------------------------------------------------------------------------------
+
+
+def info() -> int:
+    forced, forced_by = config.forced_backend()
+    print(f"ejkernel-nsa {ejkernel_nsa.__version__}")
+    print(f"platform   {jax.default_backend()}")
+    print(f"devices    {', '.join(f'{device} ({device.device_kind})' for device in jax.devices())}")
+    print(f"jax        {jax.__version__} (jaxlib {jax.lib.__version__})")
+    print(f"interpret  {'on' if config.interpret_enabled() else 'off'} (Pallas backends on CPU; "
+          f"{config.INTERPRET_ENV}=1 or ejkernel_nsa.interpret_mode())")
+    print(f"forced     {forced + ' (by ' + forced_by + ')' if forced else 'none: automatic choice'}")
+    print("\nbackends (best first when priorities tie):")
+    for name, reason in registry.backend_status().items():
+        print(f"  {name:<14} {'available' if reason is None else 'unavailable: ' + reason}")
+        print(f"  {'':<14} {registry.backend_description(name) or '(no description)'}")
+        impls = registry.implementations(backend=name)
+        priorities = {impl.priority for impl in impls}
+        if len(priorities) == 1:
+            pieces = f"{', '.join(impl.piece.value for impl in impls)} (priority {priorities.pop()})"
+        else:
+            pieces = ", ".join(f"{impl.piece.value} (priority {impl.priority})" for impl in impls)
+        print(f"  {'':<14} pieces: {pieces or 'none registered'}")
+    return 0
+
+
+# ---- demo --------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Steps on stderr: a live spinner with elapsed seconds on a terminal, plain lines otherwise."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.live = sys.stderr.isatty()
+
+    @contextlib.contextmanager
+    def step(self, label: str) -> Iterator[None]:
+        self.done += 1
+        text = f"[{self.done}/{self.total}] {label}"
+        start, stop = time.perf_counter(), threading.Event()
+        if self.live:
+            spinner = threading.Thread(target=self._spin, args=(text, start, stop), daemon=True)
+            spinner.start()
+        else:
+            print(f"{text} ...", file=sys.stderr, flush=True)
+        try:
+            yield
+        finally:
+            stop.set()
+            if self.live:
+                spinner.join()
+                print(f"\r{text}: {time.perf_counter() - start:.1f}s\033[K", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def _spin(text: str, start: float, stop: threading.Event) -> None:
+        frames = "|/-\\"
+        tick = 0
+        while not stop.wait(0.1):
+            elapsed = time.perf_counter() - start
+            print(f"\r{frames[tick % 4]} {text} {elapsed:.1f}s", end="", file=sys.stderr, flush=True)
+            tick += 1
+
+
+def demo(args: argparse.Namespace) -> int:
+    dtype = jnp.dtype(args.dtype)
+    shape = dict(B=args.batch, T=args.seq_len, HQ=args.heads, H=args.kv_heads, D=args.head_dim)
+    options = dict(block_counts=args.block_counts, block_size=args.block_size, window_size=args.window)
+    progress = Progress(total=5)
+
+    with progress.step("random inputs"):
+        inputs = _random_inputs(jax.random.key(0), dtype, with_window=args.window > 0, **shape)
+    try:
+        plan = ejkernel_nsa.explain(**inputs, **options, backend=args.backend)
+    except (ValueError, TypeError) as error:  # BackendError is a ValueError
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"NSA on {jax.default_backend()}: B={args.batch} T={args.seq_len} HQ={args.heads} H={args.kv_heads} "
+          f"D={args.head_dim} {args.dtype}, block_size={args.block_size} block_counts={args.block_counts} "
+          f"window={args.window}, gates: {', '.join(k for k in inputs if k.startswith('g_'))}")
+    print(f"keys the last token attends to: {_keys_at_last_token(args)} (dense causal attention: {args.seq_len})")
+    print(plan)
+
+    def nsa(inputs):
+        return ejkernel_nsa.native_sparse_attention(**inputs, **options, backend=args.backend)
+
+    with progress.step("trace and compile"):
+        start = time.perf_counter()
+        compiled = jax.jit(nsa).lower(inputs).compile()
+        compile_s = time.perf_counter() - start
+    times = []
+    with progress.step(f"{args.repeats} timed runs"):
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            out = compiled(inputs).block_until_ready()
+            times.append(time.perf_counter() - start)
+    print(f"compile: {compile_s:.2f} s   run: {statistics.median(times) * 1e3:.1f} ms "
+          f"(median of {args.repeats}, jitted, block_until_ready)")
+
+    tokens, kv_heads = min(REFERENCE_TOKENS, args.seq_len), min(REFERENCE_KV_HEADS, args.kv_heads)
+    q_heads = kv_heads * (args.heads // args.kv_heads)
+    with progress.step("float64 reference"):
+        reference, compared, reference_name = _float64_reference(inputs, options, tokens, kv_heads, q_heads)
+    with progress.step("compare"):
+        got = np.asarray(out[:1, :tokens, :q_heads].astype(jnp.float32), np.float64)
+        error = np.linalg.norm((got - reference)[compared]) / np.linalg.norm(reference[compared])
+        finite = bool(jnp.all(jnp.isfinite(out)))
+    tolerance = TOLERANCE[args.dtype]
+    passed = finite and error < tolerance
+    print(f"accuracy: relative L2 error {error:.2e} vs {reference_name} (tolerance {tolerance:.0e}) "
+          f"on batch row 0, query heads 0-{q_heads - 1}, tokens 0-{tokens - 1} "
+          f"({compared.mean():.0%} of (token, head) pairs: the rest are top-k near ties); "
+          f"output finite: {'yes' if finite else 'NO'}: {'PASS' if passed else 'FAIL'}")
+    return 0 if passed else 1
+
+
+def _keys_at_last_token(args: argparse.Namespace) -> str:
+    """The sparsity NSA buys: compressed blocks + selected blocks + window, instead of every key."""
+    seq_len, block_size = args.seq_len, args.block_size
+    compressed = seq_len // block_size
+    selected = min(args.block_counts * block_size, -(-seq_len // block_size) * block_size, seq_len)
+    window = min(args.window, seq_len)
+    return f"{compressed} compressed + {selected} selected + {window} window = {compressed + selected + window}"
+
+
+def _random_inputs(key, dtype, *, B, T, HQ, H, D, with_window) -> dict[str, jax.Array]:
+    """Normal queries, keys and values; gates in (0, 1) as a sigmoid would give them."""
+    keys = jax.random.split(key, 6)
+    inputs = {
+        "query": jax.random.normal(keys[0], (B, T, HQ, D)),
+        "key": jax.random.normal(keys[1], (B, T, H, D)),
+        "value": jax.random.normal(keys[2], (B, T, H, D)),
+        "g_cmp": jax.nn.sigmoid(jax.random.normal(keys[3], (B, T, HQ))),
+        "g_slc": jax.nn.sigmoid(jax.random.normal(keys[4], (B, T, HQ))),
+    }
+    if with_window:
+        inputs["g_swa"] = jax.nn.sigmoid(jax.random.normal(keys[5], (B, T, HQ)))
+    return {name: x.astype(dtype) for name, x in inputs.items()}
+
+
+def _float64_reference(inputs, options, tokens, kv_heads, q_heads):
+    """The demo's slice recomputed in float64: by the independent NumPy oracle of the test suite
+    when this is a source checkout, else by the XLA backend under x64.
+
+    Returns the reference output, a mask of the heads to compare (the oracle leaves out heads
+    whose top-k is a near tie, which lower precision may legitimately resolve the other way, as
+    the tests do), and the reference's name.
+    """
+    heads = {"query": q_heads, "key": kv_heads, "value": kv_heads}
+    sliced = {name: np.asarray(x[:1, :tokens, : heads.get(name, q_heads)].astype(jnp.float32), np.float64)
+              for name, x in inputs.items()}
+    oracle = _load_oracle()
+    if oracle is not None:
+        expected = oracle.nsa_forward(**sliced, **options)
+        group = q_heads // kv_heads
+        separated = oracle.near_tie_mask(expected["scores"], options["block_counts"], options["block_counts"], group)
+        return expected["o"], np.repeat(separated, group, axis=2), "the float64 NumPy oracle (tests/oracle.py)"
+    with jax.enable_x64(True):
+        out = ejkernel_nsa.native_sparse_attention(
+            **{name: jnp.asarray(x) for name, x in sliced.items()}, **options, backend="xla"
+        )
+        out = np.asarray(out)
+    return out, np.ones(out.shape[:3], bool), "the float64 XLA reference"
+
+
+def _test_suite() -> Path:
+    """The repository's tests/ beside the package source (absent when installed from a wheel)."""
+    return Path(ejkernel_nsa.__file__).resolve().parent.parent / "tests"
+
+
+def _load_oracle():
+    path = _test_suite() / "oracle.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("ejkernel_nsa_test_oracle", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- check -------------------------------------------------------------------------------------
+
+
+def check(pytest_args: list[str]) -> int:
+    tests = _test_suite()
+    if not tests.is_dir():
+        print(f"ejkernel-nsa check: no test suite at {tests}. The cross-backend suite ships with the source "
+              "checkout, not the wheel: clone the repository, `pip install -e '.[test]'`, and run it there.",
+              file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, "-m", "pytest", str(tests), "-q", *pytest_args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
