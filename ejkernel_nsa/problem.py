@@ -105,6 +105,33 @@ class Segments:
         return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(blocks).astype(jnp.int32)])
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+    """Per token of one row, `[T]` int32 each: its position in its own sequence, the index of
+    that sequence's first token, and the index of the sequence's first compressed block on the
+    packed block axis. With these, ordinary rows and packed varlen rows are one code path."""
+
+    pos: jax.Array
+    seq_start: jax.Array
+    first_block: jax.Array
+
+
+def token_layout(num_tokens: int, block_size: int, segments: Segments | None) -> TokenLayout:
+    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
+    if segments is None:
+        zeros = jnp.zeros_like(tokens)
+        return TokenLayout(pos=tokens, seq_start=zeros, first_block=zeros)
+    seq = segments.sequence_ids(num_tokens)
+    seq_start = segments.cu_seqlens.astype(jnp.int32)[seq]
+    first_block = segments.block_offsets(block_size)[seq]
+    if segments.token_indices is not None:
+        pos = segments.token_indices[:, 1].astype(jnp.int32)
+    else:
+        pos = tokens - seq_start
+    return TokenLayout(pos=pos, seq_start=seq_start, first_block=first_block)
+
+
 def num_compressed_blocks(seq_len: int, block_size: int, num_seqs: int | None) -> int:
     """Static length of the compressed-block axis.
 

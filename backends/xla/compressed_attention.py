@@ -16,10 +16,9 @@ from ejkernel_nsa.backends.xla.layout import (
     map_query_chunks,
     masked_softmax,
     merge_heads,
-    row_layout,
     split_heads,
 )
-from ejkernel_nsa.problem import Segments
+from ejkernel_nsa.problem import Segments, token_layout
 
 NO_BLOCK = -1
 
@@ -39,7 +38,7 @@ def _visible(pos, first_block, num_blocks, block_size):
 def compressed_attention(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segments | None):
     batch, num_tokens, num_q_heads, _ = query.shape
     num_blocks, num_kv_heads = k_cmp.shape[1:3]
-    layout = row_layout(num_tokens, block_size, segments)
+    layout = token_layout(num_tokens, block_size, segments)
     chunk = chunk_len(num_tokens, batch * num_q_heads * num_blocks * 4 * 4)
 
     def row(q, kc, vc):
@@ -66,7 +65,7 @@ def select_blocks(
     batch, num_tokens, num_q_heads, _ = query.shape
     num_blocks, num_kv_heads = k_cmp.shape[1:3]
     group = num_q_heads // num_kv_heads
-    layout = row_layout(num_tokens, block_size, segments)
+    layout = token_layout(num_tokens, block_size, segments)
     if isinstance(block_counts, int):
         block_counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
     top = min(num_slots, num_blocks)

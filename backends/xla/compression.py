@@ -5,11 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ejkernel_nsa.backends.xla.layout import RowLayout, row_layout
-from ejkernel_nsa.problem import Segments, num_compressed_blocks
+from ejkernel_nsa.problem import Segments, TokenLayout, num_compressed_blocks, token_layout
 
 
-def block_ids(layout: RowLayout, block_size: int) -> jax.Array:
+def block_ids(layout: TokenLayout, block_size: int) -> jax.Array:
     """Index of each token's compressed block on the (packed) block axis."""
     return layout.first_block + layout.pos // block_size
 
@@ -26,6 +25,6 @@ def mean_pool(key, value, *, block_size: int, segments: Segments | None):
     batch, num_tokens = key.shape[:2]
     num_seqs = None if segments is None else segments.num_seqs
     num_blocks = num_compressed_blocks(num_tokens, block_size, num_seqs)
-    ids = block_ids(row_layout(num_tokens, block_size, segments), block_size)
+    ids = block_ids(token_layout(num_tokens, block_size, segments), block_size)
     pool = jax.vmap(lambda x: mean_pool_row(x, ids, num_blocks))
     return pool(key), pool(value)

@@ -9,43 +9,14 @@ score matrix or gathered keys: peak memory grows linearly in `T`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from ejkernel_nsa.problem import Segments
-
 # Upper bound on the bytes that one query chunk's intermediates may take, for the whole batch.
 CHUNK_BYTES = 256 * 2**20
 MIN_CHUNK, MAX_CHUNK = 16, 1024
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class RowLayout:
-    """Per token of one row: position in its sequence, index of the sequence's first token, and
-    index of the sequence's first compressed block on the packed block axis."""
-
-    pos: jax.Array
-    seq_start: jax.Array
-    first_block: jax.Array
-
-
-def row_layout(num_tokens: int, block_size: int, segments: Segments | None) -> RowLayout:
-    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
-    if segments is None:
-        zeros = jnp.zeros_like(tokens)
-        return RowLayout(pos=tokens, seq_start=zeros, first_block=zeros)
-    seq = segments.sequence_ids(num_tokens)
-    seq_start = segments.cu_seqlens.astype(jnp.int32)[seq]
-    first_block = segments.block_offsets(block_size)[seq]
-    if segments.token_indices is not None:
-        pos = segments.token_indices[:, 1].astype(jnp.int32)
-    else:
-        pos = tokens - seq_start
-    return RowLayout(pos=pos, seq_start=seq_start, first_block=first_block)
 
 
 def chunk_len(num_tokens: int, bytes_per_query: int) -> int:

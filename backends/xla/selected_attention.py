@@ -16,10 +16,9 @@ from ejkernel_nsa.backends.xla.layout import (
     map_query_chunks,
     masked_softmax,
     merge_heads,
-    row_layout,
     split_heads,
 )
-from ejkernel_nsa.problem import Segments
+from ejkernel_nsa.problem import Segments, token_layout
 
 
 def selected_blocks_mask(indices, counts, pos, block_size):
@@ -45,7 +44,7 @@ def selected_attention(
     num_kv_heads, value_dim = key.shape[2], value.shape[3]
     num_slots = block_indices.shape[-1]
     span = num_slots * block_size
-    layout = row_layout(num_tokens, block_size, segments)
+    layout = token_layout(num_tokens, block_size, segments)
     if isinstance(block_counts, int):
         block_counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
     gathered_bytes = num_kv_heads * span * (head_dim + value_dim) * key.dtype.itemsize

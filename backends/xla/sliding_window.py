@@ -15,10 +15,9 @@ from ejkernel_nsa.backends.xla.layout import (
     map_query_chunks,
     masked_softmax,
     merge_heads,
-    row_layout,
     split_heads,
 )
-from ejkernel_nsa.problem import Segments
+from ejkernel_nsa.problem import Segments, token_layout
 
 
 def sliding_window_attention(query, key, value, *, window_size: int, scale: float, segments: Segments | None):
@@ -28,7 +27,7 @@ def sliding_window_attention(query, key, value, *, window_size: int, scale: floa
     chunk = chunk_len(num_tokens, batch * num_q_heads * 2 * window * 4 * 3)
     padded = -(-num_tokens // chunk) * chunk
     span = chunk + window - 1
-    layout = row_layout(num_tokens, 1, segments)
+    layout = token_layout(num_tokens, 1, segments)
     # Key rows before the first and after the last token, so every chunk slices a full span.
     pad = ((window - 1, padded - num_tokens), (0, 0), (0, 0))
 
