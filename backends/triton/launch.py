@@ -1,0 +1,157 @@
+"""What every Triton piece shares: launching a kernel from JAX, and the compile specs CI checks.
+
+Kernels are plain `@triton.jit` functions, importable wherever `triton` is installed; only the
+launch needs `jax_triton`, which refuses to import on a CPU-only jaxlib, so it is imported here,
+at call time. CI has no GPU: it compiles every kernel for sm_90 from the `CompileSpec`s that each
+module lists, with the same constexprs its launches use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Hopper: what the kernels are tuned for, and what CI compiles them for.
+TARGET_ARCH = 90
+
+
+def triton_call(*args, kernel, out_shape, grid, **options):
+    """`jax_triton.triton_call`: inputs first, then one pointer per output, in that order.
+
+    When the kernels were defined under `TRITON_INTERPRET=1` (the Triton backend's interpret
+    mode, see `backends/triton/__init__.py`) they run in Triton's NumPy interpreter instead,
+    through a host callback: slow, but the whole JAX wrapper, custom_vjp included, then runs and
+    is tested on a machine without a GPU.
+    """
+    if INTERPRETED:
+        return _interpreted_call(args, kernel, out_shape, grid, options)
+    import jax_triton
+
+    return jax_triton.triton_call(*args, kernel=kernel, out_shape=out_shape, grid=grid, **options)
+
+
+# Triton decides when a kernel is defined whether it is compiled or interpreted.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_LAUNCH_ONLY = ("num_warps", "num_stages", "num_ctas", "zeroed_outputs", "input_output_aliases", "debug")
+
+
+class _HostDtype:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __str__(self) -> str:  # Triton's interpreter reads the element type from this spelling
+        return f"torch.{self.name}"
+
+
+class _HostTensor:
+    """Just enough of a torch.Tensor for Triton's interpreter, over a contiguous NumPy array (the
+    interpreter reads and writes memory through `data_ptr`; host and 'device' are the same)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = np.ascontiguousarray(array)
+        self.dtype = _HostDtype(jnp.dtype(self.array.dtype).name)
+
+    def data_ptr(self) -> int:
+        return self.array.ctypes.data
+
+    def untyped_storage(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def copy_(self, other):
+        return self
+
+    def new_empty(self, *args, **kwargs):
+        return self
+
+    def set_(self, *args):
+        return self
+
+    def storage_offset(self) -> int:
+        return 0
+
+    def size(self):
+        return self.array.shape
+
+    def stride(self):
+        return tuple(step // self.array.itemsize for step in self.array.strides)
+
+
+def _interpreted_call(args, kernel, out_shape, grid, options):
+    meta = {k: v for k, v in options.items() if k not in _LAUNCH_ONLY}
+    shapes = list(out_shape) if isinstance(out_shape, (list, tuple)) else [out_shape]
+    is_array = [isinstance(a, jax.Array) for a in args]
+
+    def host(*arrays):
+        arrays = iter(arrays)
+        launch_args = [_HostTensor(np.asarray(next(arrays))) if array else a for a, array in zip(args, is_array)]
+        # Outputs start zeroed, as `zeroed_outputs` asks of jax_triton; others are fully written.
+        outs = [_HostTensor(np.zeros(s.shape, s.dtype)) for s in shapes]
+        launch_grid = grid(meta) if callable(grid) else grid
+        kernel[tuple(launch_grid)](*launch_args, *outs, **meta)
+        return [o.array for o in outs]
+
+    results = jax.pure_callback(
+        host, shapes, *[a for a, array in zip(args, is_array) if array], vmap_method="sequential"
+    )
+    return results if isinstance(out_shape, (list, tuple)) else results[0]
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def dot_precision(dtype) -> str:
+    """`tl.dot` input precision: float32 problems use three tf32 passes, which keeps them within
+    the float32 tolerance; 16-bit inputs are exact in one pass anyway."""
+    return "tf32x3" if jnp.dtype(dtype) == jnp.float32 else "tf32"
+
+
+TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i32", "int64": "i64"}
+
+
+def pointer(dtype) -> str:
+    return "*" + TRITON_TYPES[jnp.dtype(dtype).name]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileSpec:
+    """One kernel instance to compile ahead of time: argument types and constexpr values."""
+
+    name: str
+    kernel: Callable
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def compile(self, arch: int = TARGET_ARCH):
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        signature = dict(self.signature)
+        signature.update({name: "constexpr" for name in self.constexprs})
+        source = ASTSource(fn=self.kernel, signature=signature, constexprs=dict(self.constexprs))
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def common_decline(problem) -> str | None:
+    """What none of the Triton kernels do; each piece adds its own limits."""
+    if problem.dtype not in ("float32", "bfloat16", "float16"):
+        return f"dtype {problem.dtype} (the kernels take float32, bfloat16, float16)"
+    if max(problem.head_dim, problem.value_dim) > 256:
+        return f"head dims up to 256, got Dk={problem.head_dim}, Dv={problem.value_dim}"
+    return None
