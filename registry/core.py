@@ -143,6 +143,12 @@ def backend_status() -> dict[str, str | None]:
     return status
 
 
+def is_interpreted(name: str) -> bool:
+    """Whether `name` runs through an interpreter here (slow; used only when forced)."""
+    load_backends()
+    return name in _backends and _backends[name].interpret()
+
+
 def backend_description(name: str) -> str:
     load_backends()
     return _backends[name].description if name in _backends else ""

@@ -15,10 +15,12 @@ from hypothesis import HealthCheck, settings
 # The test helpers (oracle, cases, backend_suite) are plain modules beside this file.
 sys.path.insert(0, str(Path(__file__).parent))
 
-common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=20, print_blob=True, **common)
-settings.register_profile("dev", max_examples=25, print_blob=True, **common)
-settings.register_profile("thorough", max_examples=300, **common)
+# Interpreted kernels (EJKERNEL_NSA_INTERPRET=1, no GPU) are orders of magnitude slower: they
+# draw a quarter of the examples.
+INTERPRETED_RUN = os.environ.get("EJKERNEL_NSA_INTERPRET", "") == "1"
+common = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+for name, examples in {"ci": 20, "dev": 25, "thorough": 300}.items():
+    settings.register_profile(name, max_examples=max(3, examples // 4) if INTERPRETED_RUN else examples, **common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 

@@ -23,16 +23,39 @@ TARGET_ARCH = 90
 def triton_call(*args, kernel, out_shape, grid, **options):
     """`jax_triton.triton_call`: inputs first, then one pointer per output, in that order.
 
+    Under `jax.vmap` the launch repeats once per mapped element (jax_triton has no batching
+    rule, and a kernel's grid cannot know which axis is the mapped one): correct for every
+    kernel, and a caller who wants one launch folds the mapped axis into the batch axis.
+
     When the kernels were defined under `TRITON_INTERPRET=1` (the Triton backend's interpret
     mode, see `backends/triton/__init__.py`) they run in Triton's NumPy interpreter instead,
     through a host callback: slow, but the whole JAX wrapper, custom_vjp included, then runs and
     is tested on a machine without a GPU.
     """
-    if INTERPRETED:
-        return _interpreted_call(args, kernel, out_shape, grid, options)
-    import jax_triton
+    is_array = [isinstance(a, jax.Array) for a in args]
 
-    return jax_triton.triton_call(*args, kernel=kernel, out_shape=out_shape, grid=grid, **options)
+    def with_arrays(arrays):
+        arrays = iter(arrays)
+        return [next(arrays) if array else a for a, array in zip(args, is_array)]
+
+    @jax.custom_batching.custom_vmap
+    def launch(*arrays):
+        full_args = with_arrays(arrays)
+        if INTERPRETED:
+            return _interpreted_call(full_args, kernel, out_shape, grid, options)
+        import jax_triton
+
+        return jax_triton.triton_call(*full_args, kernel=kernel, out_shape=out_shape, grid=grid, **options)
+
+    @launch.def_vmap
+    def launch_per_element(axis_size, in_batched, *arrays):
+        def one(index):
+            return launch(*[a[index] if batched else a for a, batched in zip(arrays, in_batched)])
+
+        outs = jax.lax.map(one, jnp.arange(axis_size))
+        return outs, jax.tree.map(lambda _: True, outs)
+
+    return launch(*[a for a, array in zip(args, is_array) if array])
 
 
 # Triton decides when a kernel is defined whether it is compiled or interpreted.
@@ -98,9 +121,7 @@ def _interpreted_call(args, kernel, out_shape, grid, options):
         kernel[tuple(launch_grid)](*launch_args, *outs, **meta)
         return [o.array for o in outs]
 
-    results = jax.pure_callback(
-        host, shapes, *[a for a, array in zip(args, is_array) if array], vmap_method="sequential"
-    )
+    results = jax.pure_callback(host, shapes, *[a for a, array in zip(args, is_array) if array])
     return results if isinstance(out_shape, (list, tuple)) else results[0]
 
 

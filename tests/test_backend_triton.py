@@ -1,0 +1,35 @@
+"""The Triton backend against the oracle: the shared suite, on a GPU (compiled kernels) or, with
+EJKERNEL_NSA_INTERPRET=1 on a machine without one, through Triton's interpreter. Group sizes go
+up to 32 here, past what the peers' kernels accept in either direction."""
+
+import pytest
+from backend_suite import BackendSuite
+from conftest import has_gpu
+
+import ejkernel_nsa as nsa
+from ejkernel_nsa.problem import Piece
+from ejkernel_nsa.registry import implementations
+
+
+class TestTriton(BackendSuite):
+    backend = "triton"
+    groups = (1, 2, 3, 4, 8, 16, 32)
+
+
+@pytest.mark.gpu
+def test_automatic_choice_on_a_gpu_is_triton():
+    assert has_gpu()
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 256, 8, 64), (1, 256, 2, 64), (1, 256, 2, 64)))
+    g = rng.uniform(size=(1, 256, 8)).astype(np.float32)
+    plan = nsa.explain(q, k, v, g, g, block_counts=4, block_size=32, g_swa=g, window_size=64)
+    assert {piece: impl.backend for piece, impl in plan.chosen.items()} == {piece: "triton" for piece in plan.chosen}
+
+
+def test_every_piece_has_a_triton_kernel():
+    pieces = {impl.piece for impl in implementations(backend="triton")}
+    if not pieces and nsa.backend_status()["triton"] is not None:
+        pytest.skip("the triton backend is not importable here")
+    assert pieces == set(Piece)
