@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # draw a quarter of the examples.
 INTERPRETED_RUN = os.environ.get("EJKERNEL_NSA_INTERPRET", "") == "1"
 common = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-for name, examples in {"ci": 20, "dev": 25, "thorough": 300}.items():
+for name, examples in {"quick": 6, "ci": 20, "dev": 25, "thorough": 300}.items():
     settings.register_profile(name, max_examples=max(3, examples // 4) if INTERPRETED_RUN else examples, **common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 

@@ -85,7 +85,7 @@ def test_forcing_applies_to_the_pieces_too():
 def fake_kernel(monkeypatch):
     """A high-priority 'triton' compressed-attention kernel that declines Dk > 16, on a table that
     pretends triton is available here; the real table is restored afterwards."""
-    monkeypatch.setattr(core, "_implementations", list(core._implementations))
+    monkeypatch.setattr(core, "_implementations", [i for i in core._implementations if i.backend != "triton"])
     monkeypatch.setattr(core, "_backends", dict(core._backends))
     monkeypatch.setattr(core, "_import_errors", {})
     core.register_backend(core.Backend("triton", "fake", lambda: None))

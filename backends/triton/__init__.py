@@ -39,12 +39,7 @@ def _register_pieces() -> None:
     import importlib
 
     for module_name in ("compression", "compressed_attention", "selection", "selected_attention", "sliding_window"):
-        try:
-            module = importlib.import_module(f"ejkernel_nsa.backends.triton.{module_name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"ejkernel_nsa.backends.triton.{module_name}":
-                raise
-            continue  # that piece's kernels are not written yet
+        module = importlib.import_module(f"ejkernel_nsa.backends.triton.{module_name}")
         register(module.PIECE, backend=NAME, platforms=("gpu", "cpu") if launch.INTERPRETED else ("gpu",),
                  priority=PRIORITY, supports=module.supports)(module.run)
 

@@ -9,7 +9,9 @@ module lists, with the same constexprs its launches use.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+import threading
 from collections.abc import Callable
 
 import jax
@@ -42,17 +44,21 @@ def triton_call(*args, kernel, out_shape, grid, **options):
     def launch(*arrays):
         full_args = with_arrays(arrays)
         if INTERPRETED:
-            return _interpreted_call(full_args, kernel, out_shape, grid, options)
-        import jax_triton
+            outs = _interpreted_call(full_args, kernel, out_shape, grid, options)
+        else:
+            import jax_triton
 
-        return jax_triton.triton_call(*full_args, kernel=kernel, out_shape=out_shape, grid=grid, **options)
+            outs = jax_triton.triton_call(*full_args, kernel=kernel, out_shape=out_shape, grid=grid, **options)
+        # One array for one output shape; a tuple, always, for a sequence of them.
+        return tuple(outs) if isinstance(out_shape, (list, tuple)) else outs
 
     @launch.def_vmap
     def launch_per_element(axis_size, in_batched, *arrays):
-        def one(index):
-            return launch(*[a[index] if batched else a for a, batched in zip(arrays, in_batched)])
+        def one(sliced):
+            sliced = iter(sliced)
+            return launch(*[next(sliced) if batched else a for a, batched in zip(arrays, in_batched)])
 
-        outs = jax.lax.map(one, jnp.arange(axis_size))
+        outs = jax.lax.map(one, [a for a, batched in zip(arrays, in_batched) if batched])
         return outs, jax.tree.map(lambda _: True, outs)
 
     return launch(*[a for a, array in zip(args, is_array) if array])
@@ -71,13 +77,19 @@ class _HostDtype:
         return f"torch.{self.name}"
 
 
+# One live dtype object per name: Triton caches argument types by the dtype object's identity,
+# and a freed object's address reused by another dtype would hand a kernel the wrong pointer type.
+_HOST_DTYPES: dict[str, _HostDtype] = {}
+
+
 class _HostTensor:
     """Just enough of a torch.Tensor for Triton's interpreter, over a contiguous NumPy array (the
     interpreter reads and writes memory through `data_ptr`; host and 'device' are the same)."""
 
     def __init__(self, array: np.ndarray):
         self.array = np.ascontiguousarray(array)
-        self.dtype = _HostDtype(jnp.dtype(self.array.dtype).name)
+        name = jnp.dtype(self.array.dtype).name
+        self.dtype = _HOST_DTYPES.setdefault(name, _HostDtype(name))
 
     def data_ptr(self) -> int:
         return self.array.ctypes.data
@@ -107,7 +119,55 @@ class _HostTensor:
         return tuple(step // self.array.itemsize for step in self.array.strides)
 
 
+def _patch_interpreter() -> None:
+    """Work around three gaps of Triton 3.6's NumPy interpreter, once:
+    - it keeps scalars as 1-element arrays, which NumPy 2 refuses to turn into an int, so
+      `range(lo, hi)` over runtime scalars fails: give its tensors `__index__`;
+    - `tl.dot` multiplies bfloat16 operands as their raw 16-bit patterns: widen them first;
+    - it keeps global state per launch, and XLA may run two host callbacks at once (a dq and a
+      dkv kernel are independent): run one launch at a time.
+    """
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_ejkernel_nsa_patched", False):
+        return
+    interpreter._ejkernel_nsa_patched = True
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched_tensor
+
+    import triton.language as tl
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        data = interpreter._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    def dot_widened(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = dot_widened
+
+    launch_grid = interpreter.GridExecutor.__call__
+    lock = threading.Lock()
+
+    def one_at_a_time(self, *args, **kwargs):
+        with lock:
+            return launch_grid(self, *args, **kwargs)
+
+    interpreter.GridExecutor.__call__ = one_at_a_time
+
+
 def _interpreted_call(args, kernel, out_shape, grid, options):
+    _patch_interpreter()
     meta = {k: v for k, v in options.items() if k not in _LAUNCH_ONLY}
     shapes = list(out_shape) if isinstance(out_shape, (list, tuple)) else [out_shape]
     is_array = [isinstance(a, jax.Array) for a in args]
@@ -164,7 +224,11 @@ class CompileSpec:
 
         signature = dict(self.signature)
         signature.update({name: "constexpr" for name in self.constexprs})
-        source = ASTSource(fn=self.kernel, signature=signature, constexprs=dict(self.constexprs))
+        # jax_triton tells Triton that every pointer is 16-byte aligned; say the same, so that CI
+        # compiles the kernel that runs (vectorized, pipelined loads).
+        names = list(inspect.signature(self.kernel.fn).parameters)
+        aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in self.signature.items() if t.startswith("*")}
+        source = ASTSource(fn=self.kernel, signature=signature, constexprs=dict(self.constexprs), attrs=aligned)
         options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
         return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 

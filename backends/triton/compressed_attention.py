@@ -1,0 +1,451 @@
+"""Compressed attention (SPEC section 2) as Triton kernels: forward, and a two-kernel backward.
+
+Queries attend to the mean-pooled blocks `k_cmp`, `v_cmp` (float32, `BS` times fewer rows than
+the keys). A query tile packs `BT` consecutive tokens times the query heads of one kv head (the
+group padded to a power of two, `HP` heads), so each compressed-key tile it loads serves the
+whole group, and small groups still fill the 16-row minimum of a tensor-core dot. The tile walks
+the union of its rows' visible block ranges `[first_block, first_block + (pos + 1) // BS)`; the
+per-row mask does the rest, which also keeps rows of different packed sequences apart.
+
+Queries are cast to float32 and multiplied against the float32 blocks with tf32 (exact for 16-bit
+queries) or, for float32 problems, three tf32 passes.
+
+Backward: `dq` re-walks the forward's block range per query tile; `dk_cmp, dv_cmp` are owned by
+one program per block tile, which walks the query tokens that can see those blocks (from the
+block's last token to the end of its sequence). When the block tiles alone are too few programs
+for the GPU (short or few sequences), the tokens are also split across programs, each writing
+its own partial sums, added afterwards: no atomics, deterministic. `lse` is an output of the
+piece, so its cotangent enters through `delta = rowsum(do * o) - dlse`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from ejkernel_nsa.backends.triton import launch
+from ejkernel_nsa.problem import NSAProblem, Piece, Segments, num_compressed_blocks, token_layout
+
+PIECE = Piece.COMPRESSED_ATTENTION
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+def supports(problem: NSAProblem) -> str | None:
+    return launch.common_decline(problem)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _query_tile(
+    pos_ptr, first_block_ptr, t0, head0, T,
+    G: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr,
+):
+    """Rows `BT` tokens from `t0` x heads `[head0, head0 + HP)` of one group. Returns per row: its
+    token and head offsets within the tile, whether it is real, and its visible packed blocks
+    `[lo, hi)` (empty for padding rows and for tokens that see no complete block)."""
+    rows = tl.arange(0, BT * HP)
+    dt = rows // HP
+    dh = rows % HP
+    tok = t0 + dt
+    tok_ok = tok < T
+    row_ok = tok_ok & (head0 + dh < G)
+    pos = tl.load(pos_ptr + tok, mask=tok_ok, other=0)
+    lo = tl.load(first_block_ptr + tok, mask=tok_ok, other=0)
+    hi = tl.where(row_ok, lo + (pos + 1) // BS, lo)
+    return dt, dh, row_ok, lo, hi
+
+
+@triton.jit
+def _row_base(ptr, b, t0, h, head0, T, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+    """Scalar 64-bit address of row (token t0, query head h * G + head0) of a [B, T, HQ, D] (or,
+    with D = 1, [B, T, HQ]) tensor; offsets within a tile then stay small int32."""
+    return ptr + ((b.to(tl.int64) * T + t0) * HQ + h * G + head0) * D
+
+
+@triton.jit
+def compressed_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, first_block_ptr,
+    T, NB,
+    o_ptr, lse_ptr,
+    H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    SCALE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    HEAD_TILES: tl.constexpr = (G + HP - 1) // HP
+    HQ: tl.constexpr = H * G
+    t0 = tl.program_id(0) * BT
+    pid = tl.program_id(1)
+    head0 = (pid % HEAD_TILES) * HP
+    bh = pid // HEAD_TILES
+    b = bh // H
+    h = bh % H
+
+    dt, dh, row_ok, lo, hi = _query_tile(pos_ptr, first_block_ptr, t0, head0, T, G, BS, HP, BT)
+    seen = hi > lo
+    # The tile's block range: the union of its rows' (rows without a block left out).
+    c_lo = tl.min(tl.where(seen, lo, NB), axis=0)
+    c_hi = tl.max(tl.where(seen, hi, 0), axis=0)
+
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    dk_ok = dk < DK
+    dv_ok = dv < DV
+    row = dt * HQ + dh
+    q_base = _row_base(q_ptr, b, t0, h, head0, T, HQ, G, DK)
+    q = tl.load(q_base + row[:, None] * DK + dk[None, :], mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
+    q = q.to(tl.float32)
+    # Scalar 64-bit pointers to the tile's first block, advanced block tile by block tile.
+    k_tile = k_ptr + ((b.to(tl.int64) * NB + c_lo) * H + h) * DK
+    v_tile = v_ptr + ((b.to(tl.int64) * NB + c_lo) * H + h) * DV
+    block = tl.arange(0, BC)
+
+    m_i = tl.full([BT * HP], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BT * HP], dtype=tl.float32)
+    acc = tl.zeros([BT * HP, BDV], dtype=tl.float32)
+    for c0 in range(c_lo, c_hi, BC):
+        cols = c0 + block
+        col_ok = cols < c_hi
+        k = tl.load(k_tile + block[:, None] * (H * DK) + dk[None, :], mask=col_ok[:, None] & dk_ok[None, :], other=0.0)
+        v = tl.load(v_tile + block[:, None] * (H * DV) + dv[None, :], mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        k_tile += BC * H * DK
+        v_tile += BC * H * DV
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (SCALE * LOG2E)
+        visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row that has seen nothing yet keeps m = -inf; shift by 0 so no -inf - -inf appears.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    o_base = _row_base(o_ptr, b, t0, h, head0, T, HQ, G, DV)
+    tl.store(o_base + row[:, None] * DV + dv[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dv_ok[None, :])
+    tl.store(_row_base(lse_ptr, b, t0, h, head0, T, HQ, G, 1) + row, lse, mask=row_ok)
+
+
+@triton.jit
+def compressed_attention_bwd_kernel_dq(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, pos_ptr, first_block_ptr,
+    T, NB,
+    dq_ptr,
+    H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    SCALE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    HEAD_TILES: tl.constexpr = (G + HP - 1) // HP
+    HQ: tl.constexpr = H * G
+    t0 = tl.program_id(0) * BT
+    pid = tl.program_id(1)
+    head0 = (pid % HEAD_TILES) * HP
+    bh = pid // HEAD_TILES
+    b = bh // H
+    h = bh % H
+
+    dt, dh, row_ok, lo, hi = _query_tile(pos_ptr, first_block_ptr, t0, head0, T, G, BS, HP, BT)
+    seen = hi > lo
+    c_lo = tl.min(tl.where(seen, lo, NB), axis=0)
+    c_hi = tl.max(tl.where(seen, hi, 0), axis=0)
+
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    dk_ok = dk < DK
+    dv_ok = dv < DV
+    row = dt * HQ + dh
+    q_base = _row_base(q_ptr, b, t0, h, head0, T, HQ, G, DK)
+    q = tl.load(q_base + row[:, None] * DK + dk[None, :], mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
+    q = q.to(tl.float32)
+    do = tl.load(_row_base(do_ptr, b, t0, h, head0, T, HQ, G, DV) + row[:, None] * DV + dv[None, :],
+                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    do = do.to(tl.float32)
+    # Rows without a block have lse = -inf and no visible column; keep their shift finite.
+    lse = tl.load(_row_base(lse_ptr, b, t0, h, head0, T, HQ, G, 1) + row, mask=row_ok & seen, other=0.0)
+    lse = tl.where(seen, lse * LOG2E, 0.0)
+    delta = tl.load(_row_base(delta_ptr, b, t0, h, head0, T, HQ, G, 1) + row, mask=row_ok, other=0.0)
+    # Scalar 64-bit pointers to the tile's first block, advanced block tile by block tile.
+    k_tile = k_ptr + ((b.to(tl.int64) * NB + c_lo) * H + h) * DK
+    v_tile = v_ptr + ((b.to(tl.int64) * NB + c_lo) * H + h) * DV
+    block = tl.arange(0, BC)
+
+    dq = tl.zeros([BT * HP, BDK], dtype=tl.float32)
+    for c0 in range(c_lo, c_hi, BC):
+        cols = c0 + block
+        col_ok = cols < c_hi
+        k = tl.load(k_tile + block[:, None] * (H * DK) + dk[None, :], mask=col_ok[:, None] & dk_ok[None, :], other=0.0)
+        v = tl.load(v_tile + block[:, None] * (H * DV) + dv[None, :], mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        k_tile += BC * H * DK
+        v_tile += BC * H * DV
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (SCALE * LOG2E)
+        visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds, k, input_precision=PRECISION)
+
+    tl.store(_row_base(dq_ptr, b, t0, h, head0, T, HQ, G, DK) + row[:, None] * DK + dk[None, :],
+             (dq * SCALE).to(dq_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dk_ok[None, :])
+
+
+@triton.jit
+def compressed_attention_bwd_kernel_dkv(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, pos_ptr, first_block_ptr, viewer_lo_ptr, viewer_hi_ptr,
+    T, NB, SPLIT_TOKENS,
+    dk_ptr, dv_ptr,
+    H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    SCALE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    HEAD_TILES: tl.constexpr = (G + HP - 1) // HP
+    HQ: tl.constexpr = H * G
+    c0 = tl.program_id(0) * BC
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    block = tl.arange(0, BC)
+    cols = c0 + block
+    col_ok = cols < NB
+    # Tokens that can see a block: from its last token to the end of its sequence (none for
+    # a partial block or the unused tail). Blocks are sorted, so the union is one range; this
+    # program takes its part in the split [split * SPLIT_TOKENS, (split + 1) * SPLIT_TOKENS).
+    t_lo = tl.min(tl.load(viewer_lo_ptr + cols, mask=col_ok, other=T), axis=0)
+    t_hi = tl.max(tl.load(viewer_hi_ptr + cols, mask=col_ok, other=0), axis=0)
+    t_lo = tl.maximum(t_lo, split * SPLIT_TOKENS)
+    t_hi = tl.minimum(t_hi, (split + 1) * SPLIT_TOKENS)
+
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    dk_ok = dk < DK
+    dv_ok = dv < DV
+    k_off = ((b.to(tl.int64) * NB + c0) * H + h) * DK
+    v_off = ((b.to(tl.int64) * NB + c0) * H + h) * DV
+    k_tile = block[:, None] * (H * DK) + dk[None, :]
+    v_tile = block[:, None] * (H * DV) + dv[None, :]
+    k = tl.load(k_ptr + k_off + k_tile, mask=col_ok[:, None] & dk_ok[None, :], other=0.0)
+    v = tl.load(v_ptr + v_off + v_tile, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+
+    dk_acc = tl.zeros([BC, BDK], dtype=tl.float32)
+    dv_acc = tl.zeros([BC, BDV], dtype=tl.float32)
+    for t0 in range(t_lo, t_hi, BT):
+        for head_tile in range(HEAD_TILES):
+            head0 = head_tile * HP
+            dt, dh, row_ok, lo, hi = _query_tile(pos_ptr, first_block_ptr, t0, head0, t_hi, G, BS, HP, BT)
+            row = dt * HQ + dh
+            q = tl.load(_row_base(q_ptr, b, t0, h, head0, T, HQ, G, DK) + row[:, None] * DK + dk[None, :],
+                        mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
+            q = q.to(tl.float32)
+            do = tl.load(_row_base(do_ptr, b, t0, h, head0, T, HQ, G, DV) + row[:, None] * DV + dv[None, :],
+                         mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+            do = do.to(tl.float32)
+            seen = hi > lo
+            lse = tl.load(_row_base(lse_ptr, b, t0, h, head0, T, HQ, G, 1) + row, mask=row_ok & seen, other=0.0)
+            lse = tl.where(seen, lse * LOG2E, 0.0)
+            delta = tl.load(_row_base(delta_ptr, b, t0, h, head0, T, HQ, G, 1) + row, mask=row_ok, other=0.0)
+
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (SCALE * LOG2E)
+            visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+            p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+            dv_acc += tl.dot(tl.trans(p), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk_acc += tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+
+    # Each split writes its own partial sums (summed outside): no atomics, deterministic.
+    partial = split.to(tl.int64) * (tl.num_programs(1) // H) * NB * H
+    tl.store(dk_ptr + partial * DK + k_off + k_tile, dk_acc * SCALE, mask=col_ok[:, None] & dk_ok[None, :])
+    tl.store(dv_ptr + partial * DV + v_off + v_tile, dv_acc, mask=col_ok[:, None] & dv_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch
+# ------------------------------------------------------------------------------------------------
+
+
+# (query rows, block tile, warps, pipeline stages) per kernel, by padded head-dim class and by
+# whether the dots run three tf32 passes (float32 problems): chosen so that Hopper compiles them
+# without register spills (float32 with 256-wide heads still spills a few hundred bytes).
+_TILES = {
+    # 16-bit queries: one tf32 pass.
+    ("fwd", 64, False): (64, 32, 8, 2), ("fwd", 128, False): (64, 32, 4, 2), ("fwd", 256, False): (64, 16, 8, 2),
+    ("dq", 64, False): (64, 32, 8, 2), ("dq", 128, False): (64, 32, 4, 2), ("dq", 256, False): (32, 16, 4, 2),
+    ("dkv", 64, False): (32, 32, 4, 2), ("dkv", 128, False): (32, 32, 8, 2), ("dkv", 256, False): (16, 16, 8, 2),
+    # float32 queries: tf32x3 splits every operand in two, so tiles shrink.
+    ("fwd", 64, True): (64, 16, 8, 2), ("fwd", 128, True): (16, 16, 4, 1), ("fwd", 256, True): (16, 16, 8, 1),
+    ("dq", 64, True): (64, 16, 8, 2), ("dq", 128, True): (16, 16, 8, 1), ("dq", 256, True): (16, 16, 8, 1),
+    ("dkv", 64, True): (16, 32, 4, 2), ("dkv", 128, True): (16, 16, 8, 1), ("dkv", 256, True): (16, 16, 8, 1),
+}
+# The backward of dk/dv splits the query tokens across programs until about this many run.
+_DKV_TARGET_PROGRAMS = 512
+_DKV_MIN_SPLIT_TOKENS = 256
+
+
+def _config(stage: str, group: int, head_dim: int, value_dim: int, block_size: int, scale: float, dtype) -> dict:
+    """The constexprs and launch options of one kernel (`stage` in fwd, dq, dkv)."""
+    padded_k, padded_v = launch.next_pow2(max(head_dim, 16)), launch.next_pow2(max(value_dim, 16))
+    width = max(64, padded_k, padded_v)
+    precision = launch.dot_precision(dtype)
+    rows, block_tile, num_warps, num_stages = _TILES[stage, width, precision == "tf32x3"]
+    heads = min(launch.next_pow2(group), rows)
+    return {
+        "G": group, "HP": heads, "BT": rows // heads, "BC": block_tile, "BS": block_size,
+        "DK": head_dim, "DV": value_dim, "BDK": padded_k, "BDV": padded_v,
+        "SCALE": float(scale), "PRECISION": precision, "num_warps": num_warps, "num_stages": num_stages,
+    }
+
+
+def _dkv_split_tokens(num_tokens: int, block_programs: int) -> int:
+    """Query tokens per dk/dv program: all of them, unless the block tiles alone are too few
+    programs to fill the GPU."""
+    splits = max(1, min(_DKV_TARGET_PROGRAMS // max(block_programs, 1), launch.cdiv(num_tokens, _DKV_MIN_SPLIT_TOKENS)))
+    return launch.cdiv(num_tokens, splits)
+
+
+def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, scale: float):
+    batch, num_tokens, num_q_heads, head_dim = query.shape
+    num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
+    config = _config("fwd", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype)
+    head_tiles = launch.cdiv(config["G"], config["HP"])
+    return launch.triton_call(
+        query, k_cmp, v_cmp, pos, first_block, num_tokens, num_blocks,
+        kernel=compressed_attention_fwd_kernel,
+        out_shape=[jax.ShapeDtypeStruct((batch, num_tokens, num_q_heads, value_dim), query.dtype),
+                   jax.ShapeDtypeStruct((batch, num_tokens, num_q_heads), jnp.float32)],
+        grid=(launch.cdiv(num_tokens, config["BT"]), batch * num_kv_heads * head_tiles),
+        H=num_kv_heads, **config,
+    )
+
+
+def _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size: int, scale: float):
+    batch, num_tokens, num_q_heads, head_dim = query.shape
+    num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
+    config = _config("dq", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype)
+    head_tiles = launch.cdiv(config["G"], config["HP"])
+    return launch.triton_call(
+        query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, num_tokens, num_blocks,
+        kernel=compressed_attention_bwd_kernel_dq,
+        out_shape=jax.ShapeDtypeStruct(query.shape, query.dtype),
+        grid=(launch.cdiv(num_tokens, config["BT"]), batch * num_kv_heads * head_tiles),
+        H=num_kv_heads, **config,
+    )
+
+
+def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
+             block_size: int, scale: float):
+    batch, num_tokens, num_q_heads, head_dim = query.shape
+    num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
+    config = _config("dkv", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype)
+    block_tiles = launch.cdiv(num_blocks, config["BC"])
+    split_tokens = _dkv_split_tokens(num_tokens, block_tiles * batch * num_kv_heads)
+    splits = launch.cdiv(num_tokens, split_tokens)
+    d_k, d_v = launch.triton_call(
+        query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
+        num_tokens, num_blocks, split_tokens,
+        kernel=compressed_attention_bwd_kernel_dkv,
+        out_shape=[jax.ShapeDtypeStruct((splits,) + k_cmp.shape, jnp.float32),
+                   jax.ShapeDtypeStruct((splits,) + v_cmp.shape, jnp.float32)],
+        grid=(block_tiles, batch * num_kv_heads, splits),
+        H=num_kv_heads, **config,
+    )
+    return d_k.sum(axis=0), d_v.sum(axis=0)
+
+
+def block_viewers(num_tokens: int, block_size: int, segments: Segments | None) -> tuple[jax.Array, jax.Array]:
+    """`[NB]` int32 each: the tokens `[lo, hi)` that can see each packed compressed block, from
+    the block's last token to the end of its sequence (`lo >= hi` when none can)."""
+    num_blocks = num_compressed_blocks(num_tokens, block_size, None if segments is None else segments.num_seqs)
+    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
+    if segments is None:
+        return (blocks + 1) * block_size - 1, jnp.full_like(blocks, num_tokens)
+    offsets = segments.block_offsets(block_size)
+    cu_seqlens = segments.cu_seqlens.astype(jnp.int32)
+    # Searching the block axis in the offsets skips empty sequences, which own no block.
+    seq = jnp.minimum(jnp.searchsorted(offsets[1:], blocks, side="right"), segments.num_seqs - 1)
+    used = blocks < offsets[-1]
+    lo = cu_seqlens[seq] + (blocks - offsets[seq] + 1) * block_size - 1
+    return jnp.where(used, lo, num_tokens).astype(jnp.int32), jnp.where(used, cu_seqlens[seq + 1], 0).astype(jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _attend(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size: int, scale: float):
+    return _fwd(query, k_cmp, v_cmp, pos, first_block, block_size, scale)
+
+
+def _attend_fwd(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size, scale):
+    out, lse = _fwd(query, k_cmp, v_cmp, pos, first_block, block_size, scale)
+    return (out, lse), (query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, out, lse)
+
+
+def _attend_bwd(block_size, scale, residuals, cotangents):
+    query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, out, lse = residuals
+    d_out, d_lse = cotangents
+    # d lse / d s = p: the lse cotangent enters the softmax backward as a shift of delta.
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
+    dq = _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, scale)
+    dk, dv = _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
+                      block_size, scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def run(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segments | None):
+    num_tokens = query.shape[1]
+    layout = token_layout(num_tokens, block_size, segments)
+    viewer_lo, viewer_hi = block_viewers(num_tokens, block_size, segments)
+    # The kernels read float32 blocks (mean_pool's output); a cast here carries the gradient back.
+    k_cmp, v_cmp = k_cmp.astype(jnp.float32), v_cmp.astype(jnp.float32)
+    return _attend(query, k_cmp, v_cmp, layout.pos, layout.first_block, viewer_lo, viewer_hi, block_size, float(scale))
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs
+# ------------------------------------------------------------------------------------------------
+
+
+def compile_specs() -> list[launch.CompileSpec]:
+    specs = []
+    cases = [  # dtype, group, (Dk, Dv), block size: every head-dim class of _TILES, both precisions
+        ("bfloat16", 1, (128, 128), 64),
+        ("float16", 3, (40, 24), 16),
+        ("float32", 16, (64, 64), 64),
+        ("bfloat16", 32, (192, 128), 128),
+        ("bfloat16", 16, (256, 256), 64),
+        ("float32", 1, (128, 128), 16),
+        ("float32", 4, (256, 256), 64),
+    ]
+    ints = {"T": "i32", "NB": "i32"}
+    for dtype, group, (head_dim, value_dim), block_size in cases:
+        q, f32, i32 = launch.pointer(dtype), "*fp32", "*i32"
+        layout = {"pos_ptr": i32, "first_block_ptr": i32}
+        fwd = {"q_ptr": q, "k_ptr": f32, "v_ptr": f32, **layout, **ints, "o_ptr": q, "lse_ptr": f32}
+        grads = {"q_ptr": q, "k_ptr": f32, "v_ptr": f32, "do_ptr": q, "lse_ptr": f32, "delta_ptr": f32, **layout}
+        dq = {**grads, **ints, "dq_ptr": q}
+        dkv = {**grads, "viewer_lo_ptr": i32, "viewer_hi_ptr": i32, **ints, "SPLIT_TOKENS": "i32",
+               "dk_ptr": f32, "dv_ptr": f32}
+        name = f"{dtype}_g{group}_d{head_dim}x{value_dim}_bs{block_size}"
+        for stage, kernel, signature in [("fwd", compressed_attention_fwd_kernel, fwd),
+                                         ("dq", compressed_attention_bwd_kernel_dq, dq),
+                                         ("dkv", compressed_attention_bwd_kernel_dkv, dkv)]:
+            config = _config(stage, group, head_dim, value_dim, block_size, head_dim ** -0.5, dtype)
+            num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
+            specs.append(launch.CompileSpec(f"{stage}_{name}", kernel, signature, {"H": 4, **config},
+                                            num_warps=num_warps, num_stages=num_stages))
+    return specs

@@ -1,0 +1,192 @@
+"""Mean pooling of keys and values into compressed blocks (SPEC section 1), as Triton kernels.
+
+Every compressed block is described by two ints computed in `jnp` from the segments: the global
+index of its first token and how many tokens it averages (`BS`, fewer for a sequence's partial
+last block, 0 for the unused tail of the packed varlen axis). With that, ordinary rows and packed
+sequences are the same kernel, and the backward pass is the same walk in the other direction:
+each token receives its block's gradient divided by the block's count.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from ejkernel_nsa.backends.triton import launch
+from ejkernel_nsa.problem import NSAProblem, Piece, Segments, num_compressed_blocks
+
+PIECE = Piece.COMPRESSION
+
+# Tokens summed per step: a [TOKENS, D] tile stays within ~16 fp32 registers per thread.
+_TILE_ELEMENTS = 2048
+_NUM_WARPS = 4
+
+
+@triton.jit
+def mean_pool_fwd_kernel(
+    x_ptr,  # [B, T, H, D]
+    block_start_ptr,  # [NB] int32: global index of each block's first token
+    block_count_ptr,  # [NB] int32: tokens in the block (0 for an unused packed block)
+    T,
+    NB,
+    out_ptr,  # [B, NB, H, D] float32
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    TOKENS: tl.constexpr,
+):
+    block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    b = (batch_head // H).to(tl.int64)
+    h = batch_head % H
+
+    start = tl.load(block_start_ptr + block)
+    count = tl.load(block_count_ptr + block)
+    dims = tl.arange(0, BD)
+    dim_ok = dims < D
+    offsets = tl.arange(0, TOKENS)
+
+    total = tl.zeros([BD], dtype=tl.float32)
+    for step in range(0, BS, TOKENS):
+        tokens = (start + step + offsets).to(tl.int64)
+        token_ok = step + offsets < count
+        rows = ((b * T + tokens) * H + h) * D
+        x = tl.load(x_ptr + rows[:, None] + dims[None, :], mask=token_ok[:, None] & dim_ok[None, :], other=0.0)
+        total += tl.sum(x.to(tl.float32), axis=0)
+
+    mean = total / tl.maximum(count, 1).to(tl.float32)
+    out = ((b * NB + block) * H + h) * D
+    tl.store(out_ptr + out + dims, mean, mask=dim_ok)
+
+
+@triton.jit
+def mean_pool_bwd_kernel(
+    d_out_ptr,  # [B, NB, H, D] float32
+    block_start_ptr,
+    block_count_ptr,
+    T,
+    NB,
+    d_x_ptr,  # [B, T, H, D] in the input's dtype
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    TOKENS: tl.constexpr,
+):
+    block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    b = (batch_head // H).to(tl.int64)
+    h = batch_head % H
+
+    start = tl.load(block_start_ptr + block)
+    count = tl.load(block_count_ptr + block)
+    dims = tl.arange(0, BD)
+    dim_ok = dims < D
+    offsets = tl.arange(0, TOKENS)
+
+    d_out = tl.load(d_out_ptr + ((b * NB + block) * H + h) * D + dims, mask=dim_ok, other=0.0)
+    share = (d_out / tl.maximum(count, 1).to(tl.float32)).to(d_x_ptr.dtype.element_ty)
+    tile = tl.zeros([TOKENS, BD], dtype=d_x_ptr.dtype.element_ty) + share[None, :]
+    # Every token lies in exactly one block, so these stores cover d_x without zero-filling it.
+    for step in range(0, BS, TOKENS):
+        tokens = (start + step + offsets).to(tl.int64)
+        token_ok = step + offsets < count
+        rows = ((b * T + tokens) * H + h) * D
+        tl.store(d_x_ptr + rows[:, None] + dims[None, :], tile, mask=token_ok[:, None] & dim_ok[None, :])
+
+
+def _tile(dim: int, block_size: int) -> dict[str, int]:
+    """The constexprs of both kernels: padded head dim and tokens handled per step."""
+    padded = launch.next_pow2(max(dim, 16))
+    tokens = min(launch.next_pow2(block_size), max(1, _TILE_ELEMENTS // padded))
+    return {"D": dim, "BD": padded, "BS": block_size, "TOKENS": tokens}
+
+
+def _mean_pool_fwd(x, block_start, block_count, block_size: int):
+    batch, num_tokens, num_heads, dim = x.shape
+    num_blocks = block_start.shape[0]
+    return launch.triton_call(
+        x, block_start, block_count, num_tokens, num_blocks,
+        kernel=mean_pool_fwd_kernel,
+        out_shape=jax.ShapeDtypeStruct((batch, num_blocks, num_heads, dim), jnp.float32),
+        grid=(num_blocks, batch * num_heads),
+        H=num_heads, **_tile(dim, block_size), num_warps=_NUM_WARPS, num_stages=1,
+    )
+
+
+def _mean_pool_bwd(d_out, block_start, block_count, block_size: int, num_tokens: int, dtype):
+    batch, num_blocks, num_heads, dim = d_out.shape
+    return launch.triton_call(
+        d_out, block_start, block_count, num_tokens, num_blocks,
+        kernel=mean_pool_bwd_kernel,
+        out_shape=jax.ShapeDtypeStruct((batch, num_tokens, num_heads, dim), dtype),
+        grid=(num_blocks, batch * num_heads),
+        H=num_heads, **_tile(dim, block_size), num_warps=_NUM_WARPS, num_stages=1,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _pool(x, block_start, block_count, block_size: int, num_tokens: int, dtype: str):
+    return _mean_pool_fwd(x, block_start, block_count, block_size)
+
+
+def _pool_fwd(x, block_start, block_count, block_size, num_tokens, dtype):
+    # The backward pass needs x's length and dtype (static arguments), not its values.
+    return _mean_pool_fwd(x, block_start, block_count, block_size), (block_start, block_count)
+
+
+def _pool_bwd(block_size, num_tokens, dtype, residuals, d_out):
+    block_start, block_count = residuals
+    d_x = _mean_pool_bwd(d_out, block_start, block_count, block_size, num_tokens, jnp.dtype(dtype))
+    return d_x, None, None
+
+
+_pool.defvjp(_pool_fwd, _pool_bwd)
+
+
+def compressed_blocks(num_tokens: int, block_size: int, segments: Segments | None) -> tuple[jax.Array, jax.Array]:
+    """`[NB]` int32 each: the first token of every compressed block and its token count."""
+    num_blocks = num_compressed_blocks(num_tokens, block_size, None if segments is None else segments.num_seqs)
+    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
+    if segments is None:
+        start = blocks * block_size
+        return start, jnp.clip(num_tokens - start, 0, block_size).astype(jnp.int32)
+    offsets = segments.block_offsets(block_size)
+    cu_seqlens = segments.cu_seqlens.astype(jnp.int32)
+    # Searching the block axis in the offsets skips empty sequences, which own no block.
+    seq = jnp.minimum(jnp.searchsorted(offsets[1:], blocks, side="right"), segments.num_seqs - 1)
+    local_start = (blocks - offsets[seq]) * block_size
+    length = cu_seqlens[seq + 1] - cu_seqlens[seq]
+    # Blocks past the last sequence's get a negative remainder: count 0, left as zeros.
+    count = jnp.clip(length - local_start, 0, block_size)
+    return (cu_seqlens[seq] + local_start).astype(jnp.int32), count.astype(jnp.int32)
+
+
+def supports(problem: NSAProblem) -> str | None:
+    return launch.common_decline(problem)
+
+
+def run(key, value, *, block_size: int, segments: Segments | None):
+    block_start, block_count = compressed_blocks(key.shape[1], block_size, segments)
+    k_cmp = _pool(key, block_start, block_count, block_size, key.shape[1], jnp.dtype(key.dtype).name)
+    v_cmp = _pool(value, block_start, block_count, block_size, value.shape[1], jnp.dtype(value.dtype).name)
+    return k_cmp, v_cmp
+
+
+def compile_specs() -> list[launch.CompileSpec]:
+    specs = []
+    ints = {"block_start_ptr": "*i32", "block_count_ptr": "*i32", "T": "i32", "NB": "i32"}
+    for dtype, dim, block_size in [("float32", 64, 16), ("bfloat16", 128, 64), ("float16", 192, 128),
+                                   ("bfloat16", 256, 64), ("float32", 40, 128)]:
+        constexprs = {"H": 4, **_tile(dim, block_size)}
+        fwd = {"x_ptr": launch.pointer(dtype), **ints, "out_ptr": "*fp32"}
+        bwd = {"d_out_ptr": "*fp32", **ints, "d_x_ptr": launch.pointer(dtype)}
+        for name, kernel, signature in [("fwd", mean_pool_fwd_kernel, fwd), ("bwd", mean_pool_bwd_kernel, bwd)]:
+            specs.append(launch.CompileSpec(f"{name}_{dtype}_d{dim}_bs{block_size}", kernel, signature, constexprs,
+                                            num_warps=_NUM_WARPS, num_stages=1))
+    return specs

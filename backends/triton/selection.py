@@ -1,0 +1,254 @@
+"""Top-k block selection (SPEC section 3) as one Triton kernel.
+
+Each program owns a tile of tokens and one kv head, with the query heads of its group packed
+under the tokens, and walks the compressed blocks that any of its tokens may choose. Per block
+tile it recomputes the compressed-attention probabilities from the scores and the branch's
+log-sum-exp, sums them over the group, and folds the tile into a running top-k per token kept
+in registers; no `[T, num_blocks]` score matrix is ever written.
+
+The running top-k sorts 64-bit keys: the score's float32 bits (scores are >= 0, so their bits
+order like the floats) above the local block index. Sorting keys descending ranks by score and,
+among equal scores, by the larger block index, which is the contract's tie rule; -1 marks a
+slot with no candidate.
+
+The softmax scale is a constexpr (one compile per scale, as per head dim); the scores use
+`launch.dot_precision` on queries upcast to float32 against the float32 compressed keys.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from ejkernel_nsa.backends.triton import launch
+from ejkernel_nsa.problem import NSAProblem, Piece, Segments, num_compressed_blocks, token_layout
+
+PIECE = Piece.SELECTION
+
+NO_BLOCK = -1
+_NO_BLOCK = tl.constexpr(NO_BLOCK)  # the same, as kernels may read it
+# Query rows (tokens x padded group) per program: one warpgroup's wgmma tile. Measured on an
+# H100 (T=32k, S=16): 64 rows, 32 blocks a step and 4 warps beat 128 rows, 16 or 64 blocks, and
+# 8 warps by 10-70%.
+_ROWS = 64
+_NUM_WARPS = 4
+# Compressed blocks scored per step (halved for head dims above 128); also the width that each
+# step's top-k is taken from, so at least k.
+_BLOCKS = 32
+# Bound on a step's keys, [tokens, blocks] int64, which live in registers with the running top-k.
+_KEYS = 4096
+# Beyond this many slots the top-k network no longer fits in registers (spills at 256 already).
+_MAX_SLOTS = 256
+
+
+@triton.jit
+def block_selection_fwd_kernel(
+    q_ptr,  # [B, T, HQ, DK]
+    k_ptr,  # [B, NB, H, DK] float32, packed compressed keys
+    lse_ptr,  # [B, T, HQ] float32, the compressed branch's log-sum-exp
+    counts_ptr,  # [B, T, H] int32, blocks to choose
+    pos_ptr,  # [T] int32, position in the token's sequence
+    first_block_ptr,  # [T] int32, the sequence's first block on the packed axis
+    T,
+    NB,
+    out_ptr,  # [B, T, H, NUM_OUT] int32, local block indices
+    H: tl.constexpr,
+    G: tl.constexpr,
+    DK: tl.constexpr,
+    SCALE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_OUT: tl.constexpr,
+    GP: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BD: tl.constexpr,
+    DC: tl.constexpr,
+    TOPK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    b = (batch_head // H).to(tl.int64)
+    h = batch_head % H
+    HQ: tl.constexpr = H * G
+    ROWS: tl.constexpr = BT * GP
+
+    # Rows are (token, query head of the group) pairs, token-major, so that the group sum is a
+    # reduction over the middle axis of a [BT, GP, BC] view.
+    rows = tl.arange(0, ROWS)
+    row_token = tile * BT + rows // GP
+    row_head = rows % GP
+    row_ok = (row_token < T) & (row_head < G)
+    row_q = (b * T + row_token.to(tl.int64)) * HQ + h * G + row_head
+    dims = tl.arange(0, DC)
+    if DC == BD:
+        q = tl.load(q_ptr + row_q[:, None] * DK + dims[None, :], mask=row_ok[:, None] & (dims < DK)[None, :], other=0.0)
+        q = q.to(tl.float32)
+    lse = tl.load(lse_ptr + row_q, mask=row_ok, other=0.0)
+    # -inf: the token sees no complete block, so every probability below is masked anyway.
+    lse = tl.where(lse > float("-inf"), lse, 0.0)
+    row_first = tl.load(first_block_ptr + row_token, mask=row_ok, other=0)
+    row_visible_end = row_first + (tl.load(pos_ptr + row_token, mask=row_ok, other=0) + 1) // BLOCK_SIZE
+
+    tokens = tile * BT + tl.arange(0, BT)
+    token_ok = tokens < T
+    first = tl.load(first_block_ptr + tokens, mask=token_ok, other=0)
+    current = tl.load(pos_ptr + tokens, mask=token_ok, other=0) // BLOCK_SIZE
+
+    # The global blocks that any token of the tile may choose. Sequences are packed in order (as
+    # `token_layout` makes them), so both ends of a token's range never decrease along the
+    # tokens: the tile's first token starts it and its last token ends it. (Scalars, not
+    # reductions: Triton's interpreter could not take a reduced value as a loop bound.)
+    head = tile * BT
+    tail = tl.minimum(head + BT, T) - 1
+    lo = tl.load(first_block_ptr + head)
+    hi = tl.load(first_block_ptr + tail) + tl.load(pos_ptr + tail) // BLOCK_SIZE + 1
+
+    top = tl.full([BT, TOPK], _NO_BLOCK, tl.int64)
+    offsets = tl.arange(0, BC)
+    for start in range(lo, hi, BC):
+        blocks = start + offsets
+        k_rows = ((b * NB + blocks.to(tl.int64)) * H + h) * DK
+        if DC == BD:
+            k = tl.load(k_ptr + k_rows[None, :] + dims[:, None], mask=(blocks < NB)[None, :] & (dims < DK)[:, None], other=0.0)
+            s = tl.dot(q, k, input_precision=PRECISION)
+        else:
+            # Wide heads: the dot runs over head-dim chunks, each chunk of the queries reloaded
+            # (from cache) so that no [ROWS, BD] operand is held in registers.
+            s = tl.zeros([ROWS, BC], tl.float32)
+            for d0 in tl.static_range(0, BD, DC):
+                d = d0 + dims
+                q = tl.load(q_ptr + row_q[:, None] * DK + d[None, :], mask=row_ok[:, None] & (d < DK)[None, :], other=0.0)
+                k = tl.load(k_ptr + k_rows[None, :] + d[:, None], mask=(blocks < NB)[None, :] & (d < DK)[:, None], other=0.0)
+                s = tl.dot(q.to(tl.float32), k, s, input_precision=PRECISION)
+        visible = row_ok[:, None] & (blocks[None, :] >= row_first[:, None]) & (blocks[None, :] < row_visible_end[:, None])
+        p = tl.where(visible, tl.exp(s * SCALE - lse[:, None]), 0.0)
+        score = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)
+
+        local = blocks[None, :] - first[:, None]
+        candidate = token_ok[:, None] & (local >= 0) & (local <= current[:, None])
+        forced = (local == 0) | (local == current[:, None] - 1) | (local == current[:, None])
+        score = tl.where(forced, G * 1.0, score)
+        # A sum of non-negative terms is +0.0 or positive; the `where` also keeps -0.0 out.
+        bits = tl.where(score > 0.0, score.to(tl.int32, bitcast=True), 0).to(tl.int64)
+        keys = tl.where(candidate, (bits << 32) | local.to(tl.int64), _NO_BLOCK)
+
+        # A step that beats no token's current k-th best leaves the top-k as it is: skip the sort
+        # (exact; it pays off once the attention concentrates on a few blocks).
+        kth = tl.min(top, axis=1)
+        if tl.max(tl.where(keys > kth[:, None], 1, 0)) > 0:
+            if TOPK == 1:
+                top = tl.maximum(top, tl.max(keys, axis=1, keep_dims=True))
+            else:
+                best = tl.topk(keys, TOPK)
+                # Both lists are sorted descending: the elementwise max of one and the other
+                # reversed holds the top TOPK of their union, as a bitonic sequence that one
+                # merge sorts.
+                top = tl.bitonic_merge(tl.maximum(top, tl.flip(best, 1)), descending=True)
+
+    slots = tl.arange(0, TOPK)
+    counts = tl.load(counts_ptr + (b * T + tokens) * H + h, mask=token_ok, other=0)
+    chosen = (top >= 0) & (slots[None, :] < counts[:, None])
+    # The low 32 bits of a key are its block index.
+    index = tl.where(chosen, top.to(tl.int32), _NO_BLOCK)
+    out = ((b * T + tokens.to(tl.int64)) * H + h) * NUM_OUT
+    tl.store(out_ptr + out[:, None] + slots[None, :], index, mask=token_ok[:, None] & (slots < NUM_OUT)[None, :])
+
+
+def _fwd_config(group: int, head_dim: int, num_out: int, dtype) -> dict[str, int]:
+    """Tile constexprs of `block_selection_fwd_kernel` (everything but shapes and precision)."""
+    padded_dim = launch.next_pow2(max(head_dim, 16))
+    # Float32 dots run as three tf32 passes over split operands: half the chunk for the same
+    # registers.
+    chunk = min(padded_dim, 128 if jnp.dtype(dtype).itemsize < 4 else 64)
+    topk = launch.next_pow2(num_out)
+    blocks = max(topk, _BLOCKS if padded_dim <= 128 else _BLOCKS // 2)
+    group_padded = launch.next_pow2(group)
+    tokens = max(1, _ROWS // group_padded)
+    # The per-step keys, [tokens, blocks] int64, stay within _KEYS elements...
+    tokens = max(1, min(tokens, _KEYS // blocks))
+    # ...and `tl.dot` gets at least 16 rows, the group padded with masked heads if need be.
+    group_padded = max(group_padded, 16 // tokens)
+    return dict(GP=group_padded, BT=tokens, BC=blocks, BD=padded_dim, DC=chunk, TOPK=topk)
+
+
+def _block_selection_fwd(query, k_cmp, lse, counts, pos, first_block, *, num_out: int, block_size: int, scale: float):
+    batch, num_tokens, num_q_heads, head_dim = query.shape
+    num_blocks, num_kv_heads = k_cmp.shape[1:3]
+    group = num_q_heads // num_kv_heads
+    config = _fwd_config(group, head_dim, num_out, query.dtype)
+    return launch.triton_call(
+        query, k_cmp, lse, counts, pos, first_block, num_tokens, num_blocks,
+        kernel=block_selection_fwd_kernel,
+        out_shape=jax.ShapeDtypeStruct((batch, num_tokens, num_kv_heads, num_out), jnp.int32),
+        grid=(launch.cdiv(num_tokens, config["BT"]), batch * num_kv_heads),
+        H=num_kv_heads, G=group, DK=head_dim, SCALE=float(scale), BLOCK_SIZE=block_size, NUM_OUT=num_out,
+        PRECISION=launch.dot_precision(query.dtype), **config,
+        num_warps=_NUM_WARPS, num_stages=2,
+    )
+
+
+def _num_out(num_slots: int, num_blocks: int) -> int:
+    # A token never has more candidates than the packed axis has blocks; slots past that stay -1.
+    return min(num_slots, num_blocks)
+
+
+def supports(problem: NSAProblem) -> str | None:
+    reason = launch.common_decline(problem)
+    if reason is not None:
+        return reason
+    num_blocks = num_compressed_blocks(problem.seq_len, problem.block_size, problem.num_seqs)
+    if _num_out(problem.num_slots, num_blocks) > _MAX_SLOTS:
+        return f"at most {_MAX_SLOTS} selected blocks (the running top-k lives in registers), got {problem.num_slots}"
+    return None
+
+
+def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, scale: float, segments: Segments | None):
+    batch, num_tokens = query.shape[:2]
+    num_blocks, num_kv_heads = k_cmp.shape[1:3]
+    layout = token_layout(num_tokens, block_size, segments)
+    if isinstance(block_counts, int):
+        counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
+    else:
+        counts = jnp.asarray(block_counts).astype(jnp.int32)
+    num_out = _num_out(num_slots, num_blocks)
+    chosen = _block_selection_fwd(
+        query, k_cmp.astype(jnp.float32), lse.astype(jnp.float32), counts, layout.pos, layout.first_block,
+        num_out=num_out, block_size=block_size, scale=scale,
+    )
+    if num_out < num_slots:
+        chosen = jnp.pad(chosen, ((0, 0), (0, 0), (0, 0), (0, num_slots - num_out)), constant_values=NO_BLOCK)
+    return chosen
+
+
+def compile_specs() -> list[launch.CompileSpec]:
+    specs = []
+    cases = [
+        # dtype, G, Dk, block size, slots
+        ("float32", 1, 64, 64, 16),
+        ("bfloat16", 1, 128, 64, 16),
+        ("bfloat16", 3, 128, 16, 16),
+        ("float16", 16, 192, 64, 16),
+        ("bfloat16", 16, 128, 128, 5),
+        ("float32", 32, 256, 64, 16),
+        ("bfloat16", 4, 256, 64, 1),
+        ("bfloat16", 2, 128, 64, 64),
+        ("float16", 1, 64, 16, 256),
+        ("bfloat16", 64, 128, 64, 1),
+    ]
+    for dtype, group, head_dim, block_size, slots in cases:
+        config = _fwd_config(group, head_dim, slots, dtype)
+        signature = {
+            "q_ptr": launch.pointer(dtype), "k_ptr": "*fp32", "lse_ptr": "*fp32", "counts_ptr": "*i32",
+            "pos_ptr": "*i32", "first_block_ptr": "*i32", "T": "i32", "NB": "i32",
+            "out_ptr": "*i32",
+        }
+        constexprs = dict(H=4, G=group, DK=head_dim, SCALE=head_dim**-0.5, BLOCK_SIZE=block_size, NUM_OUT=slots,
+                          PRECISION=launch.dot_precision(dtype), **config)
+        specs.append(launch.CompileSpec(
+            f"fwd_{dtype}_g{group}_d{head_dim}_bs{block_size}_s{slots}", block_selection_fwd_kernel,
+            signature, constexprs, num_warps=_NUM_WARPS, num_stages=2,
+        ))
+    return specs
