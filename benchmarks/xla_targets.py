@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     print(f"device: {device.device_kind} ({device.platform})")
     print(f"T={T} HQ={HQ} H={H} D={D} S={args.block_counts} BS={args.block_size} W={args.window} "
           f"{args.dtype} {args.mode} backend={args.backend}")
-    print(f"first call (compile + run): {first:.2f} s; median of {args.repeats}: {median:.3f} s; "
+    print(f"first call (compile + run): {first:.2f} s; median of {args.repeats}: {median * 1e3:.2f} ms; "
           f"{flops / 1e9:.1f} GFLOP valid work, {flops / median / 1e12:.3f} TFLOP/s")
     if peak is not None:
         print(f"peak device memory: {peak / 2**30:.2f} GiB")
