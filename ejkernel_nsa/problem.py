@@ -132,6 +132,36 @@ def token_layout(num_tokens: int, block_size: int, segments: Segments | None) ->
     return TokenLayout(pos=pos, seq_start=seq_start, first_block=first_block)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+    """Per block of the packed compressed-block axis, `[NB]` int32 each: its first token, its
+    number of tokens (`block_size`, fewer for a sequence's partial last block, 0 for the unused
+    tail), and the end of its sequence (one past the last token that can see it)."""
+
+    start: jax.Array
+    count: jax.Array
+    seq_end: jax.Array
+
+
+def block_layout(num_tokens: int, block_size: int, segments: Segments | None) -> BlockLayout:
+    num_blocks = num_compressed_blocks(num_tokens, block_size, None if segments is None else segments.num_seqs)
+    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
+    if segments is None:
+        start = blocks * block_size
+        seq_end = jnp.full_like(blocks, num_tokens)
+    else:
+        offsets = segments.block_offsets(block_size)
+        cu_seqlens = segments.cu_seqlens.astype(jnp.int32)
+        # Searching the block axis in the offsets skips empty sequences, which own no block; the
+        # unused tail lands past the last sequence's end and so gets no tokens.
+        seq = jnp.minimum(jnp.searchsorted(offsets[1:], blocks, side="right"), segments.num_seqs - 1)
+        start = cu_seqlens[seq] + (blocks - offsets[seq]) * block_size
+        seq_end = cu_seqlens[seq + 1]
+    count = jnp.clip(seq_end - start, 0, block_size)
+    return BlockLayout(start.astype(jnp.int32), count.astype(jnp.int32), seq_end.astype(jnp.int32))
+
+
 def num_compressed_blocks(seq_len: int, block_size: int, num_seqs: int | None) -> int:
     """Static length of the compressed-block axis.
 

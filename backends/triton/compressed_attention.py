@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ejkernel_nsa.backends.triton import launch
-from ejkernel_nsa.problem import NSAProblem, Piece, Segments, num_compressed_blocks, token_layout
+from ejkernel_nsa.problem import NSAProblem, Piece, Segments, block_layout, token_layout
 
 PIECE = Piece.COMPRESSED_ATTENTION
 
@@ -369,17 +369,11 @@ def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo
 def block_viewers(num_tokens: int, block_size: int, segments: Segments | None) -> tuple[jax.Array, jax.Array]:
     """`[NB]` int32 each: the tokens `[lo, hi)` that can see each packed compressed block, from
     the block's last token to the end of its sequence (`lo >= hi` when none can)."""
-    num_blocks = num_compressed_blocks(num_tokens, block_size, None if segments is None else segments.num_seqs)
-    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
-    if segments is None:
-        return (blocks + 1) * block_size - 1, jnp.full_like(blocks, num_tokens)
-    offsets = segments.block_offsets(block_size)
-    cu_seqlens = segments.cu_seqlens.astype(jnp.int32)
-    # Searching the block axis in the offsets skips empty sequences, which own no block.
-    seq = jnp.minimum(jnp.searchsorted(offsets[1:], blocks, side="right"), segments.num_seqs - 1)
-    used = blocks < offsets[-1]
-    lo = cu_seqlens[seq] + (blocks - offsets[seq] + 1) * block_size - 1
-    return jnp.where(used, lo, num_tokens).astype(jnp.int32), jnp.where(used, cu_seqlens[seq + 1], 0).astype(jnp.int32)
+    blocks = block_layout(num_tokens, block_size, segments)
+    used = blocks.count > 0
+    # A block becomes visible at its last token, if it is complete.
+    lo = jnp.where(used, blocks.start + block_size - 1, num_tokens)
+    return lo.astype(jnp.int32), jnp.where(used, blocks.seq_end, 0).astype(jnp.int32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))

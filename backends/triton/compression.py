@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ejkernel_nsa.backends.triton import launch
-from ejkernel_nsa.problem import NSAProblem, Piece, Segments, num_compressed_blocks
+from ejkernel_nsa.problem import NSAProblem, Piece, Segments, block_layout
 
 PIECE = Piece.COMPRESSION
 
@@ -149,30 +149,13 @@ def _pool_bwd(block_size, num_tokens, dtype, residuals, d_out):
 _pool.defvjp(_pool_fwd, _pool_bwd)
 
 
-def compressed_blocks(num_tokens: int, block_size: int, segments: Segments | None) -> tuple[jax.Array, jax.Array]:
-    """`[NB]` int32 each: the first token of every compressed block and its token count."""
-    num_blocks = num_compressed_blocks(num_tokens, block_size, None if segments is None else segments.num_seqs)
-    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
-    if segments is None:
-        start = blocks * block_size
-        return start, jnp.clip(num_tokens - start, 0, block_size).astype(jnp.int32)
-    offsets = segments.block_offsets(block_size)
-    cu_seqlens = segments.cu_seqlens.astype(jnp.int32)
-    # Searching the block axis in the offsets skips empty sequences, which own no block.
-    seq = jnp.minimum(jnp.searchsorted(offsets[1:], blocks, side="right"), segments.num_seqs - 1)
-    local_start = (blocks - offsets[seq]) * block_size
-    length = cu_seqlens[seq + 1] - cu_seqlens[seq]
-    # Blocks past the last sequence's get a negative remainder: count 0, left as zeros.
-    count = jnp.clip(length - local_start, 0, block_size)
-    return (cu_seqlens[seq] + local_start).astype(jnp.int32), count.astype(jnp.int32)
-
-
 def supports(problem: NSAProblem) -> str | None:
     return launch.common_decline(problem)
 
 
 def run(key, value, *, block_size: int, segments: Segments | None):
-    block_start, block_count = compressed_blocks(key.shape[1], block_size, segments)
+    blocks = block_layout(key.shape[1], block_size, segments)
+    block_start, block_count = blocks.start, blocks.count
     k_cmp = _pool(key, block_start, block_count, block_size, key.shape[1], jnp.dtype(key.dtype).name)
     v_cmp = _pool(value, block_start, block_count, block_size, value.shape[1], jnp.dtype(value.dtype).name)
     return k_cmp, v_cmp

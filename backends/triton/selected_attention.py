@@ -21,13 +21,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import triton
 import triton.language as tl
 
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.backends.triton.launch import CompileSpec, cdiv, next_pow2, pointer
-from ejkernel_nsa.problem import NSAProblem, Piece, Segments, num_compressed_blocks, token_layout
+from ejkernel_nsa.problem import NSAProblem, Piece, Segments, block_layout, token_layout
 
 PIECE = Piece.SELECTED_ATTENTION
 
@@ -342,18 +341,6 @@ class _Selection(NamedTuple):
     block_len: jax.Array  # [NB]: its number of keys (0 for the unused tail)
 
 
-def _key_blocks(num_tokens: int, block_size: int, segments: Segments | None, num_blocks: int):
-    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
-    if segments is None:
-        start = blocks * block_size
-        return start, jnp.clip(num_tokens - start, 0, block_size).astype(jnp.int32)
-    offsets = segments.block_offsets(block_size)
-    cu = segments.cu_seqlens.astype(jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(offsets[1:], blocks, side="right"), 0, segments.num_seqs - 1)
-    start = (cu[seq] + (blocks - offsets[seq]) * block_size).astype(jnp.int32)
-    return start, jnp.clip(cu[seq + 1] - start, 0, block_size).astype(jnp.int32)
-
-
 def _counted_slots(sel: _Selection, block_size: int) -> jax.Array:
     """`[B, T, H, S]`: the same rule as `_counted_blocks`, for the whole batch at once."""
     slot = jnp.arange(sel.indices.shape[-1])
@@ -492,8 +479,8 @@ def run(query, key, value, block_indices, block_counts, *, block_size: int, scal
     if num_tokens == 0 or num_slots == 0:
         return jnp.zeros((batch, num_tokens, num_q_heads, value_dim), query.dtype)
     layout = token_layout(num_tokens, block_size, segments)
-    num_blocks = num_compressed_blocks(num_tokens, block_size, None if segments is None else segments.num_seqs)
-    block_start, block_len = _key_blocks(num_tokens, block_size, segments, num_blocks)
+    blocks = block_layout(num_tokens, block_size, segments)
+    block_start, block_len = blocks.start, blocks.count
     if isinstance(block_counts, int):
         counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
     else:
