@@ -34,7 +34,7 @@ def triton_call(*args, kernel, out_shape, grid, **options):
     through a host callback: slow, but the whole JAX wrapper, custom_vjp included, then runs and
     is tested on a machine without a GPU.
     """
-    is_array = [isinstance(a, jax.Array) for a in args]
+    is_array = [_is_array(a) for a in args]
 
     def with_arrays(arrays):
         arrays = iter(arrays)
@@ -42,6 +42,7 @@ def triton_call(*args, kernel, out_shape, grid, **options):
 
     @jax.custom_batching.custom_vmap
     def launch(*arrays):
+        arrays = [jnp.asarray(a) for a in arrays]
         full_args = with_arrays(arrays)
         if INTERPRETED:
             outs = _interpreted_call(full_args, kernel, out_shape, grid, options)
@@ -62,6 +63,12 @@ def triton_call(*args, kernel, out_shape, grid, **options):
         return outs, jax.tree.map(lambda _: True, outs)
 
     return launch(*[a for a, array in zip(args, is_array) if array])
+
+
+def _is_array(value) -> bool:
+    """Arrays go to the kernel as pointers, Python scalars as values. Tracing can hand us array
+    constants that are not `jax.Array`s (NumPy-backed literals), so look at the shape, not the type."""
+    return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
 # Triton decides when a kernel is defined whether it is compiled or interpreted.
@@ -170,7 +177,7 @@ def _interpreted_call(args, kernel, out_shape, grid, options):
     _patch_interpreter()
     meta = {k: v for k, v in options.items() if k not in _LAUNCH_ONLY}
     shapes = list(out_shape) if isinstance(out_shape, (list, tuple)) else [out_shape]
-    is_array = [isinstance(a, jax.Array) for a in args]
+    is_array = [_is_array(a) for a in args]
 
     def host(*arrays):
         arrays = iter(arrays)
