@@ -2,7 +2,7 @@
 # One GPU session's work, in one or two commands: the test suite on the GPU, then the
 # benchmarks. Full logs go under $OUT; a short summary is printed last. On the device machine,
 # from the repo root:
-#   source .device/on-device.sh && bash benchmarks/device_run.sh [tests|bench|all] [pytest args...]
+#   source .device/on-device.sh && bash benchmarks/device_run.sh [tests|bench|all] [pytest args (default: tests)]
 set -uo pipefail
 OUT=${OUT:-/tmp/ejkernel-nsa-out}
 mkdir -p "$OUT"
@@ -14,7 +14,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 if [[ $stage == tests || $stage == all ]]; then
   ejkernel-nsa info 2>&1 | tee "$OUT/info.txt"
-  HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} python3 -m pytest tests -q -p no:cacheprovider -rfEs "$@" 2>&1 \
+  # Extra arguments replace the default target (all of tests/), e.g. tests/test_backend_triton.py.
+  HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} python3 -m pytest -q -p no:cacheprovider -rfEs "${@:-tests}" 2>&1 \
     | tee "$OUT/pytest.txt"
   summary+=("pytest: $(tail -n 1 "$OUT/pytest.txt")")
 fi
