@@ -108,6 +108,24 @@ def block_counts_of(checker: ShapeChecker, block_counts):
     return checker.array("block_counts", block_counts, "integer", "B T H").astype(jnp.int32)
 
 
+def computed_slot_count(block_counts, max_block_counts) -> int:
+    """The static slot count `S` of a computed selection: `max_block_counts` if given, else the
+    int `block_counts`; never read from an array of counts, which may be traced."""
+    if max_block_counts is not None:
+        num_slots = static_int("max_block_counts", max_block_counts, 1)
+        if isinstance(block_counts, int) and block_counts > num_slots:
+            raise ValueError(f"block_counts: {block_counts} exceeds max_block_counts={num_slots}")
+        return num_slots
+    if not isinstance(block_counts, int):
+        raise ValueError(
+            "max_block_counts: an array block_counts with a computed selection needs the static number of "
+            "slots; pass max_block_counts=<int> (it cannot be read from traced data)"
+        )
+    if block_counts < 1:
+        raise ValueError("block_counts: a computed selection needs at least 1 block per token, got 0")
+    return block_counts
+
+
 @dataclasses.dataclass(frozen=True)
 class NSACall:
     """The arguments of one call, checked and normalized, with its static description."""
@@ -173,24 +191,12 @@ def check_nsa_call(
         raise ValueError(f"window_size: {window_size} asks for the sliding-window branch, which needs its gate g_swa")
     if g_cmp is None and block_indices is None:
         raise ValueError("block_indices: required when g_cmp is None (there is no compressed branch to select from)")
-    if max_block_counts is not None:
-        max_block_counts = static_int("max_block_counts", max_block_counts, 1)
-
     if block_indices is not None:
+        if max_block_counts is not None:
+            static_int("max_block_counts", max_block_counts, 1)
         num_slots = block_indices.shape[-1]
-    elif max_block_counts is not None:
-        num_slots = max_block_counts
-        if isinstance(block_counts, int) and block_counts > max_block_counts:
-            raise ValueError(f"block_counts: {block_counts} exceeds max_block_counts={max_block_counts}")
-    elif isinstance(block_counts, int):
-        num_slots = block_counts
     else:
-        raise ValueError(
-            "max_block_counts: an array block_counts with a computed selection needs the static number of "
-            "slots; pass max_block_counts=<int> (it cannot be read from traced data)"
-        )
-    if block_indices is None and num_slots < 1:
-        raise ValueError("block_counts: a computed selection needs at least 1 block per token, got 0")
+        num_slots = computed_slot_count(block_counts, max_block_counts)
 
     problem = NSAProblem(
         batch=batch,
@@ -271,12 +277,7 @@ def check_select_args(query, key_cmp, lse, block_counts, block_size, softmax_sca
     lse = checker.array("lse", lse, "float", "B T HQ")
     check_groups(query, key_cmp, "key_cmp")
     block_counts = block_counts_of(checker, block_counts)
-    if max_block_counts is not None:
-        num_slots = static_int("max_block_counts", max_block_counts, 1)
-    elif isinstance(block_counts, int):
-        num_slots = static_int("block_counts", block_counts, 1)
-    else:
-        raise ValueError("max_block_counts: required with an array block_counts (the static number of slots)")
+    num_slots = computed_slot_count(block_counts, max_block_counts)
     scale = softmax_scale_of(softmax_scale, query.shape[3])
     return query, key_cmp, lse, block_counts, num_slots, block_size, scale, segments
 

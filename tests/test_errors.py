@@ -95,5 +95,7 @@ def test_piece_errors_name_the_argument():
         nsa.compressed_attention(normal(1, T, HQ, D), k_cmp[:, :-1], v_cmp[:, :-1], 16)
     with pytest.raises(ValueError, match="^max_block_counts"):
         nsa.select_blocks(normal(1, T, HQ, D), k_cmp, normal(1, T, HQ), jnp.ones((1, T, H), jnp.int32), 16)
+    with pytest.raises(ValueError, match="^block_counts"):
+        nsa.select_blocks(normal(1, T, HQ, D), k_cmp, normal(1, T, HQ), 5, 16, max_block_counts=4)
     with pytest.raises(ValueError, match="^window_size"):
         nsa.sliding_window_attention(normal(1, T, HQ, D), key, value, 0)
