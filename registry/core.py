@@ -2,8 +2,10 @@
 
 Backends register per piece (`Piece`): a backend name, the platforms it runs on, a priority and a
 `supports(problem) -> reason or None`. For a call, each needed piece gets the implementation of the
-forced backend (which must support the problem, or the call raises with its reason), or else the
-highest-priority implementation that runs on the inputs' platform and supports the problem.
+forced backend (which must support the problem, or the call raises with its reason), or else,
+among the implementations that run on the inputs' platform and support the problem, the fastest
+one measured on this device kind for this shape class (`tuning`, `registry/tuning.json`), or the
+highest-priority one where nothing was measured.
 Nothing falls back silently: every rejection is kept with its reason, for errors and `explain`.
 """
 
@@ -15,6 +17,7 @@ import threading
 from collections.abc import Callable
 
 from ejkernel_nsa.problem import NSAProblem, Piece
+from ejkernel_nsa.registry import tuning
 
 # The backends the registry knows, in the order that breaks ties between equal priorities. Each is a subpackage of
 # `ejkernel_nsa.backends` that registers itself on import; one whose toolchain is missing is
@@ -71,6 +74,8 @@ class Plan:
     forced_by: str
     chosen: dict[Piece, Implementation]
     rejected: dict[Piece, list[tuple[str, str]]]
+    # Why each chosen implementation won: its priority, or the measurement that ranked it first.
+    why: dict[Piece, str] = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, piece: Piece) -> Callable:
         return self.chosen[piece].fn
@@ -78,7 +83,7 @@ class Plan:
     def __str__(self) -> str:
         lines = [f"NSA plan ({self.forced_by}" + (f": {self.forced})" if self.forced else ")")]
         for piece, impl in self.chosen.items():
-            lines.append(f"  {piece.value:<21} -> {impl.backend} (priority {impl.priority})")
+            lines.append(f"  {piece.value:<21} -> {impl.backend} ({self.why.get(piece, f'priority {impl.priority}')})")
             for backend, reason in self.rejected.get(piece, []):
                 lines.append(f"  {'':<21}    not {backend}: {reason}")
         return "\n".join(lines)
@@ -177,6 +182,7 @@ def resolve(
         )
     chosen: dict[Piece, Implementation] = {}
     rejected: dict[Piece, list[tuple[str, str]]] = {}
+    why: dict[Piece, str] = {}
     for piece in problem.needed_pieces if pieces is None else pieces:
         candidates = sorted(implementations(piece), key=lambda i: (-i.priority, KNOWN_BACKENDS.index(i.backend)))
         accepted, reasons = [], []
@@ -194,9 +200,19 @@ def resolve(
                 _no_implementation_message(piece, problem, forced, forced_by, reasons), forced, forced_by,
                 tuple(reasons),
             )
-        chosen[piece] = accepted[0]
-        rejected[piece] = reasons + [(i.backend, "lower priority") for i in accepted[1:]]
-    return Plan(problem, forced, forced_by, chosen, rejected)
+        tuned = tuning.lookup(problem, piece) if forced is None and len(accepted) > 1 else None
+        if tuned is None:
+            chosen[piece] = accepted[0]
+            why[piece] = f"priority {accepted[0].priority}"
+            rejected[piece] = reasons + [(i.backend, "lower priority") for i in accepted[1:]]
+        else:
+            accepted = tuning.rank(accepted, tuned.order)
+            chosen[piece] = accepted[0]
+            why[piece] = tuned.reason_chosen(accepted[0].backend)
+            rejected[piece] = reasons + [
+                (i.backend, tuned.reason_not_chosen(i.backend, accepted[0].backend)) for i in accepted[1:]
+            ]
+    return Plan(problem, forced, forced_by, chosen, rejected, why)
 
 
 def _reason_to_skip(
