@@ -1,11 +1,13 @@
 """The `ejkernel-nsa` command: what this machine can run (`info`), NSA on random inputs with its
-timing and an accuracy check (`demo`), and the cross-backend test suite (`check`)."""
+timing and an accuracy check (`demo`), the cross-backend test suite (`check`), and the benchmark
+against the peers (`bench`)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     # Everything after `check` belongs to pytest, options included, so argparse never sees it.
     if argv[:1] == ["check"]:
         return check(argv[1:])
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
     args = _parser().parse_args(argv)
     return info() if args.command == "info" else demo(args)
 
@@ -44,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="platform, devices, versions and every backend's status")
     commands.add_parser("check", help="run the cross-backend test suite (arguments go to pytest)", add_help=False)
+    commands.add_parser("bench", help="time NSA against its peers (benchmarks/nsa_bench.py; --help for its options)",
+                        add_help=False)
     demo_parser = commands.add_parser("demo", help="NSA on random inputs: plan, timing, accuracy")
     for flag, default, help_text in [
         ("--batch", 1, "batch size B"),
@@ -241,7 +247,12 @@ def _float64_reference(inputs, options, tokens, kv_heads, q_heads):
 
 def _test_suite() -> Path:
     """The repository's tests/ beside the package source (absent when installed from a wheel)."""
-    return Path(ejkernel_nsa.__file__).resolve().parent.parent / "tests"
+    return _source_file("tests")
+
+
+def _source_file(relative: str) -> Path:
+    """A file of the source checkout beside the package (tests/, benchmarks/: not in the wheel)."""
+    return Path(ejkernel_nsa.__file__).resolve().parent.parent / relative
 
 
 def _load_oracle():
@@ -265,6 +276,22 @@ def check(pytest_args: list[str]) -> int:
               file=sys.stderr)
         return 2
     return subprocess.call([sys.executable, "-m", "pytest", str(tests), "-q", *pytest_args])
+
+
+# ---- bench -------------------------------------------------------------------------------------
+
+
+def bench(bench_args: list[str]) -> int:
+    script = _source_file("benchmarks/nsa_bench.py")
+    if not script.is_file():
+        print(f"ejkernel-nsa bench: no benchmark harness at {script}. It ships with the source checkout, not "
+              "the wheel: clone the repository, `pip install -e '.[bench]'`, and run it there.", file=sys.stderr)
+        return 2
+    # A fresh process: this one has imported JAX already, and the harness must configure JAX's
+    # GPU memory (no preallocation, so the PyTorch peer fits beside it) before JAX starts.
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    return subprocess.call([sys.executable, str(script), *bench_args], env=env)
 
 
 if __name__ == "__main__":

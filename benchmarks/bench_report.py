@@ -1,0 +1,253 @@
+"""The printed tables (what did not run and why; each piece per backend; each implementation
+against T with valid TFLOP/s; our ratio to each peer, live and the issue's reference measurement;
+the issue's targets) and the PNG plot, all from the JSON records."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import bench_flops as flops
+import bench_reference as reference
+
+PEER_ORDER = ("fla", "ejkernel", "cudnn_dense")
+OURS = "ejkernel_nsa"
+
+
+def column_order(record: dict) -> tuple:
+    name = record["implementation"]
+    if name in PEER_ORDER:
+        return (2, PEER_ORDER.index(name), 0)
+    return (0 if name == OURS else 1, name, -record["W"])
+
+
+def column_label(record: dict, shape_window: int) -> str:
+    name = record["implementation"]
+    return name + (f" W={record['W']}" if name.startswith(OURS) and record["W"] != shape_window else "")
+
+
+def print_report(records: list[dict], device_kind: str) -> None:
+    whole = [r for r in records if not r.get("piece")]
+    print_not_measured(records)
+    print_pieces([r for r in records if r.get("piece")])
+    shapes = list(dict.fromkeys(r["shape"] for r in whole))
+    for shape in shapes:
+        for mode in ("fwd", "fwd_bwd"):
+            rows = [r for r in whole if r["shape"] == shape and r["mode"] == mode]
+            if rows:
+                print_times(rows, device_kind)
+                print_ratios(rows, device_kind)
+    print_targets(whole, device_kind)
+
+
+def print_not_measured(records: list[dict]) -> None:
+    reasons: dict[tuple, list[str]] = defaultdict(list)
+    for r in records:
+        if r["status"] != "ok":
+            what = r["implementation"] + (f" {r['piece']}" if r.get("piece") else "")
+            error = r["error"] if r["error"].startswith(r["status"]) else f"{r['status']}: {r['error']}"
+            reasons[(what, error)].append(f"{r['shape']}/{r['T']}/{r['mode']}")
+    if not reasons:
+        return
+    print("\n== not measured (why; cases shape/T/mode)")
+    for (what, error), cases in reasons.items():
+        shown = ", ".join(cases[:6]) + (f" (+{len(cases) - 6})" if len(cases) > 6 else "")
+        print(f"  {what}: {error} [{shown}]")
+
+
+def print_pieces(records: list[dict]) -> None:
+    if not records:
+        return
+    print("\n== our pieces alone, median ms per backend (valid TFLOP/s); inputs made by the automatic choice")
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    backends = sorted({r["implementation"].split(":", 1)[1] for r in records})
+    for r in records:
+        groups[(r["shape"], r["T"], r["mode"], r["piece"])][r["implementation"].split(":", 1)[1]] = r
+    print(f"  {'shape':<6} {'T':>6} {'mode':<7} {'piece':<21} " + " ".join(f"{b:>20}" for b in backends))
+    for (shape, T, mode, piece), by_backend in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1],
+                                                                                        item[0][2], item[0][3])):
+        cells = [cell(by_backend.get(b)) for b in backends]
+        print(f"  {shape:<6} {T:>6} {mode:<7} {piece:<21} " + " ".join(f"{c:>20}" for c in cells))
+
+
+def cell(record: dict | None, with_rate: bool = True) -> str:
+    if record is None:
+        return "-"
+    if record["status"] != "ok":
+        return {"not installed": "not installed", "unsupported": "unsupported", "skipped": "skipped",
+                "unavailable": "unavailable"}.get(record["status"], "FAILED")
+    if record.get("note", "").startswith("same plan"):
+        return "= ejkernel_nsa"
+    rate = f" ({record['tflops']:.3g})" if with_rate and record.get("tflops") else ""
+    return f"{record['median_ms']:.3f}{rate}"
+
+
+def print_times(rows: list[dict], device_kind: str) -> None:
+    first = rows[0]
+    shape_window = max(r["W"] for r in rows if r["implementation"] == OURS) if any(
+        r["implementation"] == OURS for r in rows) else 0
+    columns: dict[str, dict] = {}
+    for r in sorted(rows, key=column_order):
+        columns.setdefault(column_label(r, shape_window), r)
+    print(f"\n== {first['shape']} (B={first['B']} HQ={first['HQ']} H={first['H']} G={first['G']} D={first['D']} "
+          f"S={first['S']} BS={first['BS']} {first['dtype']}), {first['mode']}: median ms (valid TFLOP/s), "
+          f"{device_kind}")
+    width = max(16, *(len(label) for label in columns)) + 1
+    print(f"  {'T':>7} " + "".join(f"{label:>{width}}" for label in columns))
+    by_cell = {(column_label(r, shape_window), r["T"]): r for r in rows}
+    for T in sorted({r["T"] for r in rows}):
+        print(f"  {T:>7} " + "".join(f"{cell(by_cell.get((label, T))):>{width}}" for label in columns))
+    print("  computes: " + "; ".join(f"{label}: {r['computes']}" for label, r in columns.items()))
+
+
+def ours_main(rows: list[dict]) -> dict[int, dict]:
+    """Our automatic choice with the shape's own window (the widest ours ran), per T."""
+    ours = [r for r in rows if r["implementation"] == OURS]
+    if not ours:
+        return {}
+    window = max(r["W"] for r in ours)
+    return {r["T"]: r for r in ours if r["W"] == window}
+
+
+def speedup(other_ms: float | None, ours_ms: float | None) -> str:
+    if not other_ms or not ours_ms:
+        return "-"
+    return f"{other_ms / ours_ms:.2f}x"
+
+
+def print_ratios(rows: list[dict], device_kind: str) -> None:
+    main = ours_main(rows)
+    if not main:
+        return
+    ours_by_window = {(r["T"], r["W"]): r for r in rows if r["implementation"] == OURS and r["status"] == "ok"}
+    peers = {(r["implementation"], r["T"]): r for r in rows if r["implementation"] in PEER_ORDER}
+    first = rows[0]
+    peak = flops.peak_flops(device_kind, first["dtype"])
+    print("  ejkernel_nsa (automatic choice) is N x faster than (>1: ours faster); vs an NSA peer, ours without "
+          "the window where that was timed (=), else ours with it (+swa: ours does more work)")
+    header = (f"  {'T':>7} {'ours ms':>9} {'GFLOP':>8} {'floor ms':>9} {'of peak':>8} "
+              + "".join(f"{'vs ' + p:>16}" for p in PEER_ORDER)
+              + "   | " + "".join(f"{'ref ' + p:>17}" for p in PEER_ORDER))
+    print(header)
+    for T in sorted(main):
+        ours = main[T]
+        ok = ours["status"] == "ok"
+        floor = f"{ours['flops'] / peak * 1e3:.2f}" if peak else "-"
+        fraction = f"{ours['peak_fraction']:.1%}" if ok and ours.get("peak_fraction") else "-"
+        cells = []
+        for peer in PEER_ORDER:
+            other = peers.get((peer, T))
+            if other is None or other["status"] != "ok" or not ok:
+                cells.append("-" if other is None else cell(other, with_rate=False) if other["status"] != "ok" else "-")
+                continue
+            if peer == "cudnn_dense":
+                cells.append(speedup(other["median_ms"], ours["median_ms"]))
+                continue
+            like = ours_by_window.get((T, other["W"]))
+            if like is not None:
+                cells.append(speedup(other["median_ms"], like["median_ms"]) + " =")
+            else:
+                cells.append(speedup(other["median_ms"], ours["median_ms"]) + " +swa")
+        refs = []
+        for peer in PEER_ORDER:
+            ref = reference.reference_ms(peer, first["shape"], T, first["mode"])
+            refs.append(speedup(ref, ours["median_ms"]) if ok and ref else "-")
+        ours_ms = f"{ours['median_ms']:.3f}" if ok else cell(ours)
+        print(f"  {T:>7} {ours_ms:>9} {ours['flops'] / 1e9:>8.4g} {floor:>9} {fraction:>8} "
+              + "".join(f"{c:>16}" for c in cells) + "   | " + "".join(f"{c:>17}" for c in refs))
+    if peak:
+        print(f"  floor: valid FLOPs at the datasheet {peak / 1e12:.0f} TFLOP/s; "
+              f"ref: {reference.LABEL}")
+    else:
+        print(f"  ref: {reference.LABEL}")
+
+
+def print_targets(whole: list[dict], device_kind: str) -> None:
+    """The issue's targets for the paper setting, judged on what was measured here."""
+    paper = [r for r in whole if r["shape"] == "paper"]
+    if not paper:
+        return
+    print(f"\n== the issue's targets (paper setting, {device_kind}; live peers, else the issue's reference "
+          "measurement; ours with the window)")
+    for mode in ("fwd", "fwd_bwd"):
+        rows = [r for r in paper if r["mode"] == mode]
+        main = ours_main(rows)
+        fla = {r["T"]: r for r in rows if r["implementation"] == "fla" and r["status"] == "ok"}
+        dense = {r["T"]: r for r in rows if r["implementation"] == "cudnn_dense" and r["status"] == "ok"}
+        ours65 = main.get(65536)
+        if ours65 and ours65["status"] == "ok":
+            fla_ms, source = ((fla[65536]["median_ms"], "live") if 65536 in fla
+                              else (reference.reference_ms("fla", "paper", 65536, mode), "reference"))
+            if fla_ms:
+                ratio = fla_ms / ours65["median_ms"]
+                print(f"  {mode}: >= 3x faster than fla at T=65536: {ratio:.2f}x ({source}): "
+                      f"{'met' if ratio >= 3 else 'NOT met'}")
+        else:
+            print(f"  {mode}: >= 3x faster than fla at T=65536: not measured")
+        slower = [T for T, r in main.items() if r["status"] == "ok" and T in fla and fla[T]["median_ms"] < r["median_ms"]]
+        compared = [T for T, r in main.items() if r["status"] == "ok" and T in fla]
+        if compared:
+            print(f"  {mode}: never slower than fla (live, T in {sorted(compared)}): "
+                  + ("met" if not slower else f"NOT met at T={sorted(slower)}"))
+        if mode == "fwd_bwd":
+            long = [T for T, r in main.items() if T >= 8192 and r["status"] == "ok" and T in dense]
+            behind = [T for T in long if dense[T]["median_ms"] < main[T]["median_ms"]]
+            if long:
+                print(f"  fwd_bwd: faster than cuDNN dense from T=8192 (T in {sorted(long)}): "
+                      + ("met" if not behind else f"NOT met at T={sorted(behind)}"))
+    fwd65 = ours_main([r for r in paper if r["mode"] == "fwd"]).get(65536)
+    if fwd65 is not None:
+        peak = flops.peak_flops(device_kind, fwd65["dtype"])
+        line = f"  fwd T=65536: {fwd65['flops'] / 1e12:.2f} TFLOP of valid work"
+        if peak:
+            line += f", floor {fwd65['flops'] / peak * 1e3:.2f} ms at {peak / 1e12:.0f} TFLOP/s"
+        if fwd65["status"] == "ok" and fwd65.get("peak_fraction"):
+            line += f"; measured {fwd65['median_ms']:.2f} ms = {fwd65['peak_fraction']:.1%} of peak"
+        print(line)
+
+
+def plot(records: list[dict], path: Path) -> str | None:
+    """Time against T, log-log, one line per implementation, a panel per shape set and mode; the
+    issue's reference measurement dotted. Returns None, or why no plot was written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]')"
+    # A forced backend that ran the automatic choice's plan was measured once: one line is enough.
+    whole = [r for r in records if not r.get("piece") and r["status"] == "ok" and not r.get("note")]
+    panels = sorted({(r["shape"], r["mode"]) for r in whole}, key=lambda p: (p[0] != "paper", p[0], p[1]))
+    if not panels:
+        return "no successful measurement to plot"
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
+    for axis, (shape, mode) in zip(axes[0], panels):
+        rows = [r for r in whole if r["shape"] == shape and r["mode"] == mode]
+        shape_window = max((r["W"] for r in rows if r["implementation"] == OURS), default=0)
+        lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for r in sorted(rows, key=column_order):
+            lines[column_label(r, shape_window)].append((r["T"], r["median_ms"]))
+        for label, points in lines.items():
+            points.sort()
+            axis.plot(*zip(*points), marker="o", label=label)
+        if shape == reference.SHAPE:
+            for peer in PEER_ORDER:
+                points = sorted((T, ms) for (name, T, m), ms in reference.MEDIAN_MS.items()
+                                if name == peer and m == mode and isinstance(ms, float))
+                if points:
+                    axis.plot(*zip(*points), linestyle=":", marker="x", label=f"{peer} (issue's reference)")
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("T (tokens)")
+        axis.set_ylabel("median ms")
+        axis.set_title(f"{shape}, {mode}")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    kind = whole[0]["device_kind"]
+    figure.suptitle(f"NSA, {kind}")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return None
