@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="records file (default benchmarks/results/<device>_<date>.json)")
     parser.add_argument("--resume", action="store_true", help="keep the records in --json and skip their cases")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--report-only", action="store_true",
+                        help="time nothing: print the tables (and plot, and --write-tuning) from the records in --json")
     parser.add_argument("--write-tuning", nargs="?", const="registry", default=None, metavar="PATH",
                         help="rank our backends per piece from the piece timings and update the tuning table "
                              "(default registry/tuning.json)")
@@ -361,6 +363,12 @@ def default_json_path(device_kind: str) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        if args.json is None or not args.json.exists():
+            print("--report-only needs --json naming an existing records file", file=sys.stderr)
+            return 2
+        records = json.loads(args.json.read_text())
+        return finish(args, args.json, records, records[0]["device_kind"] if records else "unknown device")
     context = device_context()  # JAX makes its GPU client here, before any peer is imported
     whole, backends, skipped = implementations(args.impls)
     path = args.json or default_json_path(context["device_kind"])
@@ -374,17 +382,29 @@ def main(argv=None) -> int:
     for name, reason in skipped.items():
         print(f"  our backend {name}: not timed ({reason})", file=sys.stderr)
     run_all(args, cases, recorder, context)
+    return finish(args, path, recorder.records, context["device_kind"])
+
+
+def finish(args, path: Path, records: list[dict], device_kind: str) -> int:
+    """The tuning table (if asked), the plot, and the tables, printed last."""
+    # A failure here must not cost the table: each step reports its own error and the rest go on.
     if args.write_tuning:
         target = bench_tuning.table_file(args.write_tuning)
-        changes = bench_tuning.update_table(target, recorder.records, source=str(path.name))
-        print(f"tuning: {len(changes)} piece orders written to {target}", file=sys.stderr)
-        for line in changes:
-            print(f"  {line}", file=sys.stderr)
+        try:
+            changes = bench_tuning.update_table(target, records, source=str(path.name))
+            print(f"tuning: {len(changes)} piece orders written to {target}", file=sys.stderr)
+            for line in changes:
+                print(f"  {line}", file=sys.stderr)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc(file=sys.stderr)
     if not args.no_plot:
         png = path.with_suffix(".png")
-        reason = report.plot(recorder.records, png)
+        try:
+            reason = report.plot(records, png)
+        except Exception as error:  # noqa: BLE001
+            reason = f"{type(error).__name__}: {error}"
         print(f"plot: {png if reason is None else 'not written: ' + reason}", file=sys.stderr)
-    report.print_report(recorder.records, context["device_kind"])
+    report.print_report(records, device_kind)
     print(f"\nrecords: {path}")
     return 0
 

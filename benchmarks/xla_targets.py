@@ -6,8 +6,9 @@ backward fits in an 80 GB GPU; at T = 8192 the forward runs on a 2-core CPU in u
     python benchmarks/xla_targets.py --seq-len 8192 --mode fwd            # CPU target
     python benchmarks/xla_targets.py --seq-len 65536 --mode fwd_bwd      # GPU memory target
 
-Prints the FLOP count of the causally valid work, the median time of several runs after a
-warm-up (each timed run synchronised), and on a GPU the peak device memory.
+Times one backend at one length (the side-by-side harness with the peers is `nsa_bench.py`,
+`ejkernel-nsa bench`). Prints the FLOP count of the causally valid work, the median time of
+several runs after a warm-up (each timed run synchronised), and on a GPU the peak device memory.
 """
 
 from __future__ import annotations
@@ -21,16 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ejkernel_nsa as nsa
-
-
-def nsa_flops(T: int, HQ: int, D: int, S: int, BS: int, W: int) -> float:
-    """Forward matrix FLOPs (2 per multiply-add, QK and PV) of the keys each query can see."""
-    t = np.arange(T)
-    cmp_keys = (t + 1) // BS
-    # All blocks up to t while there are at most S; then S - 1 full blocks and the current one.
-    slc_keys = np.where(t // BS + 1 <= S, t + 1, (S - 1) * BS + t % BS + 1)
-    swa_keys = np.minimum(t + 1, W)
-    return float(4 * HQ * D * (cmp_keys + slc_keys + swa_keys).sum())
+from bench_flops import nsa_flops  # beside this file: `python benchmarks/xla_targets.py` puts it on the path
 
 
 def main(argv=None) -> None:
