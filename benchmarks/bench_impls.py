@@ -65,6 +65,9 @@ class Unsupported(Exception):
 class Implementation:
     name: str
     framework: str = "jax"
+    # Modes reported to fail: run after everything else, so that a failure that breaks the GPU
+    # context (the process then restarts, --resume) costs no other measurement.
+    risky_modes: tuple[str, ...] = ()
 
     def missing(self) -> str | None:
         """None when it can run here, else why not ("not installed", no GPU, ...)."""
@@ -148,26 +151,30 @@ def jax_inputs(shape: Shape, T: int, seed: int, *, with_window: bool):
     return inputs, keys[6]
 
 
-def jax_step(fn: Callable, args: tuple, mode: str, cotangent_key, differentiable: tuple[int, ...]):
-    """A jitted step: `fn(*args)` for "fwd"; for "fwd_bwd", the gradient of <fn(*args)[0], ct> in the
-    `differentiable` arguments, ct a fixed random cotangent passed as an argument (not a constant
-    baked into the program). Returns step and the extra arguments it takes after `args`."""
+def jax_step(fn: Callable, args: tuple, mode: str, cotangent_key, differentiable: tuple[int, ...],
+             outputs: tuple[int, ...] = (0,)):
+    """A jitted step: `fn(*args)` for "fwd"; for "fwd_bwd", the gradient in the `differentiable`
+    arguments of the sum of <output i, ct_i> over the `outputs` of `fn` (a tuple, or one array as
+    output 0), each ct_i a fixed random cotangent passed as an argument (not a constant baked into
+    the program). Returns the step and the extra arguments it takes after `args`."""
     import jax
     import jax.numpy as jnp
 
     if mode == "fwd":
         return jax.jit(fn), ()
-    out = jax.eval_shape(fn, *args)
-    out = out[0] if isinstance(out, tuple) else out
-    cotangent = jax.random.normal(cotangent_key, out.shape, jnp.float32)
+    shapes = jax.eval_shape(fn, *args)
+    shapes = shapes if isinstance(shapes, tuple) else (shapes,)
+    keys = jax.random.split(cotangent_key, len(outputs))
+    cotangents = tuple(jax.random.normal(key, shapes[i].shape, shapes[i].dtype) for key, i in zip(keys, outputs))
 
     def loss(*all_args):
-        *inputs, ct = all_args
-        value = fn(*inputs)
-        value = value[0] if isinstance(value, tuple) else value
-        return jnp.vdot(value.astype(jnp.float32).ravel(), ct.ravel())
+        inputs, cts = all_args[: len(args)], all_args[len(args):]
+        values = fn(*inputs)
+        values = values if isinstance(values, tuple) else (values,)
+        return sum(jnp.vdot(values[i].astype(jnp.float32).ravel(), ct.astype(jnp.float32).ravel())
+                   for i, ct in zip(outputs, cts))
 
-    return jax.jit(jax.grad(loss, argnums=differentiable)), (cotangent,)
+    return jax.jit(jax.grad(loss, argnums=differentiable)), cotangents
 
 
 def alternating(step: Callable, arg_sets: list[tuple]) -> Callable[[int], Any]:
@@ -263,17 +270,20 @@ class Ours(Implementation):
 
         shape, backend, piece = case.shape, self.backend, case.piece
         BS, S, W = shape.BS, shape.S, shape.W
+        # (function, differentiable arguments, outputs the backward flows from): both block means
+        # carry gradient; the log-sum-exp feeds only the selection, which carries none.
         calls = {
-            "compression": (lambda k, v: nsa.mean_pool(k, v, BS, backend=backend), (0, 1)),
+            "compression": (lambda k, v: nsa.mean_pool(k, v, BS, backend=backend), (0, 1), (0, 1)),
             "compressed_attention": (
-                lambda q, kc, vc: nsa.compressed_attention(q, kc, vc, BS, backend=backend), (0, 1, 2)),
-            "selection": (lambda q, kc, lse: nsa.select_blocks(q, kc, lse, S, BS, backend=backend), ()),
+                lambda q, kc, vc: nsa.compressed_attention(q, kc, vc, BS, backend=backend), (0, 1, 2), (0,)),
+            "selection": (lambda q, kc, lse: nsa.select_blocks(q, kc, lse, S, BS, backend=backend), (), ()),
             "selected_attention": (
                 lambda q, k, v, idx: nsa.apply_native_sparse_attention(q, k, v, idx, S, BS, backend=backend),
-                (0, 1, 2)),
-            "sliding_window": (lambda q, k, v: nsa.sliding_window_attention(q, k, v, W, backend=backend), (0, 1, 2)),
+                (0, 1, 2), (0,)),
+            "sliding_window": (
+                lambda q, k, v: nsa.sliding_window_attention(q, k, v, W, backend=backend), (0, 1, 2), (0,)),
         }
-        fn, differentiable = calls[piece]
+        fn, differentiable, outputs = calls[piece]
         arg_sets, step = [], None
         for i in range(2):
             inputs, ct_key = jax_inputs(shape, case.T, seed + i, with_window=False)
@@ -293,7 +303,7 @@ class Ours(Implementation):
                     else:
                         args = (q, k, v, nsa.select_blocks(q, k_cmp, lse, S, BS))
             if step is None:
-                step, extra = jax_step(fn, args, case.mode, ct_key, differentiable)
+                step, extra = jax_step(fn, args, case.mode, ct_key, differentiable, outputs)
             arg_sets.append(args + extra)
         return alternating(step, arg_sets)
 
@@ -386,6 +396,7 @@ class EjkernelNSA(Implementation):
     [B, T, H, D]; compressed and selected branches (no window argument)."""
 
     name = "ejkernel"
+    risky_modes = ("fwd_bwd",)  # the issue's reference measurement: ejkernel 0.0.80 fwd+bwd "fails"
 
     def missing(self) -> str | None:
         reason = _installed("ejkernel", "ejkernel")

@@ -24,9 +24,10 @@ fi
 if [[ $stage == bench || $stage == all ]]; then
   # The harness (benchmarks/nsa_bench.py) in one process, within BENCH_BUDGET_S seconds. Arguments
   # after `bench` go to it (with `all`, set BENCH_ARGS instead). Records are written after every
-  # case; if its watchdog ends a hung case (exit 3), it is started again on the same records
-  # (--resume) with what is left of the budget; if it overruns the budget by a minute it is
-  # killed, and the tables are printed from the records it left (--report-only).
+  # case. If it ends itself (exit 3: a case hung, or an error left the GPU context unusable), it
+  # starts again on the same records (--resume) with what is left of the budget; if it overruns
+  # the budget by a minute it is killed, and the tables are printed from the records it left
+  # (--report-only).
   [[ $stage == bench ]] && bench_args=("$@") || read -r -a bench_args <<< "${BENCH_ARGS:-}"
   device=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
   json="benchmarks/results/${device:-gpu}_$(date -u +%Y-%m-%dT%H%MZ).json"

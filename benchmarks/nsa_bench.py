@@ -40,7 +40,12 @@ import bench_timing as timing  # noqa: E402
 import bench_tuning  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-WATCHDOG_EXIT = 3
+# Exit code when the process must end for the run to go on: a case hung (the watchdog), or an
+# error left the GPU context unusable. `--resume` in a fresh process carries on.
+RESTART_EXIT = 3
+# Errors after which CUDA refuses every later launch in this process.
+FATAL_CONTEXT_ERRORS = ("illegal memory access", "ILLEGAL_ADDRESS", "unspecified launch failure",
+                        "LAUNCH_FAILED", "misaligned address", "device-side assert")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,7 +142,8 @@ def implementations(names: list[str]) -> tuple[list[impls.Implementation], list[
 def plan_cases(args, whole: list[impls.Implementation], backends: list[str]) -> list[impls.Case]:
     """Cases in the order they run: what matters most first, so a budget cut drops the rest.
     1. each shape set's T up to 64k, fwd then fwd+bwd, every implementation;
-    2. each piece alone per backend;  3. ours without the window;  4. T above 64k."""
+    2. each piece alone per backend;  3. ours without the window;  4. T above 64k;
+    5. the modes an implementation is reported to fail in (`risky_modes`)."""
     sections: list[tuple[int, int, impls.Case]] = []
     for shape_name in args.shapes:
         shape = impls.SHAPES[shape_name]
@@ -146,7 +152,8 @@ def plan_cases(args, whole: list[impls.Implementation], backends: list[str]) -> 
             section = 4 if T > 65536 else 1
             for mode in args.modes:
                 for impl in whole:
-                    sections.append((section, len(sections), impls.Case(impl, shape, T, mode)))
+                    order = 5 if mode in impl.risky_modes else section
+                    sections.append((order, len(sections), impls.Case(impl, shape, T, mode)))
                 if args.like_peers and shape_name in ("paper", "tiny") and any(i.name == "ejkernel_nsa" for i in whole):
                     sections.append((max(section, 3), len(sections), impls.Case(impls.Ours(window=False), shape, T, mode)))
     piece_shapes = args.shapes if args.write_tuning else [s for s in args.shapes if s in ("paper", "tiny")]
@@ -227,6 +234,10 @@ def run_all(args, cases: list[impls.Case], recorder: Recorder, context: dict) ->
         last_framework = impl.framework
         measure(args, case, record, recorder, progress)
         recorder.add(record)
+        if record.get("context_lost"):
+            progress.line(f"{case.label()}: {record['error']}; the GPU context is unusable now: "
+                          f"ending the process (exit {RESTART_EXIT}); rerun with --resume to carry on")
+            os._exit(RESTART_EXIT)
         timing.release_memory(impl.framework)
         if record.get("note"):
             progress.line(f"{case.label()}: {record['note']}")
@@ -281,6 +292,8 @@ def measure(args, case: impls.Case, record: dict, recorder: Recorder, progress: 
         record["peak_fraction"] = record["tflops"] * 1e12 / peak if peak and record["tflops"] else None
     except Exception as error:  # noqa: BLE001  (every failure is a result: record it and go on)
         record.update(status="error", error=f"{type(error).__name__}: {first_lines(str(error))}")
+        if any(text in f"{error!r} {error}" for text in FATAL_CONTEXT_ERRORS):
+            record["context_lost"] = True
         traceback.print_exc(file=sys.stderr)
     finally:
         watchdog.cancel()
@@ -296,7 +309,7 @@ def on_hang(args, case: impls.Case, record: dict, recorder: Recorder, progress: 
                                         "(--case-timeout-s); the process ended here")
     recorder.add(record)
     progress.line(f"{case.label()}: {record['error']}; rerun with --resume to carry on")
-    os._exit(WATCHDOG_EXIT)
+    os._exit(RESTART_EXIT)
 
 
 def same_plan_as_automatic(case: impls.Case, record: dict, records: list[dict]) -> dict | None:

@@ -101,9 +101,43 @@ def test_the_watchdog_records_a_hung_case_and_ends_the_process(tmp_path, monkeyp
     case = bench_impls.Case(Sleeping(), bench_impls.SHAPES["tiny"], 64, "fwd")
     recorder = nsa_bench.Recorder(tmp_path / "r.json", [])
     nsa_bench.run_all(args, [case], recorder, {"device_kind": "cpu", "platform": "cpu", "jax_version": "x"})
-    assert exits == [nsa_bench.WATCHDOG_EXIT]
+    assert exits == [nsa_bench.RESTART_EXIT]
     hung = json.loads((tmp_path / "r.json").read_text())[0]
     assert hung["status"] == "error" and hung["error"].startswith("timed out")
+
+
+class Crashing(Exploding):
+    name = "crashing"
+
+    def build(self, case, seed):
+        raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered")
+
+
+def test_an_error_that_breaks_the_gpu_context_ends_the_process_for_a_resume(tmp_path, monkeypatch):
+    exits = []
+    monkeypatch.setattr(nsa_bench.os, "_exit", exits.append)
+    case = bench_impls.Case(Crashing(), bench_impls.SHAPES["tiny"], 64, "fwd")
+    recorder = nsa_bench.Recorder(tmp_path / "r.json", [])
+    nsa_bench.run_all(harness_args(tmp_path), [case], recorder, {"device_kind": "cpu", "platform": "cpu",
+                                                                  "jax_version": "x"})
+    assert exits == [nsa_bench.RESTART_EXIT]
+    assert json.loads((tmp_path / "r.json").read_text())[0]["context_lost"]
+
+
+def test_cases_run_in_order_of_importance(tmp_path):
+    args = harness_args(tmp_path, "--shapes", "paper,g4", "--seq-lens", "4096,131072", "--group-seq-lens", "8192",
+                        "--pieces-at", "16384")
+    whole = [bench_impls.Ours(), bench_impls.EjkernelNSA()]
+    cases = nsa_bench.plan_cases(args, whole, ["xla"])
+    labels = [case.label() for case in cases]
+    first_piece = next(i for i, c in enumerate(cases) if c.piece)
+    assert all(c.T <= 65536 and not c.piece for c in cases[:first_piece])
+    assert {c.shape.name for c in cases[:first_piece]} == {"paper", "g4"}
+    assert labels.index("ejkernel_nsa paper W=0 T=4096 fwd") > first_piece  # like the peers, after the pieces
+    assert labels.index("ejkernel_nsa paper T=131072 fwd") > labels.index("ejkernel_nsa paper W=0 T=4096 fwd")
+    # ejkernel's reported fwd+bwd failure runs last, so it can cost no other measurement.
+    assert all(c.implementation == "ejkernel" and c.mode == "fwd_bwd" for c in cases[-3:])
+    assert not any(c.implementation == "ejkernel" and c.mode == "fwd_bwd" for c in cases[:-3])
 
 
 def test_resume_skips_recorded_cases_but_retries_budget_skips(tmp_path):
