@@ -92,6 +92,7 @@ def info() -> int:
     print(f"interpret  {'on' if config.interpret_enabled() else 'off'} (Pallas backends on CPU; "
           f"{config.INTERPRET_ENV}=1 or ejkernel_nsa.interpret_mode())")
     print(f"forced     {forced + ' (by ' + forced_by + ')' if forced else 'none: automatic choice'}")
+    print(f"tuning     {_tuning_summary()}")
     print("\nbackends (best first when priorities tie):")
     for name, reason in registry.backend_status().items():
         print(f"  {name:<14} {'available' if reason is None else 'unavailable: ' + reason}")
@@ -104,6 +105,23 @@ def info() -> int:
             pieces = ", ".join(f"{impl.piece.value} (priority {impl.priority})" for impl in impls)
         print(f"  {'':<14} pieces: {pieces or 'none registered'}")
     return 0
+
+
+def _tuning_summary() -> str:
+    """Which measured backend order the automatic choice reads here (registry/tuning.py)."""
+    from ejkernel_nsa.registry import tuning
+
+    path = tuning.table_path()
+    if path is None:
+        return f"off ({tuning.TUNING_ENV}=off): priorities alone decide"
+    try:
+        entries = tuning.load_table(path)["entries"]
+    except (OSError, ValueError) as error:
+        return f"{path}: unreadable: {error}"
+    kind = tuning.device_kind(jax.default_backend())
+    mine = [e for e in entries if e["device_kind"] == kind]
+    return (f"{path}: {len(entries)} measured shape classes, {len(mine)} for this device kind ({kind})"
+            + ("" if mine else ": priorities decide"))
 
 
 # ---- demo --------------------------------------------------------------------------------------

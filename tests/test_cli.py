@@ -13,6 +13,7 @@ def test_info_lists_every_backend_with_its_status(capsys):
     out = capsys.readouterr().out
     status = registry.backend_status()
     assert re.search(r"^  xla\s+available$", out, re.M)
+    assert re.search(r"^tuning\s+\S*tuning\.json: \d+ measured shape classes, \d+ for this device kind", out, re.M)
     for name in ("triton", "pallas_triton", "pallas_mosaic"):
         line = re.search(rf"^  {name}\s+(.*)$", out, re.M).group(1)
         assert line == ("available" if status[name] is None else f"unavailable: {status[name]}")
