@@ -140,22 +140,26 @@ def implementations(names: list[str]) -> tuple[list[impls.Implementation], list[
 
 
 def plan_cases(args, whole: list[impls.Implementation], backends: list[str]) -> list[impls.Case]:
-    """Cases in the order they run: what matters most first, so a budget cut drops the rest.
+    """Cases in the order they run: what matters most first, so that a budget cut drops the rest.
     1. each shape set's T up to 64k, fwd then fwd+bwd, every implementation;
-    2. each piece alone per backend;  3. ours without the window;  4. T above 64k;
-    5. the modes an implementation is reported to fail in (`risky_modes`)."""
+    2. each piece alone per backend, paper setting;  3. ours without the window (like the peers);
+    4. the pieces of the other shape sets (with --write-tuning);  5. T above 64k;
+    6. the modes an implementation is reported to fail in (`risky_modes`)."""
     sections: list[tuple[int, int, impls.Case]] = []
+
+    def add(section: int, case: impls.Case) -> None:
+        sections.append((section, len(sections), case))
+
     for shape_name in args.shapes:
         shape = impls.SHAPES[shape_name]
         seq_lens = args.group_seq_lens if shape_name in ("g1", "g4") else args.seq_lens
         for T in seq_lens:
-            section = 4 if T > 65536 else 1
+            long = T > 65536
             for mode in args.modes:
                 for impl in whole:
-                    order = 5 if mode in impl.risky_modes else section
-                    sections.append((order, len(sections), impls.Case(impl, shape, T, mode)))
+                    add(6 if mode in impl.risky_modes else 5 if long else 1, impls.Case(impl, shape, T, mode))
                 if args.like_peers and shape_name in ("paper", "tiny") and any(i.name == "ejkernel_nsa" for i in whole):
-                    sections.append((max(section, 3), len(sections), impls.Case(impls.Ours(window=False), shape, T, mode)))
+                    add(5 if long else 3, impls.Case(impls.Ours(window=False), shape, T, mode))
     piece_shapes = args.shapes if args.write_tuning else [s for s in args.shapes if s in ("paper", "tiny")]
     for shape_name in piece_shapes:
         for T in args.pieces_at:
@@ -164,8 +168,8 @@ def plan_cases(args, whole: list[impls.Implementation], backends: list[str]) -> 
                     if mode not in impls.PIECE_MODES[piece]:
                         continue
                     for backend in backends:
-                        sections.append((2, len(sections),
-                                         impls.Case(impls.Ours(backend), impls.SHAPES[shape_name], T, mode, piece)))
+                        case = impls.Case(impls.Ours(backend), impls.SHAPES[shape_name], T, mode, piece)
+                        add(2 if shape_name in ("paper", "tiny") else 4, case)
     return [case for _, _, case in sorted(sections, key=lambda item: (item[0], item[1]))]
 
 

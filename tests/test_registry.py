@@ -3,6 +3,7 @@ reasons, interpret-mode backends, and no silent fallback."""
 
 import numpy as np
 import pytest
+from fake_backend import install_fake_triton
 
 import ejkernel_nsa as nsa
 from ejkernel_nsa import registry
@@ -85,22 +86,9 @@ def test_forcing_applies_to_the_pieces_too():
 def fake_kernel(monkeypatch):
     """A high-priority 'triton' compressed-attention kernel that declines Dk > 16, on a table that
     pretends triton is available here; the real table is restored afterwards."""
-    monkeypatch.setattr(core, "_implementations", [i for i in core._implementations if i.backend != "triton"])
-    monkeypatch.setattr(core, "_backends", dict(core._backends))
-    monkeypatch.setattr(core, "_import_errors", {})
-    core.register_backend(core.Backend("triton", "fake", lambda: None))
-    calls = []
-
-    def kernel(*args, **kwargs):
-        calls.append(args)
-        return core.implementations(Piece.COMPRESSED_ATTENTION, "xla")[0].fn(*args, **kwargs)
-
-    def supports(problem):
-        return None if problem.head_dim <= 16 else f"head_dim {problem.head_dim} > 16"
-
-    core.register(Piece.COMPRESSED_ATTENTION, backend="triton", platforms=("cpu", "gpu", "tpu"), priority=10,
-                  supports=supports)(kernel)
-    return calls
+    return install_fake_triton(
+        monkeypatch, supports=lambda problem: None if problem.head_dim <= 16 else f"head_dim {problem.head_dim} > 16"
+    )
 
 
 def test_higher_priority_is_chosen_per_piece(fake_kernel):

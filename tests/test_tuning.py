@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from fake_backend import install_fake_triton
 
 import ejkernel_nsa as nsa
 from ejkernel_nsa.config import BACKEND_ENV
 from ejkernel_nsa.problem import Piece
-from ejkernel_nsa.registry import KNOWN_BACKENDS, core, tuning
+from ejkernel_nsa.registry import KNOWN_BACKENDS, tuning
 
 FAKE_KIND = "FakeGPU 9000"
 rng = np.random.default_rng(5)
@@ -35,21 +36,9 @@ def fake_device(monkeypatch, tmp_path):
 @pytest.fixture
 def fake_kernel(monkeypatch):
     """A priority-10 'triton' compressed attention (available here, delegating to XLA) that
-    declines Dk > 16; the real table of implementations is restored afterwards."""
-    core.load_backends()
-    monkeypatch.setattr(core, "_implementations", [i for i in core._implementations if i.backend != "triton"])
-    monkeypatch.setattr(core, "_backends", dict(core._backends))
-    monkeypatch.setattr(core, "_import_errors", {})
-    core.register_backend(core.Backend("triton", "fake", lambda: None))
-    calls = []
-
-    def kernel(*args, **kwargs):
-        calls.append(args)
-        return core.implementations(Piece.COMPRESSED_ATTENTION, "xla")[0].fn(*args, **kwargs)
-
-    core.register(Piece.COMPRESSED_ATTENTION, backend="triton", platforms=("cpu",), priority=10,
-                  supports=lambda p: None if p.head_dim <= 16 else f"head_dim {p.head_dim} > 16")(kernel)
-    return calls
+    declines Dk > 16."""
+    return install_fake_triton(monkeypatch, platforms=("cpu",),
+                               supports=lambda p: None if p.head_dim <= 16 else f"head_dim {p.head_dim} > 16")
 
 
 def write_table(path, order, *, kind=FAKE_KIND, shape_class=CLASS, piece=Piece.COMPRESSED_ATTENTION):
