@@ -25,3 +25,7 @@ def reference_ms(implementation: str, shape: str, T: int, mode: str) -> float | 
     """The reference time, or None where there is none (or it failed)."""
     value = MEDIAN_MS.get((implementation, T, mode)) if shape == SHAPE else None
     return value if isinstance(value, float) else None
+
+
+def reference_failed(implementation: str, shape: str, T: int, mode: str) -> bool:
+    return shape == SHAPE and MEDIAN_MS.get((implementation, T, mode)) == "fails"

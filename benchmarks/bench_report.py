@@ -151,7 +151,8 @@ def print_ratios(rows: list[dict], device_kind: str) -> None:
         refs = []
         for peer in PEER_ORDER:
             ref = reference.reference_ms(peer, first["shape"], T, first["mode"])
-            refs.append(speedup(ref, ours["median_ms"]) if ok and ref else "-")
+            failed = reference.reference_failed(peer, first["shape"], T, first["mode"])
+            refs.append("failed there" if failed else speedup(ref, ours["median_ms"]) if ok and ref else "-")
         ours_ms = f"{ours['median_ms']:.3f}" if ok else cell(ours)
         print(f"  {T:>7} {ours_ms:>9} {ours['flops'] / 1e9:>8.4g} {floor:>9} {fraction:>8} "
               + "".join(f"{c:>16}" for c in cells) + "   | " + "".join(f"{c:>17}" for c in refs))
@@ -218,32 +219,41 @@ def plot(records: list[dict], path: Path) -> str | None:
         return "matplotlib is not installed (pip install -e '.[bench]')"
     # A forced backend that ran the automatic choice's plan was measured once: one line is enough.
     whole = [r for r in records if not r.get("piece") and r["status"] == "ok" and not r.get("note")]
-    panels = sorted({(r["shape"], r["mode"]) for r in whole}, key=lambda p: (p[0] != "paper", p[0], p[1]))
-    if not panels:
+    shapes = sorted({r["shape"] for r in whole}, key=lambda name: (name != reference.SHAPE, name))
+    modes = [m for m in ("fwd", "fwd_bwd") if any(r["mode"] == m for r in whole)]
+    if not whole:
         return "no successful measurement to plot"
-    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
-    for axis, (shape, mode) in zip(axes[0], panels):
-        rows = [r for r in whole if r["shape"] == shape and r["mode"] == mode]
-        shape_window = max((r["W"] for r in rows if r["implementation"] == OURS), default=0)
-        lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        for r in sorted(rows, key=column_order):
-            lines[column_label(r, shape_window)].append((r["T"], r["median_ms"]))
-        for label, points in lines.items():
-            points.sort()
-            axis.plot(*zip(*points), marker="o", label=label)
-        if shape == reference.SHAPE:
-            for peer in PEER_ORDER:
-                points = sorted((T, ms) for (name, T, m), ms in reference.MEDIAN_MS.items()
-                                if name == peer and m == mode and isinstance(ms, float))
-                if points:
-                    axis.plot(*zip(*points), linestyle=":", marker="x", label=f"{peer} (issue's reference)")
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel("T (tokens)")
-        axis.set_ylabel("median ms")
-        axis.set_title(f"{shape}, {mode}")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7)
+    figure, axes = plt.subplots(len(shapes), len(modes), figsize=(6.5 * len(modes), 4.5 * len(shapes)),
+                                squeeze=False)
+    # One colour per implementation in every panel; the reference measurement of a peer is
+    # drawn dotted in that peer's colour.
+    colours = {peer: f"C{i}" for i, peer in enumerate(PEER_ORDER)}
+    for row, shape in enumerate(shapes):
+        for col, mode in enumerate(modes):
+            axis = axes[row][col]
+            rows = [r for r in whole if r["shape"] == shape and r["mode"] == mode]
+            shape_window = max((r["W"] for r in rows if r["implementation"] == OURS), default=0)
+            lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
+            for r in sorted(rows, key=column_order):
+                lines[column_label(r, shape_window)].append((r["T"], r["median_ms"]))
+            for label, points in lines.items():
+                points.sort()
+                colour = colours.setdefault(label, f"C{len(colours) % 10}")
+                axis.plot(*zip(*points), marker="o", label=label, color=colour)
+            if shape == reference.SHAPE:
+                for peer in PEER_ORDER:
+                    points = sorted((T, ms) for (name, T, m), ms in reference.MEDIAN_MS.items()
+                                    if name == peer and m == mode and isinstance(ms, float))
+                    if points:
+                        axis.plot(*zip(*points), linestyle=":", marker="x", color=colours[peer],
+                                  label=f"{peer} (issue's reference)")
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
+            axis.set_xlabel("T (tokens)")
+            axis.set_ylabel("median ms")
+            axis.set_title(f"{shape}, {mode}")
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend(fontsize=7)
     kind = whole[0]["device_kind"]
     figure.suptitle(f"NSA, {kind}")
     figure.tight_layout()
