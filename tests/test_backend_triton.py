@@ -35,6 +35,27 @@ def test_every_piece_has_a_triton_kernel():
     assert pieces == set(Piece)
 
 
+@pytest.mark.parametrize("user_setting", ["/tmp/my-triton-cache", None])
+def test_importing_jax_triton_keeps_the_users_triton_cache_dir(monkeypatch, user_setting):
+    """jax_triton blanks TRITON_CACHE_DIR when imported, which breaks PyTorch's Triton kernels in
+    the same process (seen with fla on an H100); the backend puts the user's setting back."""
+    import os
+
+    from ejkernel_nsa.backends import triton as triton_backend
+
+    def import_that_blanks_the_cache(module):
+        os.environ["TRITON_CACHE_DIR"] = ""
+        return None
+
+    if user_setting is None:
+        monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_CACHE_DIR", user_setting)
+    monkeypatch.setattr(triton_backend, "import_failure", import_that_blanks_the_cache)
+    assert triton_backend._import_jax_triton() is None
+    assert os.environ.get("TRITON_CACHE_DIR") == user_setting
+
+
 HEAD_DIMS = [(64, 64), (128, 128), (192, 128)]
 
 

@@ -28,7 +28,23 @@ from ejkernel_nsa.backends.triton import launch  # noqa: E402  (after TRITON_INT
 def availability() -> str | None:
     if launch.INTERPRETED:
         return None
-    return import_failure("jax_triton") or gpu_failure()
+    return _import_jax_triton() or gpu_failure()
+
+
+def _import_jax_triton() -> str | None:
+    """Import jax_triton, undoing what its import does to the environment.
+
+    jax_triton sets TRITON_CACHE_DIR to "" when imported. Its own compile path never reads
+    Triton's cache, but every other Triton user in the process does: PyTorch's Triton kernels
+    (fla's, say) then fail with "Could not create or locate cache dir". The user's setting, or its
+    absence, is put back."""
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    failure = import_failure("jax_triton")
+    if saved is None:
+        os.environ.pop("TRITON_CACHE_DIR", None)
+    else:
+        os.environ["TRITON_CACHE_DIR"] = saved
+    return failure
 
 
 register_backend(Backend(NAME, "Triton kernels via jax-triton (NVIDIA GPU)", availability,
