@@ -280,11 +280,16 @@ def compressed_attention_bwd_kernel_dkv(
 
 # (query rows, block tile, warps, pipeline stages) per kernel, by padded head-dim class and by
 # whether the dots run three tf32 passes (float32 problems): chosen so that Hopper compiles them
-# without register spills (float32 with 256-wide heads still spills a few hundred bytes).
+# without register spills (float32 with 256-wide heads still spills a few hundred bytes). The
+# 128-wide 16-bit fwd and dq tiles come from benchmarks/tile_sweep.py on an H100 (T=64k, G=16):
+# every query row shares the compressed blocks a tile loads, so more rows per tile means fewer
+# reloads of the float32 blocks (fwd 16.3 -> 11.1 ms, dq 22.9 -> 14.7 ms); dq with 128 rows and
+# 64 blocks, or 256 rows, asks for more than the 227 KB of shared memory. No dk/dv tile beat
+# (32, 32, 8, 2).
 _TILES = {
     # 16-bit queries: one tf32 pass.
-    ("fwd", 64, False): (64, 32, 8, 2), ("fwd", 128, False): (64, 32, 4, 2), ("fwd", 256, False): (64, 16, 8, 2),
-    ("dq", 64, False): (64, 32, 8, 2), ("dq", 128, False): (64, 32, 4, 2), ("dq", 256, False): (32, 16, 4, 2),
+    ("fwd", 64, False): (64, 32, 8, 2), ("fwd", 128, False): (256, 32, 8, 2), ("fwd", 256, False): (64, 16, 8, 2),
+    ("dq", 64, False): (64, 32, 8, 2), ("dq", 128, False): (128, 32, 8, 2), ("dq", 256, False): (32, 16, 4, 2),
     ("dkv", 64, False): (32, 32, 4, 2), ("dkv", 128, False): (32, 32, 8, 2), ("dkv", 256, False): (16, 16, 8, 2),
     # float32 queries: tf32x3 splits every operand in two, so tiles shrink.
     ("fwd", 64, True): (64, 16, 8, 2), ("fwd", 128, True): (16, 16, 4, 1), ("fwd", 256, True): (16, 16, 8, 1),
