@@ -25,7 +25,8 @@ from ejkernel_nsa.problem import token_layout
 CANDIDATES = {
     "fwd": [(64, 32, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (256, 32, 8, 2), (128, 64, 4, 2)],
     "dq": [(64, 32, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (256, 32, 8, 2)],
-    "dkv": [(32, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 2)],
+    "dkv": [(32, 32, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2),
+            (64, 32, 4, 2), (32, 32, 8, 3)],
 }
 
 
@@ -44,6 +45,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=65536)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--kernels", default="fwd,dq,dkv", help="which of fwd, dq, dkv to sweep")
     args = parser.parse_args()
     T, HQ, H, D, BS = args.seq_len, 64, 4, 128, 64
     NB = -(-T // BS)
@@ -68,6 +70,8 @@ def main() -> int:
     default_tiles = dict(cmp._TILES)
     best = {}
     for stage, (fn, fn_args) in stages.items():
+        if stage not in args.kernels.split(","):
+            continue
         for tile in CANDIDATES[stage]:
             cmp._TILES[stage, 128, False] = tile
             label = f"{stage:<4} rows={tile[0]:<3} blocks={tile[1]:<3} warps={tile[2]} stages={tile[3]}"
