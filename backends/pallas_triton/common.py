@@ -49,11 +49,15 @@ def cdiv(a: int, b: int) -> int:
 
 
 def divmod_static(x, n: int):
-    """`(x // n, x % n)` for a non-negative traced int and a static `n`. `n == 1` is spelled
-    out: the Triton lowering mistypes a remainder by the literal 1 (as a boolean)."""
+    """`(x // n, x % n)` for a non-negative traced int and a static `n`, as `lax.div` / `lax.rem`
+    on int32. jnp's `//` and `%` add sign fix-ups whose `select`s the Triton lowering of jax 0.11
+    mistypes as booleans for weakly typed operands (a loop index, a literal); truncating division
+    is exact for non-negative operands and needs none."""
+    x = jnp.asarray(x, jnp.int32)
     if n == 1:
         return x, jnp.zeros_like(x)
-    return x // n, x % n
+    divisor = jnp.int32(n)
+    return jax.lax.div(x, divisor), jax.lax.rem(x, divisor)
 
 
 def padded_dim(dim: int) -> int:
