@@ -195,3 +195,22 @@ def query_tile(b, h, t0, head0, *, T: int, H: int, G: int, HP: int, BT: int, end
     head = head0 + head_offset
     row_ok = (token < (T if end is None else end)) & (head < G)
     return token, row_ok, (b * T + token) * (H * G) + h * G + head
+
+
+def group_tile(program, *, G: int, HP: int, H: int):
+    """A query-tile program's batch row, kv head and first query head, from its grid index over
+    `B * H * cdiv(G, HP)` (head chunks innermost)."""
+    bh, head_tile = divmod_static(program, cdiv(G, HP))
+    b, h = divmod_static(bh, H)
+    return b, h, head_tile * HP
+
+
+def row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, dk: int, dv: int, dtype=None):
+    """What a backward tile needs of its query rows: q, do (cast to `dtype` if given), the
+    base-2 lse and delta."""
+    q = load_rows(q_ref, q_row, row_ok, padded_dim(dk), dk)
+    do = load_rows(do_ref, q_row, row_ok, padded_dim(dv), dv)
+    if dtype is not None:
+        q, do = q.astype(dtype), do.astype(dtype)
+    lse2 = base2_lse(load_vector(lse_ref, q_row, row_ok, -jnp.inf))
+    return q, do, lse2, load_vector(delta_ref, q_row, row_ok, 0.0)

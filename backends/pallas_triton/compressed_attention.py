@@ -38,13 +38,6 @@ def supports(problem: NSAProblem) -> str | None:
     return common.common_decline(problem)
 
 
-def _tile(b_h_tile, G: int, HP: int, H: int):
-    """Split the second grid axis into batch row, kv head and the first head of the chunk."""
-    bh, head_tile = common.divmod_static(b_h_tile, common.cdiv(G, HP))
-    b, h = common.divmod_static(bh, H)
-    return b, h, head_tile * HP
-
-
 def _rows_view(pos_ref, first_ref, token, row_ok, BS: int):
     """Each row's visible packed blocks `[lo, hi)` (empty for masked rows and early tokens)."""
     pos = common.load_vector(pos_ref, token, row_ok)
@@ -61,7 +54,7 @@ def _block_tile(k_ref, v_ref, b, h, cols, col_ok, *, NB, H, DK, DV):
 
 def compressed_attention_fwd_kernel(q_ref, k_ref, v_ref, pos_ref, first_ref, o_ref, lse_ref, *,
                                     T, NB, H, G, HP, BT, BC, BS, DK, DV, SCALE, PRECISION):
-    b, h, head0 = _tile(pl.program_id(1), G, HP, H)
+    b, h, head0 = common.group_tile(pl.program_id(1), G=G, HP=HP, H=H)
     token, row_ok, q_row = common.query_tile(b, h, pl.program_id(0) * BT, head0, T=T, H=H, G=G, HP=HP, BT=BT)
     lo, hi = _rows_view(pos_ref, first_ref, token, row_ok, BS)
     seen = hi > lo
@@ -84,23 +77,15 @@ def compressed_attention_fwd_kernel(q_ref, k_ref, v_ref, pos_ref, first_ref, o_r
     common.store_vector(lse_ref, q_row, row_ok, lse)
 
 
-def _row_grads_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV):
-    q = common.load_rows(q_ref, q_row, row_ok, common.padded_dim(DK), DK).astype(jnp.float32)
-    do = common.load_rows(do_ref, q_row, row_ok, common.padded_dim(DV), DV).astype(jnp.float32)
-    lse2 = common.base2_lse(common.load_vector(lse_ref, q_row, row_ok, -jnp.inf))
-    delta = common.load_vector(delta_ref, q_row, row_ok, 0.0)
-    return q, do, lse2, delta
-
-
 def compressed_attention_bwd_kernel_dq(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, pos_ref, first_ref,
                                        dq_ref, *, T, NB, H, G, HP, BT, BC, BS, DK, DV, SCALE, PRECISION):
-    b, h, head0 = _tile(pl.program_id(1), G, HP, H)
+    b, h, head0 = common.group_tile(pl.program_id(1), G=G, HP=HP, H=H)
     token, row_ok, q_row = common.query_tile(b, h, pl.program_id(0) * BT, head0, T=T, H=H, G=G, HP=HP, BT=BT)
     lo, hi = _rows_view(pos_ref, first_ref, token, row_ok, BS)
     seen = hi > lo
     c_lo = jnp.min(jnp.where(seen, lo, NB))
     c_hi = jnp.max(jnp.where(seen, hi, 0))
-    q, do, lse2, delta = _row_grads_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV)
+    q, do, lse2, delta = common.row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV, jnp.float32)
     offsets = jnp.arange(BC, dtype=jnp.int32)
 
     def step(i, dq):
@@ -136,7 +121,7 @@ def compressed_attention_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, de
         token, row_ok, q_row = common.query_tile(b, h, t_lo + token_tile * BT, head_tile * HP,
                                                  T=T, H=H, G=G, HP=HP, BT=BT, end=t_hi)
         lo, hi = _rows_view(pos_ref, first_ref, token, row_ok, BS)
-        q, do, lse2, delta = _row_grads_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV)
+        q, do, lse2, delta = common.row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV, jnp.float32)
         s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
         visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
         p, ds = common.softmax_grads(s2, lse2, visible, do, v, delta, PRECISION)
