@@ -102,19 +102,18 @@ def _mean_pool_bwd(d_out, block_start, block_count, block_size: int, x_like: jax
     return d_x.reshape(x_like.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _pool(x, block_start, block_count, block_size: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _pool(x, block_start, block_count, block_size: int, x_like: jax.ShapeDtypeStruct):
     return _mean_pool_fwd(x, block_start, block_count, block_size)
 
 
-def _pool_fwd(x, block_start, block_count, block_size):
-    # The backward needs x's shape and dtype, not its values.
-    residual = (jax.ShapeDtypeStruct(x.shape, x.dtype), block_start, block_count)
-    return _mean_pool_fwd(x, block_start, block_count, block_size), residual
+def _pool_fwd(x, block_start, block_count, block_size, x_like):
+    # The backward needs x's shape and dtype (static, in `x_like`), not its values.
+    return _mean_pool_fwd(x, block_start, block_count, block_size), (block_start, block_count)
 
 
-def _pool_bwd(block_size, residuals, d_out):
-    x_like, block_start, block_count = residuals
+def _pool_bwd(block_size, x_like, residuals, d_out):
+    block_start, block_count = residuals
     return _mean_pool_bwd(d_out, block_start, block_count, block_size, x_like), None, None
 
 
@@ -130,5 +129,5 @@ def run(key, value, *, block_size: int, segments: Segments | None):
         return (jnp.zeros((key.shape[0], 0) + key.shape[2:], jnp.float32),
                 jnp.zeros((value.shape[0], 0) + value.shape[2:], jnp.float32))
     blocks = block_layout(key.shape[1], block_size, segments)
-    return (_pool(key, blocks.start, blocks.count, block_size),
-            _pool(value, blocks.start, blocks.count, block_size))
+    return tuple(_pool(x, blocks.start, blocks.count, block_size, jax.ShapeDtypeStruct(x.shape, x.dtype))
+                 for x in (key, value))
