@@ -52,22 +52,34 @@ def _block_tile(k_ref, v_ref, b, h, cols, col_ok, *, NB, H, DK, DV):
             common.load_rows(v_ref, rows, col_ok, common.padded_dim(DV), DV))
 
 
-def compressed_attention_fwd_kernel(q_ref, k_ref, v_ref, pos_ref, first_ref, o_ref, lse_ref, *,
-                                    T, NB, H, G, HP, BT, BC, BS, DK, DV, SCALE, PRECISION):
+def _query_program(pos_ref, first_ref, *, T, NB, H, G, HP, BT, BS):
+    """Forward and dq: the program's batch row and kv head, its rows, each row's visible blocks
+    `[lo, hi)`, and their union `[c_lo, c_hi)` (rows without a block left out)."""
     b, h, head0 = common.group_tile(pl.program_id(1), G=G, HP=HP, H=H)
     token, row_ok, q_row = common.query_tile(b, h, pl.program_id(0) * BT, head0, T=T, H=H, G=G, HP=HP, BT=BT)
     lo, hi = _rows_view(pos_ref, first_ref, token, row_ok, BS)
     seen = hi > lo
-    c_lo = jnp.min(jnp.where(seen, lo, NB))
-    c_hi = jnp.max(jnp.where(seen, hi, 0))
+    return b, h, row_ok, q_row, lo, hi, jnp.min(jnp.where(seen, lo, NB)), jnp.max(jnp.where(seen, hi, 0))
+
+
+def _scored_block_tile(q, k_ref, v_ref, b, h, c0, c_hi, lo, hi, *, NB, H, BC, DK, DV, SCALE, PRECISION):
+    """Blocks `[c0, c0 + BC)` (before `c_hi`): their keys and values, the rows' base-2 scores
+    and which blocks each row sees."""
+    cols = c0 + jnp.arange(BC, dtype=jnp.int32)
+    k, v = _block_tile(k_ref, v_ref, b, h, cols, cols < c_hi, NB=NB, H=H, DK=DK, DV=DV)
+    s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
+    return k, v, s2, (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+
+
+def compressed_attention_fwd_kernel(q_ref, k_ref, v_ref, pos_ref, first_ref, o_ref, lse_ref, *,
+                                    T, NB, H, G, HP, BT, BC, BS, DK, DV, SCALE, PRECISION):
+    b, h, row_ok, q_row, lo, hi, c_lo, c_hi = _query_program(pos_ref, first_ref, T=T, NB=NB, H=H, G=G, HP=HP,
+                                                             BT=BT, BS=BS)
     q = common.load_rows(q_ref, q_row, row_ok, common.padded_dim(DK), DK).astype(jnp.float32)
-    offsets = jnp.arange(BC, dtype=jnp.int32)
 
     def step(i, state):
-        cols = c_lo + i * BC + offsets
-        k, v = _block_tile(k_ref, v_ref, b, h, cols, cols < c_hi, NB=NB, H=H, DK=DK, DV=DV)
-        s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
-        visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+        _, v, s2, visible = _scored_block_tile(q, k_ref, v_ref, b, h, c_lo + i * BC, c_hi, lo, hi, NB=NB, H=H,
+                                               BC=BC, DK=DK, DV=DV, SCALE=SCALE, PRECISION=PRECISION)
         return common.softmax_step(state, s2, visible, v, PRECISION)
 
     steps = jnp.maximum(c_hi - c_lo + BC - 1, 0) // BC
@@ -79,20 +91,13 @@ def compressed_attention_fwd_kernel(q_ref, k_ref, v_ref, pos_ref, first_ref, o_r
 
 def compressed_attention_bwd_kernel_dq(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, pos_ref, first_ref,
                                        dq_ref, *, T, NB, H, G, HP, BT, BC, BS, DK, DV, SCALE, PRECISION):
-    b, h, head0 = common.group_tile(pl.program_id(1), G=G, HP=HP, H=H)
-    token, row_ok, q_row = common.query_tile(b, h, pl.program_id(0) * BT, head0, T=T, H=H, G=G, HP=HP, BT=BT)
-    lo, hi = _rows_view(pos_ref, first_ref, token, row_ok, BS)
-    seen = hi > lo
-    c_lo = jnp.min(jnp.where(seen, lo, NB))
-    c_hi = jnp.max(jnp.where(seen, hi, 0))
+    b, h, row_ok, q_row, lo, hi, c_lo, c_hi = _query_program(pos_ref, first_ref, T=T, NB=NB, H=H, G=G, HP=HP,
+                                                             BT=BT, BS=BS)
     q, do, lse2, delta = common.row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV, jnp.float32)
-    offsets = jnp.arange(BC, dtype=jnp.int32)
 
     def step(i, dq):
-        cols = c_lo + i * BC + offsets
-        k, v = _block_tile(k_ref, v_ref, b, h, cols, cols < c_hi, NB=NB, H=H, DK=DK, DV=DV)
-        s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
-        visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+        k, v, s2, visible = _scored_block_tile(q, k_ref, v_ref, b, h, c_lo + i * BC, c_hi, lo, hi, NB=NB, H=H,
+                                               BC=BC, DK=DK, DV=DV, SCALE=SCALE, PRECISION=PRECISION)
         _, ds = common.softmax_grads(s2, lse2, visible, do, v, delta, PRECISION)
         return dq + common.dot(ds, k, PRECISION)
 

@@ -61,41 +61,46 @@ def _counted_blocks(indices_ref, counts_ref, slot_row, pos, *, S, SP, BS):
     return index, keep, jnp.cumsum(counted) - 1, jnp.sum(counted)
 
 
-def _token_rows(*, T, H, G, ROWS):
-    """The program's (token, kv head, head chunk) and its query rows."""
+def _token_program(indices_ref, counts_ref, pos_ref, seq_start_ref, *, T, H, G, ROWS, S, SP, BS):
+    """Forward and dq: the program's (token, kv head, head chunk), its query rows, the token's
+    position, its sequence's first flat key row, and its counted slots (`_counted_blocks`)."""
     t = pl.program_id(0)
     bh, chunk = common.divmod_static(pl.program_id(1), common.cdiv(G, ROWS))
     b, h = common.divmod_static(bh, H)
     heads = chunk * ROWS + jnp.arange(ROWS, dtype=jnp.int32)
-    return t, b, h, heads < G, (b * T + t) * (H * G) + h * G + heads
+    q_row = (b * T + t) * (H * G) + h * G + heads
+    pos = pos_ref[t]
+    slots = _counted_blocks(indices_ref, counts_ref, (b * T + t) * H + h, pos, S=S, SP=SP, BS=BS)
+    return h, heads < G, q_row, pos, b * T + seq_start_ref[t], slots
 
 
-def _selected_keys(step, index, keep, rank, pos, first_key, *, H, h, BS, BK, SUBS):
-    """Loop step `step`: the flat key rows of its sub-tile of the selected blocks, and which of
-    them the token sees (inside the block, not after the token)."""
+def _scored_key_tile(q, k_ref, v_ref, step, slots, pos, first_key, *, H, h, DK, DV, BS, BK, SUBS, SCALE, PRECISION):
+    """Loop step `step` (SUBS steps per counted block): the keys and values of its sub-tile, the
+    base-2 scores and which keys the token sees (inside the block, not after the token)."""
+    index, keep, rank, _ = slots
     slot_step, sub = common.divmod_static(step, SUBS)
     block = jnp.sum(jnp.where(keep & (rank == slot_step), index, 0))
     in_block = sub * BK + jnp.arange(BK, dtype=jnp.int32)
     local = block * BS + in_block
-    return (first_key + local) * H + h, (in_block < BS) & (local <= pos)
+    rows, visible = (first_key + local) * H + h, (in_block < BS) & (local <= pos)
+    k = common.load_rows(k_ref, rows, visible, common.padded_dim(DK), DK)
+    v = common.load_rows(v_ref, rows, visible, common.padded_dim(DV), DV)
+    s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
+    return k, v, s2, visible[None, :]
 
 
 def selected_attention_fwd_kernel(q_ref, k_ref, v_ref, indices_ref, counts_ref, pos_ref, seq_start_ref,
                                   o_ref, lse_ref, *, T, H, G, ROWS, DK, DV, S, SP, BS, BK, SUBS, SCALE, PRECISION):
-    t, b, h, head_ok, q_row = _token_rows(T=T, H=H, G=G, ROWS=ROWS)
+    h, head_ok, q_row, pos, first_key, slots = _token_program(indices_ref, counts_ref, pos_ref, seq_start_ref, T=T,
+                                                              H=H, G=G, ROWS=ROWS, S=S, SP=SP, BS=BS)
     q = common.load_rows(q_ref, q_row, head_ok, common.padded_dim(DK), DK)
-    pos = pos_ref[t]
-    first_key = b * T + seq_start_ref[t]
-    index, keep, rank, num = _counted_blocks(indices_ref, counts_ref, (b * T + t) * H + h, pos, S=S, SP=SP, BS=BS)
 
     def step(i, state):
-        rows, visible = _selected_keys(i, index, keep, rank, pos, first_key, H=H, h=h, BS=BS, BK=BK, SUBS=SUBS)
-        k = common.load_rows(k_ref, rows, visible, common.padded_dim(DK), DK)
-        v = common.load_rows(v_ref, rows, visible, common.padded_dim(DV), DV)
-        s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
-        return common.softmax_step(state, s2, visible[None, :], v, PRECISION)
+        _, v, s2, visible = _scored_key_tile(q, k_ref, v_ref, i, slots, pos, first_key, H=H, h=h, DK=DK, DV=DV,
+                                             BS=BS, BK=BK, SUBS=SUBS, SCALE=SCALE, PRECISION=PRECISION)
+        return common.softmax_step(state, s2, visible, v, PRECISION)
 
-    state = jax.lax.fori_loop(0, num * SUBS, step, common.softmax_init(ROWS, common.padded_dim(DV)))
+    state = jax.lax.fori_loop(0, slots[3] * SUBS, step, common.softmax_init(ROWS, common.padded_dim(DV)))
     out, lse = common.softmax_finish(state)
     common.store_rows(o_ref, q_row, head_ok, out, DV)
     common.store_vector(lse_ref, q_row, head_ok, lse)
@@ -104,25 +109,18 @@ def selected_attention_fwd_kernel(q_ref, k_ref, v_ref, indices_ref, counts_ref, 
 def selected_attention_bwd_kernel_dq(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, indices_ref, counts_ref,
                                      pos_ref, seq_start_ref, dq_ref, *,
                                      T, H, G, ROWS, DK, DV, S, SP, BS, BK, SUBS, SCALE, PRECISION):
-    t, b, h, head_ok, q_row = _token_rows(T=T, H=H, G=G, ROWS=ROWS)
-    q = common.load_rows(q_ref, q_row, head_ok, common.padded_dim(DK), DK)
-    do = common.load_rows(do_ref, q_row, head_ok, common.padded_dim(DV), DV)
-    lse2 = common.base2_lse(common.load_vector(lse_ref, q_row, head_ok, -jnp.inf))
-    delta = common.load_vector(delta_ref, q_row, head_ok, 0.0)
-    pos = pos_ref[t]
-    first_key = b * T + seq_start_ref[t]
-    index, keep, rank, num = _counted_blocks(indices_ref, counts_ref, (b * T + t) * H + h, pos, S=S, SP=SP, BS=BS)
+    h, head_ok, q_row, pos, first_key, slots = _token_program(indices_ref, counts_ref, pos_ref, seq_start_ref, T=T,
+                                                              H=H, G=G, ROWS=ROWS, S=S, SP=SP, BS=BS)
+    q, do, lse2, delta = common.row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, head_ok, DK, DV)
 
     # A token with no counted block runs no step: its dq stays 0.
     def step(i, dq):
-        rows, visible = _selected_keys(i, index, keep, rank, pos, first_key, H=H, h=h, BS=BS, BK=BK, SUBS=SUBS)
-        k = common.load_rows(k_ref, rows, visible, common.padded_dim(DK), DK)
-        v = common.load_rows(v_ref, rows, visible, common.padded_dim(DV), DV)
-        s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
-        _, ds = common.softmax_grads(s2, lse2, visible[None, :], do, v, delta, PRECISION)
+        k, v, s2, visible = _scored_key_tile(q, k_ref, v_ref, i, slots, pos, first_key, H=H, h=h, DK=DK, DV=DV,
+                                             BS=BS, BK=BK, SUBS=SUBS, SCALE=SCALE, PRECISION=PRECISION)
+        _, ds = common.softmax_grads(s2, lse2, visible, do, v, delta, PRECISION)
         return dq + common.dot(ds.astype(k.dtype), k, PRECISION)
 
-    dq = jax.lax.fori_loop(0, num * SUBS, step, jnp.zeros((ROWS, common.padded_dim(DK)), jnp.float32))
+    dq = jax.lax.fori_loop(0, slots[3] * SUBS, step, jnp.zeros((ROWS, common.padded_dim(DK)), jnp.float32))
     common.store_rows(dq_ref, q_row, head_ok, dq * SCALE, DK)
 
 

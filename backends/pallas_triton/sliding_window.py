@@ -43,27 +43,39 @@ def _key_tile(k_ref, v_ref, b, h, keys, key_ok, *, T, H, DK, DV):
             common.load_rows(v_ref, rows, key_ok, common.padded_dim(DV), DV))
 
 
-def _query_span(seq_start_ref, t0, *, T, W, BT):
-    """The keys a query tile may see: row bounds grow with the token, so the tile's first token
-    bounds the span below and its last token above."""
-    return jnp.maximum(seq_start_ref[t0], t0 - W + 1), jnp.minimum(t0 + BT, T)
-
-
-def sliding_window_fwd_kernel(q_ref, k_ref, v_ref, seq_start_ref, o_ref, lse_ref, *,
-                              T, H, G, HP, BT, BK, W, DK, DV, SCALE, PRECISION):
+def _query_program(seq_start_ref, *, T, H, G, HP, BT, W):
+    """Forward and dq: the program's batch row and kv head, its rows, each row's first visible
+    key, and the keys `[lo, hi)` the tile may see (row bounds grow with the token, so the tile's
+    first token bounds the span below and its last token above)."""
     b, h, head0 = common.group_tile(pl.program_id(1), G=G, HP=HP, H=H)
     t0 = pl.program_id(0) * BT
     token, row_ok, q_row = common.query_tile(b, h, t0, head0, T=T, H=H, G=G, HP=HP, BT=BT)
     row_lo = _window_rows(seq_start_ref, token, row_ok, W)
+    return b, h, token, row_ok, q_row, row_lo, jnp.maximum(seq_start_ref[t0], t0 - W + 1), jnp.minimum(t0 + BT, T)
+
+
+def _visible(keys, key_ok, token, row_ok, row_lo):
+    return (row_ok[:, None] & key_ok[None, :] & (keys[None, :] >= row_lo[:, None])
+            & (keys[None, :] <= token[:, None]))
+
+
+def _scored_key_tile(q, k_ref, v_ref, b, h, j0, hi, token, row_ok, row_lo, *, T, H, BK, DK, DV, SCALE, PRECISION):
+    """Keys `[j0, j0 + BK)` (before `hi`): keys, values, base-2 scores and what each row sees."""
+    keys = j0 + jnp.arange(BK, dtype=jnp.int32)
+    key_ok = keys < hi
+    k, v = _key_tile(k_ref, v_ref, b, h, keys, key_ok, T=T, H=H, DK=DK, DV=DV)
+    s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
+    return k, v, s2, _visible(keys, key_ok, token, row_ok, row_lo)
+
+
+def sliding_window_fwd_kernel(q_ref, k_ref, v_ref, seq_start_ref, o_ref, lse_ref, *,
+                              T, H, G, HP, BT, BK, W, DK, DV, SCALE, PRECISION):
+    b, h, token, row_ok, q_row, row_lo, lo, hi = _query_program(seq_start_ref, T=T, H=H, G=G, HP=HP, BT=BT, W=W)
     q = common.load_rows(q_ref, q_row, row_ok, common.padded_dim(DK), DK)
-    lo, hi = _query_span(seq_start_ref, t0, T=T, W=W, BT=BT)
-    offsets = jnp.arange(BK, dtype=jnp.int32)
 
     def step(i, state):
-        keys = lo + i * BK + offsets
-        k, v = _key_tile(k_ref, v_ref, b, h, keys, keys < hi, T=T, H=H, DK=DK, DV=DV)
-        s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
-        visible = row_ok[:, None] & (keys[None, :] >= row_lo[:, None]) & (keys[None, :] <= token[:, None])
+        _, v, s2, visible = _scored_key_tile(q, k_ref, v_ref, b, h, lo + i * BK, hi, token, row_ok, row_lo, T=T,
+                                             H=H, BK=BK, DK=DK, DV=DV, SCALE=SCALE, PRECISION=PRECISION)
         return common.softmax_step(state, s2, visible, v, PRECISION)
 
     steps = jnp.maximum(hi - lo + BK - 1, 0) // BK
@@ -75,19 +87,12 @@ def sliding_window_fwd_kernel(q_ref, k_ref, v_ref, seq_start_ref, o_ref, lse_ref
 
 def sliding_window_bwd_kernel_dq(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seq_start_ref, dq_ref, *,
                                  T, H, G, HP, BT, BK, W, DK, DV, SCALE, PRECISION):
-    b, h, head0 = common.group_tile(pl.program_id(1), G=G, HP=HP, H=H)
-    t0 = pl.program_id(0) * BT
-    token, row_ok, q_row = common.query_tile(b, h, t0, head0, T=T, H=H, G=G, HP=HP, BT=BT)
-    row_lo = _window_rows(seq_start_ref, token, row_ok, W)
+    b, h, token, row_ok, q_row, row_lo, lo, hi = _query_program(seq_start_ref, T=T, H=H, G=G, HP=HP, BT=BT, W=W)
     q, do, lse2, delta = common.row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV)
-    lo, hi = _query_span(seq_start_ref, t0, T=T, W=W, BT=BT)
-    offsets = jnp.arange(BK, dtype=jnp.int32)
 
     def step(i, dq):
-        keys = lo + i * BK + offsets
-        k, v = _key_tile(k_ref, v_ref, b, h, keys, keys < hi, T=T, H=H, DK=DK, DV=DV)
-        s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
-        visible = row_ok[:, None] & (keys[None, :] >= row_lo[:, None]) & (keys[None, :] <= token[:, None])
+        k, v, s2, visible = _scored_key_tile(q, k_ref, v_ref, b, h, lo + i * BK, hi, token, row_ok, row_lo, T=T,
+                                             H=H, BK=BK, DK=DK, DV=DV, SCALE=SCALE, PRECISION=PRECISION)
         _, ds = common.softmax_grads(s2, lse2, visible, do, v, delta, PRECISION)
         return dq + common.dot(ds.astype(k.dtype), k, PRECISION)
 
@@ -115,8 +120,7 @@ def sliding_window_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
         row_lo = _window_rows(seq_start_ref, token, row_ok, W)
         q, do, lse2, delta = common.row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV)
         s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
-        visible = (row_ok[:, None] & key_ok[None, :] & (keys[None, :] >= row_lo[:, None])
-                   & (keys[None, :] <= token[:, None]))
+        visible = _visible(keys, key_ok, token, row_ok, row_lo)
         p, ds = common.softmax_grads(s2, lse2, visible, do, v, delta, PRECISION)
         return (dk + common.dot(ds.astype(q.dtype), q, PRECISION, trans_a=True),
                 dv + common.dot(p.astype(do.dtype), do, PRECISION, trans_a=True))
