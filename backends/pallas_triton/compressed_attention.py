@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ejkernel_nsa import sparsity
 from ejkernel_nsa.backends.pallas_triton import common
-from ejkernel_nsa.problem import NSAProblem, Piece, Segments, block_layout, token_layout
+from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
 PIECE = Piece.COMPRESSED_ATTENTION
 
@@ -215,15 +216,6 @@ def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo
     return (d_k.reshape((splits,) + k_cmp.shape).sum(axis=0), d_v.reshape((splits,) + v_cmp.shape).sum(axis=0))
 
 
-def block_viewers(num_tokens: int, block_size: int, segments: Segments | None):
-    """`[NB]` int32 each: the tokens `[lo, hi)` that can see each packed block, from its last
-    token to the end of its sequence (`lo >= hi` when none can)."""
-    blocks = block_layout(num_tokens, block_size, segments)
-    used = blocks.count > 0
-    lo = jnp.where(used, blocks.start + block_size - 1, num_tokens)
-    return lo.astype(jnp.int32), jnp.where(used, blocks.seq_end, 0).astype(jnp.int32)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _attend(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size: int, scale: float):
     return _fwd(query, k_cmp, v_cmp, pos, first_block, block_size, scale)
@@ -255,7 +247,7 @@ def run(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segment
         return (jnp.zeros(query.shape[:3] + (v_cmp.shape[3],), query.dtype),
                 jnp.full(query.shape[:3], -jnp.inf, jnp.float32))
     layout = token_layout(num_tokens, block_size, segments)
-    viewer_lo, viewer_hi = block_viewers(num_tokens, block_size, segments)
+    viewer_lo, viewer_hi = sparsity.block_viewers(num_tokens, block_size, segments)
     # The kernels read float32 blocks (mean_pool's output); the cast carries the gradient back.
     k_cmp, v_cmp = k_cmp.astype(jnp.float32), v_cmp.astype(jnp.float32)
     return _attend(query, k_cmp, v_cmp, layout.pos, layout.first_block, viewer_lo, viewer_hi, block_size,

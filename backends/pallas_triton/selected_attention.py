@@ -19,14 +19,15 @@ interpreted, and partial buffers keep the result deterministic).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ejkernel_nsa import sparsity
 from ejkernel_nsa.backends.pallas_triton import common
-from ejkernel_nsa.problem import NSAProblem, Piece, Segments, block_layout, token_layout
+from ejkernel_nsa.problem import NSAProblem, Piece, Segments
+from ejkernel_nsa.sparsity import SelectedBlocks
 
 PIECE = Piece.SELECTED_ATTENTION
 
@@ -200,48 +201,10 @@ def _block_config(num_tokens: int, block_size: int, head_dim: int, value_dim: in
     return dict(ROWS=rows, BK=block_tile, SUBS=block_padded // block_tile, SPLIT=split)
 
 
-class _Selection(NamedTuple):
-    """The integer inputs of the custom_vjp (no gradient): slots, quotas and the token layout."""
-
-    indices: jax.Array  # [B, T, H, S] int32
-    counts: jax.Array  # [B, T, H] int32
-    pos: jax.Array  # [T]
-    seq_start: jax.Array  # [T]
-    first_block: jax.Array  # [T]
-    block_start: jax.Array  # [NB]: first key row of each packed key block
-    block_len: jax.Array  # [NB]: its number of keys (0 for the unused tail)
-
-
-def _counted_slots(sel: _Selection, block_size: int) -> jax.Array:
-    """`[B, T, H, S]`: the rule of `_counted_blocks`, for the whole batch at once."""
-    slot = jnp.arange(sel.indices.shape[-1])
-    current = (sel.pos // block_size)[None, :, None, None]
-    valid = (slot < sel.counts[..., None]) & (sel.indices >= 0) & (sel.indices <= current)
-    same = sel.indices[..., :, None] == sel.indices[..., None, :]
-    repeat = jnp.any(same & (slot[None, :] < slot[:, None]) & valid[..., None, :], axis=-1)
-    return valid & ~repeat
-
-
-def _readers_by_key_block(sel: _Selection, block_size: int):
-    """Per (batch row, kv head): `tokens` `[B*H, T*S]`, the counted (token, slot) pairs sorted by
-    packed key block (uncounted last), and `offsets` `[B*H, NB+1]`: block n's readers are
-    `tokens[offsets[n]:offsets[n+1]]`."""
-    batch, num_tokens, num_kv_heads, num_slots = sel.indices.shape
-    num_blocks = sel.block_start.shape[0]
-    keep = _counted_slots(sel, block_size)
-    block = jnp.where(keep, sel.first_block[None, :, None, None] + sel.indices, num_blocks)
-    block = block.transpose(0, 2, 1, 3).reshape(batch * num_kv_heads, num_tokens * num_slots)
-    pair = jax.lax.broadcasted_iota(jnp.int32, block.shape, 1)
-    block, pair = jax.lax.sort((block, pair), dimension=1, is_stable=True, num_keys=1)
-    edges = jnp.arange(num_blocks + 1, dtype=jnp.int32)
-    offsets = jax.vmap(lambda row: jnp.searchsorted(row, edges, side="left"))(block)
-    return (pair // num_slots).astype(jnp.int32), offsets.astype(jnp.int32)
-
-
 # ---- one wrapper per kernel ---------------------------------------------------------------------
 
 
-def _token_launch(kernel, name, out_shape, q, k, v, sel: _Selection, *arrays, block_size, scale):
+def _token_launch(kernel, name, out_shape, q, k, v, sel: SelectedBlocks, *arrays, block_size, scale):
     batch, num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
     group = num_q_heads // num_kv_heads
@@ -256,7 +219,7 @@ def _token_launch(kernel, name, out_shape, q, k, v, sel: _Selection, *arrays, bl
       sel.indices.reshape(-1), sel.counts.reshape(-1), sel.pos, sel.seq_start)
 
 
-def _forward(q, k, v, sel: _Selection, block_size: int, scale: float):
+def _forward(q, k, v, sel: SelectedBlocks, block_size: int, scale: float):
     rows = q.size // q.shape[3]
     out, lse = _token_launch(
         selected_attention_fwd_kernel, "selected_attention_fwd",
@@ -266,7 +229,7 @@ def _forward(q, k, v, sel: _Selection, block_size: int, scale: float):
     return out.reshape(q.shape[:3] + (v.shape[3],)), lse.reshape(q.shape[:3])
 
 
-def _backward_dq(q, k, v, do, lse, delta, sel: _Selection, block_size: int, scale: float):
+def _backward_dq(q, k, v, do, lse, delta, sel: SelectedBlocks, block_size: int, scale: float):
     dq = _token_launch(
         selected_attention_bwd_kernel_dq, "selected_attention_bwd_dq",
         jax.ShapeDtypeStruct((q.size // q.shape[3], q.shape[3]), q.dtype),
@@ -275,12 +238,12 @@ def _backward_dq(q, k, v, do, lse, delta, sel: _Selection, block_size: int, scal
     return dq.reshape(q.shape)
 
 
-def _backward_dkv(q, k, v, do, lse, delta, sel: _Selection, block_size: int, scale: float):
+def _backward_dkv(q, k, v, do, lse, delta, sel: SelectedBlocks, block_size: int, scale: float):
     batch, num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
     num_blocks = sel.block_start.shape[0]
     config = _block_config(num_tokens, block_size, head_dim, value_dim, num_slots, q.dtype.itemsize)
-    tokens, offsets = _readers_by_key_block(sel, block_size)
+    tokens, offsets = sparsity.readers_by_key_block(sel, block_size)
     rows = batch * num_tokens * num_kv_heads
     split = config["SPLIT"]
     dk, dv = common.pallas_call(
@@ -302,7 +265,7 @@ def _backward_dkv(q, k, v, do, lse, delta, sel: _Selection, block_size: int, sca
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _selected_attention(q, k, v, sel: _Selection, block_size: int, scale: float):
+def _selected_attention(q, k, v, sel: SelectedBlocks, block_size: int, scale: float):
     return _forward(q, k, v, sel, block_size, scale)[0]
 
 
@@ -328,14 +291,6 @@ def run(query, key, value, block_indices, block_counts, *, block_size: int, scal
     num_kv_heads, value_dim = key.shape[2], value.shape[3]
     if num_tokens == 0 or block_indices.shape[-1] == 0:
         return jnp.zeros((batch, num_tokens, num_q_heads, value_dim), query.dtype)
-    layout = token_layout(num_tokens, block_size, segments)
-    blocks = block_layout(num_tokens, block_size, segments)
-    if isinstance(block_counts, int):
-        counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
-    else:
-        counts = jnp.asarray(block_counts, jnp.int32)
-    sel = _Selection(
-        indices=jnp.asarray(block_indices, jnp.int32), counts=counts, pos=layout.pos, seq_start=layout.seq_start,
-        first_block=layout.first_block, block_start=blocks.start, block_len=blocks.count,
-    )
+    sel = sparsity.selected_blocks(block_indices, block_counts, num_kv_heads=num_kv_heads, block_size=block_size,
+                                   segments=segments)
     return _selected_attention(query, key, value, sel, int(block_size), float(scale))
