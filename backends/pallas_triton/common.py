@@ -175,6 +175,20 @@ def base2_lse(lse):
     return jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
 
 
+def scores2(q, k, scale: float, precision):
+    """Base-2 scores `[rows, keys]`: `scale * q . k` times log2(e) (the softmax runs on exp2)."""
+    return dot(q, k, precision, trans_b=True) * (scale * LOG2E)
+
+
+def key_grads(grads, q, do, lse2, delta, k, v, visible, scale: float, precision):
+    """One query tile's contribution to a key tile's `(dk, dv)` (dk not yet scaled): the
+    softmax backward with the key tile fixed and the query rows moving."""
+    dk, dv = grads
+    p, ds = softmax_grads(scores2(q, k, scale, precision), lse2, visible, do, v, delta, precision)
+    return (dk + dot(ds.astype(q.dtype), q, precision, trans_a=True),
+            dv + dot(p.astype(do.dtype), do, precision, trans_a=True))
+
+
 def softmax_grads(s2, lse2, visible, do, v, delta, precision):
     """Probabilities and the score gradient of one key tile: `p = exp2(s2 - lse2)` where visible,
     `ds = p * (do . v - delta)` (the softmax scale not yet applied)."""

@@ -68,7 +68,7 @@ def _scored_block_tile(q, k_ref, v_ref, b, h, c0, c_hi, lo, hi, *, NB, H, BC, DK
     and which blocks each row sees."""
     cols = c0 + jnp.arange(BC, dtype=jnp.int32)
     k, v = _block_tile(k_ref, v_ref, b, h, cols, cols < c_hi, NB=NB, H=H, DK=DK, DV=DV)
-    s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
+    s2 = common.scores2(q, k, SCALE, PRECISION)
     return k, v, s2, (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
 
 
@@ -122,16 +122,13 @@ def compressed_attention_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, de
     head_tiles = common.cdiv(G, HP)
 
     def step(i, grads):
-        dk, dv = grads
         token_tile, head_tile = common.divmod_static(i, head_tiles)
         token, row_ok, q_row = common.query_tile(b, h, t_lo + token_tile * BT, head_tile * HP,
                                                  T=T, H=H, G=G, HP=HP, BT=BT, end=t_hi)
         lo, hi = _rows_view(pos_ref, first_ref, token, row_ok, BS)
         q, do, lse2, delta = common.row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV, jnp.float32)
-        s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
         visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
-        p, ds = common.softmax_grads(s2, lse2, visible, do, v, delta, PRECISION)
-        return dk + common.dot(ds, q, PRECISION, trans_a=True), dv + common.dot(p, do, PRECISION, trans_a=True)
+        return common.key_grads(grads, q, do, lse2, delta, k, v, visible, SCALE, PRECISION)
 
     steps = jnp.maximum(t_hi - t_lo + BT - 1, 0) // BT * head_tiles
     zeros = (jnp.zeros((BC, common.padded_dim(DK)), jnp.float32), jnp.zeros((BC, common.padded_dim(DV)), jnp.float32))

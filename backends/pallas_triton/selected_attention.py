@@ -86,7 +86,7 @@ def _scored_key_tile(q, k_ref, v_ref, step, slots, pos, first_key, *, H, h, DK, 
     rows, visible = (first_key + local) * H + h, (in_block < BS) & (local <= pos)
     k = common.load_rows(k_ref, rows, visible, common.padded_dim(DK), DK)
     v = common.load_rows(v_ref, rows, visible, common.padded_dim(DV), DV)
-    s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
+    s2 = common.scores2(q, k, SCALE, PRECISION)
     return k, v, s2, visible[None, :]
 
 
@@ -148,23 +148,16 @@ def selected_attention_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delt
     v = common.load_rows(v_ref, key_rows, key_ok, common.padded_dim(DV), DV)
 
     def step(chunk, grads):
-        dk, dv = grads
         # Rows are consecutive (token, query head) pairs of the list: G heads of a token, then the next.
         pair = chunk * ROWS + jnp.arange(ROWS, dtype=jnp.int32)
         row_ok = pair < pairs
         reader, head = common.divmod_static(pair, G)
         token = common.load_vector(tokens_ref, bh * (T * S) + first + reader, row_ok)
         q_row = (b * T + token) * (H * G) + h * G + head
-        q = common.load_rows(q_ref, q_row, row_ok, common.padded_dim(DK), DK)
-        do = common.load_rows(do_ref, q_row, row_ok, common.padded_dim(DV), DV)
-        lse2 = common.base2_lse(common.load_vector(lse_ref, q_row, row_ok, -jnp.inf))
-        delta = common.load_vector(delta_ref, q_row, row_ok, 0.0)
-        s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
+        q, do, lse2, delta = common.row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV)
         # The block and its readers share one sequence, so causality compares flat token rows.
         visible = row_ok[:, None] & key_ok[None, :] & (key_token[None, :] <= token[:, None])
-        p, ds = common.softmax_grads(s2, lse2, visible, do, v, delta, PRECISION)
-        return (dk + common.dot(ds.astype(q.dtype), q, PRECISION, trans_a=True),
-                dv + common.dot(p.astype(do.dtype), do, PRECISION, trans_a=True))
+        return common.key_grads(grads, q, do, lse2, delta, k, v, visible, SCALE, PRECISION)
 
     zeros = (jnp.zeros((BK, common.padded_dim(DK)), jnp.float32), jnp.zeros((BK, common.padded_dim(DV)), jnp.float32))
     dk, dv = jax.lax.fori_loop(chunk_lo, jnp.maximum(chunk_lo, chunk_hi), step, zeros)

@@ -64,7 +64,7 @@ def _scored_key_tile(q, k_ref, v_ref, b, h, j0, hi, token, row_ok, row_lo, *, T,
     keys = j0 + jnp.arange(BK, dtype=jnp.int32)
     key_ok = keys < hi
     k, v = _key_tile(k_ref, v_ref, b, h, keys, key_ok, T=T, H=H, DK=DK, DV=DV)
-    s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
+    s2 = common.scores2(q, k, SCALE, PRECISION)
     return k, v, s2, _visible(keys, key_ok, token, row_ok, row_lo)
 
 
@@ -113,17 +113,13 @@ def sliding_window_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     head_tiles = common.cdiv(G, HP)
 
     def step(i, grads):
-        dk, dv = grads
         token_tile, head_tile = common.divmod_static(i, head_tiles)
         token, row_ok, q_row = common.query_tile(b, h, k0 + token_tile * BT, head_tile * HP,
                                                  T=T, H=H, G=G, HP=HP, BT=BT, end=q_hi)
         row_lo = _window_rows(seq_start_ref, token, row_ok, W)
         q, do, lse2, delta = common.row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV)
-        s2 = common.dot(q, k, PRECISION, trans_b=True) * (SCALE * common.LOG2E)
         visible = _visible(keys, key_ok, token, row_ok, row_lo)
-        p, ds = common.softmax_grads(s2, lse2, visible, do, v, delta, PRECISION)
-        return (dk + common.dot(ds.astype(q.dtype), q, PRECISION, trans_a=True),
-                dv + common.dot(p.astype(do.dtype), do, PRECISION, trans_a=True))
+        return common.key_grads(grads, q, do, lse2, delta, k, v, visible, SCALE, PRECISION)
 
     steps = jnp.maximum(q_hi - k0 + BT - 1, 0) // BT * head_tiles
     zeros = (jnp.zeros((BK, common.padded_dim(DK)), jnp.float32), jnp.zeros((BK, common.padded_dim(DV)), jnp.float32))
