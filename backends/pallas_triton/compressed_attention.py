@@ -27,10 +27,17 @@ from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
 PIECE = Piece.COMPRESSED_ATTENTION
 
-# Rows (tokens x heads) of a query tile, and compressed blocks per step; float32 problems run
-# their dots as three tf32 passes and take narrower block tiles.
-_ROWS = 64
-_BLOCKS = {True: 16, False: 32}
+# (query rows, blocks per step, warps) per kernel, by padded head-dim class and whether the dots
+# run three tf32 passes (float32 problems, which split every operand in two): the Triton
+# backend's tiles, chosen there to compile for Hopper without spills; not yet tuned for Pallas.
+_TILES = {
+    ("fwd", 64, False): (64, 32, 8), ("fwd", 128, False): (64, 32, 4), ("fwd", 256, False): (64, 16, 8),
+    ("dq", 64, False): (64, 32, 8), ("dq", 128, False): (64, 32, 4), ("dq", 256, False): (32, 16, 4),
+    ("dkv", 64, False): (32, 32, 4), ("dkv", 128, False): (32, 32, 8), ("dkv", 256, False): (16, 16, 8),
+    ("fwd", 64, True): (64, 16, 8), ("fwd", 128, True): (16, 16, 4), ("fwd", 256, True): (16, 16, 8),
+    ("dq", 64, True): (64, 16, 8), ("dq", 128, True): (16, 16, 8), ("dq", 256, True): (16, 16, 8),
+    ("dkv", 64, True): (16, 32, 4), ("dkv", 128, True): (16, 16, 8), ("dkv", 256, True): (16, 16, 8),
+}
 _DKV_TARGET_PROGRAMS = 512
 _DKV_MIN_SPLIT_TOKENS = 256
 
@@ -144,22 +151,25 @@ def compressed_attention_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, de
 # ------------------------------------------------------------------------------------------------
 
 
-def _config(group: int, head_dim: int, value_dim: int, block_size: int, scale: float, dtype) -> dict:
-    full = jnp.dtype(dtype) == jnp.float32
-    heads = min(common.next_pow2(group), _ROWS)
-    return dict(G=group, HP=heads, BT=_ROWS // heads, BC=_BLOCKS[full], BS=block_size, DK=head_dim, DV=value_dim,
-                SCALE=float(scale), PRECISION=common.dot_precision(dtype, jnp.float32))
+def _config(stage: str, group: int, head_dim: int, value_dim: int, block_size: int, scale: float, dtype) -> dict:
+    """The static arguments of one kernel (`stage` in fwd, dq, dkv) and its warps."""
+    width = max(64, common.padded_dim(head_dim), common.padded_dim(value_dim))
+    rows, blocks, num_warps = _TILES[stage, width, jnp.dtype(dtype) == jnp.float32]
+    heads = min(common.next_pow2(group), rows)
+    return dict(G=group, HP=heads, BT=rows // heads, BC=blocks, BS=block_size, DK=head_dim, DV=value_dim,
+                SCALE=float(scale), PRECISION=common.dot_precision(dtype, jnp.float32)), num_warps
 
 
-def _launch(kernel, name, grid, out_shape, query, k_cmp, v_cmp, *arrays, block_size, scale, num_warps=4, **extra):
+def _launch(kernel, stage, grid, out_shape, query, k_cmp, v_cmp, *arrays, block_size, scale, **extra):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
-    config = _config(num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype)
+    config, num_warps = _config(stage, num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale,
+                                query.dtype)
     flat = [query.reshape(-1, head_dim), k_cmp.reshape(-1, head_dim), v_cmp.reshape(-1, value_dim)]
     flat += [a.reshape(-1, a.shape[-1]) if a.ndim == 4 else a.reshape(-1) for a in arrays]
     return common.pallas_call(
-        kernel, grid=grid(config), out_shape=out_shape, num_warps=num_warps, num_stages=2, name=name,
-        T=num_tokens, NB=num_blocks, H=num_kv_heads, **config, **extra,
+        kernel, grid=grid(config), out_shape=out_shape, num_warps=num_warps, num_stages=2,
+        name=f"compressed_attention_{stage}", T=num_tokens, NB=num_blocks, H=num_kv_heads, **config, **extra,
     )(*flat)
 
 
@@ -177,7 +187,7 @@ def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, scale: float):
     batch, num_tokens, num_q_heads, _ = query.shape
     rows = batch * num_tokens * num_q_heads
     out, lse = _launch(
-        compressed_attention_fwd_kernel, "compressed_attention_fwd", _query_grid(query, k_cmp.shape[2]),
+        compressed_attention_fwd_kernel, "fwd", _query_grid(query, k_cmp.shape[2]),
         [jax.ShapeDtypeStruct((rows, v_cmp.shape[3]), query.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32)],
         query, k_cmp, v_cmp, pos, first_block, block_size=block_size, scale=scale,
     )
@@ -186,7 +196,7 @@ def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, scale: float):
 
 def _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, scale):
     dq = _launch(
-        compressed_attention_bwd_kernel_dq, "compressed_attention_bwd_dq", _query_grid(query, k_cmp.shape[2]),
+        compressed_attention_bwd_kernel_dq, "dq", _query_grid(query, k_cmp.shape[2]),
         jax.ShapeDtypeStruct((query.size // query.shape[3], query.shape[3]), query.dtype),
         query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size=block_size, scale=scale,
     )
@@ -196,14 +206,16 @@ def _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size
 def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi, block_size, scale):
     batch, num_tokens = query.shape[:2]
     num_blocks, num_kv_heads = k_cmp.shape[1], k_cmp.shape[2]
-    block_tiles = common.cdiv(num_blocks, _BLOCKS[jnp.dtype(query.dtype) == jnp.float32])
+    config, _ = _config("dkv", query.shape[2] // num_kv_heads, query.shape[3], v_cmp.shape[3], block_size, scale,
+                        query.dtype)
+    block_tiles = common.cdiv(num_blocks, config["BC"])
     programs = block_tiles * batch * num_kv_heads
     splits = max(1, min(_DKV_TARGET_PROGRAMS // programs, common.cdiv(num_tokens, _DKV_MIN_SPLIT_TOKENS)))
     split_tokens = common.cdiv(num_tokens, splits)
     splits = common.cdiv(num_tokens, split_tokens)
     partial = splits * batch * num_blocks * num_kv_heads
     d_k, d_v = _launch(
-        compressed_attention_bwd_kernel_dkv, "compressed_attention_bwd_dkv",
+        compressed_attention_bwd_kernel_dkv, "dkv",
         lambda config: (common.cdiv(num_blocks, config["BC"]), batch * num_kv_heads, splits),
         [jax.ShapeDtypeStruct((partial, k_cmp.shape[3]), jnp.float32),
          jax.ShapeDtypeStruct((partial, v_cmp.shape[3]), jnp.float32)],

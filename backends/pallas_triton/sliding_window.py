@@ -23,8 +23,9 @@ from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
 PIECE = Piece.SLIDING_WINDOW
 
-_ROWS = 64
-# Keys per step; float32 problems run three tf32 passes per dot and take half.
+# Query rows per tile and keys per step: float32 problems run three tf32 passes per dot (every
+# operand split in two) and wide heads hold wider tiles, so both shrink (as in the Triton backend).
+_ROWS = {"narrow": 64, "wide_float32": 16}
 _KEYS = {True: 32, False: 64}
 
 
@@ -136,10 +137,12 @@ def sliding_window_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
 
 def _config(query, key, value, window: int, scale: float) -> dict:
     group = query.shape[2] // key.shape[2]
-    heads = min(common.next_pow2(group), _ROWS)
     full = jnp.dtype(query.dtype) == jnp.float32
-    keys = _KEYS[full] if common.padded_dim(max(query.shape[3], value.shape[3])) <= 128 else 32
-    return dict(T=query.shape[1], H=key.shape[2], G=group, HP=heads, BT=_ROWS // heads, BK=keys, W=window,
+    wide = common.padded_dim(max(query.shape[3], value.shape[3])) > 128
+    rows = _ROWS["wide_float32" if full and wide else "narrow"]
+    heads = min(common.next_pow2(group), rows)
+    keys = 32 if wide else _KEYS[full]
+    return dict(T=query.shape[1], H=key.shape[2], G=group, HP=heads, BT=rows // heads, BK=keys, W=window,
                 DK=query.shape[3], DV=value.shape[3], SCALE=float(scale),
                 PRECISION=common.dot_precision(query.dtype, query.dtype))
 
