@@ -26,6 +26,8 @@ def availability() -> str | None:
 
 
 def interpreted() -> bool:
+    """The kernels run in the Pallas interpreter: interpret mode asked for, and no GPU here
+    (read at trace time, so `config.interpret_mode()` applies; the kernels' `interpret=` flag)."""
     return config.interpret_enabled() and gpu_failure() is not None
 
 

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ejkernel_nsa import config
-from ejkernel_nsa.registry.toolchain import gpu_failure
+from ejkernel_nsa.backends.pallas_triton import interpreted
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -33,11 +32,6 @@ LN2 = 0.6931471805599453
 # jax 0.11 deprecates the Pallas Triton lowering (it still works); the warning is raised while
 # lowering, inside the user's jit, so it is filtered once here, by its exact text.
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning)
-
-
-def interpreted() -> bool:
-    """Kernels run in the Pallas interpreter: interpret mode asked for, and no GPU here."""
-    return config.interpret_enabled() and gpu_failure() is not None
 
 
 def next_pow2(n: int) -> int:
