@@ -3,7 +3,7 @@ EJKERNEL_NSA_INTERPRET=1 on a machine without one, through Triton's interpreter.
 up to 32 here, past what the peers' kernels accept in either direction."""
 
 import pytest
-from backend_suite import BackendSuite
+from backend_suite import MODEL_HEAD_DIMS, BackendSuite, check_model_sized_heads
 from conftest import has_gpu
 
 import ejkernel_nsa as nsa
@@ -56,48 +56,9 @@ def test_importing_jax_triton_keeps_the_users_triton_cache_dir(monkeypatch, user
     assert os.environ.get("TRITON_CACHE_DIR") == user_setting
 
 
-HEAD_DIMS = [(64, 64), (128, 128), (192, 128)]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("head_dim, value_dim", HEAD_DIMS, ids=[f"{k}-{v}" for k, v in HEAD_DIMS])
+@pytest.mark.parametrize("head_dim, value_dim", MODEL_HEAD_DIMS, ids=[f"{k}-{v}" for k, v in MODEL_HEAD_DIMS])
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 8, 16, 32])
 def test_model_sized_heads_match_oracle_and_xla(group, head_dim, value_dim, dtype):
-    """The head dims models use, which the hypothesis suite (small dims, for the oracle's sake)
-    does not draw: values and gradients against the oracle, values against the XLA backend."""
-    import dataclasses
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import oracle
-    from backend_suite import fixed_case, jitted_nsa
-    from cases import TOLERANCES, assert_close, make_inputs, oracle_kwargs, well_separated_heads
-
-    case = dataclasses.replace(
-        fixed_case(seq_len=333, group=group, window_size=48, cu_seqlens=(0, 100, 333) if group % 2 else None),
-        kv_heads=1, head_dim=head_dim, value_dim=value_dim, block_size=32, num_slots=4, dtype=dtype,
-        per_token_counts=group % 4 == 1,
-    )
-    args = make_inputs(case)
-    out_tol, grad_tol = TOLERANCES[dtype]
-    expected = oracle.nsa_forward(**oracle_kwargs(args))
-    keep = well_separated_heads(expected, args, case)
-    triton_fn, arrays = jitted_nsa(args, "triton")
-    xla_fn, _ = jitted_nsa(args, "xla")
-    out = np.asarray(triton_fn(**arrays), np.float64)
-    assert_close("output vs oracle", out[keep], expected["o"][keep], out_tol)
-    assert_close("output vs xla", out[keep], np.asarray(xla_fn(**arrays), np.float64)[keep], out_tol)
-
-    shared = dict(args, block_indices=expected["block_indices"].astype(np.int32))
-    fn, arrays = jitted_nsa(shared, "triton")
-    d_out = np.random.default_rng(group).standard_normal(out.shape)
-    wrt = ("query", "key", "value", "g_cmp", "g_slc", "g_swa")
-    grads = jax.grad(
-        lambda *xs: jnp.sum(fn(**dict(arrays, **dict(zip(wrt, xs)))).astype(jnp.float32) * d_out.astype(np.float32)),
-        argnums=tuple(range(len(wrt))),
-    )(*(arrays[n] for n in wrt))
-    reference = oracle.nsa_vjp(d_out=d_out, **oracle_kwargs(shared))
-    for name, grad in zip(wrt, grads):
-        assert_close(f"d{name}", grad, reference[name], grad_tol)
+    check_model_sized_heads("triton", group, head_dim, value_dim, dtype)

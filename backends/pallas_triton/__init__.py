@@ -1,11 +1,21 @@
 """Pallas kernels lowered through Triton (NVIDIA GPUs; CPU in interpret mode).
 
-The kernels themselves are not written yet; until they are, this backend registers no piece.
+Each piece lives in its own module (`compression`, `compressed_attention`, `selection`,
+`selected_attention`, `sliding_window`) with its kernels (`pl.pallas_call`), its `custom_vjp`
+and the cases it declines; `common` holds what they share. Interpret mode: with
+`EJKERNEL_NSA_INTERPRET=1` (or inside `ejkernel_nsa.config.interpret_mode()`) on a machine without
+a GPU, the kernels run in the Pallas interpreter (`interpret=True`); the registry then uses them
+only when forced, never by automatic choice. See docs/pallas.md.
 """
 
 from ejkernel_nsa import config
-from ejkernel_nsa.registry import Backend, register_backend
+from ejkernel_nsa.problem import NSAProblem
+from ejkernel_nsa.registry import Backend, register, register_backend
 from ejkernel_nsa.registry.toolchain import gpu_failure, import_failure
+
+NAME = "pallas_triton"
+# Below the Triton backend (20), above the XLA fallback (0).
+PRIORITY = 10
 
 
 def availability() -> str | None:
@@ -16,7 +26,30 @@ def availability() -> str | None:
 
 
 def interpreted() -> bool:
+    """The kernels run in the Pallas interpreter: interpret mode asked for, and no GPU here
+    (read at trace time, so `config.interpret_mode()` applies; the kernels' `interpret=` flag)."""
     return config.interpret_enabled() and gpu_failure() is not None
 
 
-register_backend(Backend("pallas_triton", "Pallas, Triton lowering (NVIDIA GPU)", availability, interpreted))
+register_backend(Backend(NAME, "Pallas, Triton lowering (NVIDIA GPU)", availability, interpreted))
+
+
+def _on_cpu_only_interpreted(problem: NSAProblem) -> str | None:
+    if problem.platform == "cpu" and not interpreted():
+        return "inputs on the CPU run only in interpret mode (EJKERNEL_NSA_INTERPRET=1, no GPU)"
+    return None
+
+
+def _register_pieces() -> None:
+    import importlib
+
+    for module_name in ("compression", "compressed_attention", "selection", "selected_attention", "sliding_window"):
+        module = importlib.import_module(f"ejkernel_nsa.backends.pallas_triton.{module_name}")
+        # Interpret mode is decided per call (config.interpret_mode() may switch it), so the CPU
+        # platform is listed and checked in `supports`.
+        register(module.PIECE, backend=NAME, platforms=("gpu", "cpu"), priority=PRIORITY,
+                 supports=lambda problem, module=module: _on_cpu_only_interpreted(problem) or module.supports(problem),
+                 )(module.run)
+
+
+_register_pieces()

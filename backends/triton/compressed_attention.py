@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from ejkernel_nsa import sparsity
 from ejkernel_nsa.backends.triton import launch
-from ejkernel_nsa.problem import NSAProblem, Piece, Segments, block_layout, token_layout
+from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
 PIECE = Piece.COMPRESSED_ATTENTION
 
@@ -374,16 +375,6 @@ def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo
     return d_k.sum(axis=0), d_v.sum(axis=0)
 
 
-def block_viewers(num_tokens: int, block_size: int, segments: Segments | None) -> tuple[jax.Array, jax.Array]:
-    """`[NB]` int32 each: the tokens `[lo, hi)` that can see each packed compressed block, from
-    the block's last token to the end of its sequence (`lo >= hi` when none can)."""
-    blocks = block_layout(num_tokens, block_size, segments)
-    used = blocks.count > 0
-    # A block becomes visible at its last token, if it is complete.
-    lo = jnp.where(used, blocks.start + block_size - 1, num_tokens)
-    return lo.astype(jnp.int32), jnp.where(used, blocks.seq_end, 0).astype(jnp.int32)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _attend(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size: int, scale: float):
     return _fwd(query, k_cmp, v_cmp, pos, first_block, block_size, scale)
@@ -411,7 +402,7 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 def run(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segments | None):
     num_tokens = query.shape[1]
     layout = token_layout(num_tokens, block_size, segments)
-    viewer_lo, viewer_hi = block_viewers(num_tokens, block_size, segments)
+    viewer_lo, viewer_hi = sparsity.block_viewers(num_tokens, block_size, segments)
     # The kernels read float32 blocks (mean_pool's output); a cast here carries the gradient back.
     k_cmp, v_cmp = k_cmp.astype(jnp.float32), v_cmp.astype(jnp.float32)
     return _attend(query, k_cmp, v_cmp, layout.pos, layout.first_block, viewer_lo, viewer_hi, block_size, float(scale))

@@ -24,9 +24,11 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from ejkernel_nsa import sparsity
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.backends.triton.launch import CompileSpec, cdiv, next_pow2, pointer
-from ejkernel_nsa.problem import NSAProblem, Piece, Segments, block_layout, token_layout
+from ejkernel_nsa.problem import NSAProblem, Piece, Segments
+from ejkernel_nsa.sparsity import SelectedBlocks
 
 PIECE = Piece.SELECTED_ATTENTION
 
@@ -326,53 +328,10 @@ def _block_config(num_tokens: int, block_size: int, head_dim: int, value_dim: in
     )
 
 
-# ---- per-call bookkeeping in jnp -----------------------------------------------------------------
-
-
-class _Selection(NamedTuple):
-    """The integer inputs of the custom_vjp (no gradient): slots, quotas and the token layout."""
-
-    indices: jax.Array  # [B, T, H, S] int32
-    counts: jax.Array  # [B, T, H] int32
-    pos: jax.Array  # [T]
-    seq_start: jax.Array  # [T]
-    first_block: jax.Array  # [T]
-    block_start: jax.Array  # [NB]: first key row of each packed key block
-    block_len: jax.Array  # [NB]: its number of keys (0 for the unused tail)
-
-
-def _counted_slots(sel: _Selection, block_size: int) -> jax.Array:
-    """`[B, T, H, S]`: the same rule as `_counted_blocks`, for the whole batch at once."""
-    slot = jnp.arange(sel.indices.shape[-1])
-    current = (sel.pos // block_size)[None, :, None, None]
-    valid = (slot < sel.counts[..., None]) & (sel.indices >= 0) & (sel.indices <= current)
-    same = sel.indices[..., :, None] == sel.indices[..., None, :]
-    repeat = jnp.any(same & (slot[None, :] < slot[:, None]) & valid[..., None, :], axis=-1)
-    return valid & ~repeat
-
-
-def _readers_by_key_block(sel: _Selection, block_size: int):
-    """Per (batch row, kv head): the tokens that read each key block, grouped by block.
-
-    Returns `tokens` `[B*H, T*S]` (the counted (token, slot) pairs sorted by packed key block,
-    tokens ascending within a block, uncounted pairs last) and `offsets` `[B*H, NB+1]`: block n's
-    readers are `tokens[offsets[n]:offsets[n+1]]`."""
-    batch, num_tokens, num_kv_heads, num_slots = sel.indices.shape
-    num_blocks = sel.block_start.shape[0]
-    keep = _counted_slots(sel, block_size)
-    block = jnp.where(keep, sel.first_block[None, :, None, None] + sel.indices, num_blocks)
-    block = block.transpose(0, 2, 1, 3).reshape(batch * num_kv_heads, num_tokens * num_slots)
-    pair = jax.lax.broadcasted_iota(jnp.int32, block.shape, 1)
-    block, pair = jax.lax.sort((block, pair), dimension=1, is_stable=True, num_keys=1)
-    edges = jnp.arange(num_blocks + 1, dtype=jnp.int32)
-    offsets = jax.vmap(lambda row: jnp.searchsorted(row, edges, side="left"))(block)
-    return pair // num_slots, offsets.astype(jnp.int32)
-
-
 # ---- one Python wrapper per kernel ---------------------------------------------------------------
 
 
-def _forward(q, k, v, sel: _Selection, block_size: int, scale: float):
+def _forward(q, k, v, sel: SelectedBlocks, block_size: int, scale: float):
     batch, num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
     group = num_q_heads // num_kv_heads
@@ -401,7 +360,7 @@ def _token_constexprs(cfg: _TokenConfig, num_kv_heads, group, head_dim, value_di
     )
 
 
-def _backward_dq(q, k, v, o, do, lse, sel: _Selection, block_size: int, scale: float):
+def _backward_dq(q, k, v, o, do, lse, sel: SelectedBlocks, block_size: int, scale: float):
     batch, num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
     group = num_q_heads // num_kv_heads
@@ -419,12 +378,12 @@ def _backward_dq(q, k, v, o, do, lse, sel: _Selection, block_size: int, scale: f
     )
 
 
-def _backward_dkv(q, k, v, do, lse, delta, sel: _Selection, block_size: int, scale: float):
+def _backward_dkv(q, k, v, do, lse, delta, sel: SelectedBlocks, block_size: int, scale: float):
     batch, num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
     num_blocks = sel.block_start.shape[0]
     cfg = _block_config(num_tokens, block_size, head_dim, value_dim, num_slots, q.dtype.itemsize)
-    tokens, offsets = _readers_by_key_block(sel, block_size)
+    tokens, offsets = sparsity.readers_by_key_block(sel, block_size)
     # Split parts add into float32; a lone part writes the key dtype directly.
     acc_k, acc_v = (jnp.float32, jnp.float32) if cfg.split > 1 else (k.dtype, v.dtype)
     dk, dv = launch.triton_call(
@@ -452,7 +411,7 @@ def _dkv_constexprs(cfg: _BlockConfig, num_kv_heads, group, num_slots, head_dim,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _selected_attention(q, k, v, sel: _Selection, block_size: int, scale: float):
+def _selected_attention(q, k, v, sel: SelectedBlocks, block_size: int, scale: float):
     return _forward(q, k, v, sel, block_size, scale)[0]
 
 
@@ -478,17 +437,8 @@ def run(query, key, value, block_indices, block_counts, *, block_size: int, scal
     num_slots = block_indices.shape[-1]
     if num_tokens == 0 or num_slots == 0:
         return jnp.zeros((batch, num_tokens, num_q_heads, value_dim), query.dtype)
-    layout = token_layout(num_tokens, block_size, segments)
-    blocks = block_layout(num_tokens, block_size, segments)
-    block_start, block_len = blocks.start, blocks.count
-    if isinstance(block_counts, int):
-        counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
-    else:
-        counts = jnp.asarray(block_counts, jnp.int32)
-    sel = _Selection(
-        indices=jnp.asarray(block_indices, jnp.int32), counts=counts, pos=layout.pos, seq_start=layout.seq_start,
-        first_block=layout.first_block, block_start=block_start, block_len=block_len,
-    )
+    sel = sparsity.selected_blocks(block_indices, block_counts, num_kv_heads=num_kv_heads, block_size=block_size,
+                                   segments=segments)
     return _selected_attention(query, key, value, sel, int(block_size), float(scale))
 
 

@@ -1,0 +1,83 @@
+"""Which keys each token reads, turned around: the bookkeeping that the kernel backends' backward
+passes share, in plain `jnp` with static shapes (jit-safe, traced `cu_seqlens` included).
+
+- `SelectedBlocks`: a selection with its quotas and the token and block layouts, the integer
+  (non-differentiable) input of a selected-attention `custom_vjp`;
+- `counted_slots`: which slots of a selection count (SPEC section 4);
+- `readers_by_key_block`: the selection inverted, the tokens that read each key block;
+- `block_viewers`: the tokens that can see each compressed block (SPEC section 2).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ejkernel_nsa.problem import Segments, block_layout, token_layout
+
+
+class SelectedBlocks(NamedTuple):
+    indices: jax.Array  # [B, T, H, S] int32, local block indices
+    counts: jax.Array  # [B, T, H] int32, the quota n
+    pos: jax.Array  # [T]: each token's position in its sequence
+    seq_start: jax.Array  # [T]: its sequence's first token
+    first_block: jax.Array  # [T]: its sequence's first block on the packed axis
+    block_start: jax.Array  # [NB]: first key row of each packed key block
+    block_len: jax.Array  # [NB]: its number of keys (0 for the unused tail)
+
+
+def counted_slots(sel: SelectedBlocks, block_size: int) -> jax.Array:
+    """`[B, T, H, S]`: a slot counts when it is within the quota, names a block in `[0, IC]`,
+    and no earlier slot names the same block."""
+    slot = jnp.arange(sel.indices.shape[-1])
+    current = (sel.pos // block_size)[None, :, None, None]
+    valid = (slot < sel.counts[..., None]) & (sel.indices >= 0) & (sel.indices <= current)
+    same = sel.indices[..., :, None] == sel.indices[..., None, :]
+    repeat = jnp.any(same & (slot[None, :] < slot[:, None]) & valid[..., None, :], axis=-1)
+    return valid & ~repeat
+
+
+def readers_by_key_block(sel: SelectedBlocks, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """Per (batch row, kv head): the tokens that read each key block, grouped by block.
+
+    Returns `tokens` `[B*H, T*S]` (the counted (token, slot) pairs sorted by packed key block,
+    tokens ascending within a block, uncounted pairs last) and `offsets` `[B*H, NB+1]`: block n's
+    readers are `tokens[offsets[n]:offsets[n+1]]`."""
+    batch, num_tokens, num_kv_heads, num_slots = sel.indices.shape
+    num_blocks = sel.block_start.shape[0]
+    keep = counted_slots(sel, block_size)
+    block = jnp.where(keep, sel.first_block[None, :, None, None] + sel.indices, num_blocks)
+    block = block.transpose(0, 2, 1, 3).reshape(batch * num_kv_heads, num_tokens * num_slots)
+    pair = jax.lax.broadcasted_iota(jnp.int32, block.shape, 1)
+    block, pair = jax.lax.sort((block, pair), dimension=1, is_stable=True, num_keys=1)
+    edges = jnp.arange(num_blocks + 1, dtype=jnp.int32)
+    offsets = jax.vmap(lambda row: jnp.searchsorted(row, edges, side="left"))(block)
+    return (pair // num_slots).astype(jnp.int32), offsets.astype(jnp.int32)
+
+
+def block_viewers(num_tokens: int, block_size: int, segments: Segments | None) -> tuple[jax.Array, jax.Array]:
+    """`[NB]` int32 each: the tokens `[lo, hi)` that can see each packed compressed block, from
+    the block's last token to the end of its sequence (`lo >= hi` when none can)."""
+    blocks = block_layout(num_tokens, block_size, segments)
+    used = blocks.count > 0
+    # A block becomes visible at its last token, if it is complete.
+    lo = jnp.where(used, blocks.start + block_size - 1, num_tokens)
+    return lo.astype(jnp.int32), jnp.where(used, blocks.seq_end, 0).astype(jnp.int32)
+
+
+def selected_blocks(block_indices, block_counts, *, num_kv_heads: int, block_size: int,
+                    segments: Segments | None) -> SelectedBlocks:
+    """A selected-attention call's integer inputs: `block_counts` an int or `[B, T, H]`."""
+    batch, num_tokens = block_indices.shape[:2]
+    layout = token_layout(num_tokens, block_size, segments)
+    blocks = block_layout(num_tokens, block_size, segments)
+    if isinstance(block_counts, int):
+        counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
+    else:
+        counts = jnp.asarray(block_counts, jnp.int32)
+    return SelectedBlocks(
+        indices=jnp.asarray(block_indices, jnp.int32), counts=counts, pos=layout.pos, seq_start=layout.seq_start,
+        first_block=layout.first_block, block_start=blocks.start, block_len=blocks.count,
+    )
