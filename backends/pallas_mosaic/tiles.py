@@ -1,0 +1,212 @@
+"""Row tiles, shared-memory layouts and the kernel launch shared by the Mosaic GPU pieces.
+
+A wgmma needs 64 rows (one warpgroup). NSA queries come as `[B, T, G*H, D]` with small groups
+(G = 1..16 is common), so a tile's 64 rows are `BT = 64 // GC` consecutive tokens times `GC`
+query heads of one kv head (`GC = min(G, 64)`; larger groups are split into `NHC` head chunks).
+`pack_rows` lays the query (or its cotangent) out as `[B, H * NHC, NT * 64, D]`, so one tile is
+one contiguous `[64, D]` TMA box; padding rows (the group padded to `BT * GC <= 64`, and the last
+tile's missing tokens) have position -1 and see nothing.
+
+Head dims are zero-padded to what a swizzled wgmma operand needs (16, 32, 64 or a multiple of
+64 elements): zero columns change no dot product, and padded output columns are sliced off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from ejkernel_nsa import config
+from ejkernel_nsa.problem import NSAProblem, TokenLayout
+from ejkernel_nsa.registry.toolchain import gpu_failure
+
+ROWS = 64  # one warpgroup's wgmma M
+LOG2E = 1.4426950408889634
+DTYPES = ("bfloat16", "float16")
+
+
+def interpreted() -> bool:
+    return config.interpret_enabled() and gpu_failure((9, 0)) is not None
+
+
+def common_decline(problem: NSAProblem) -> str | None:
+    """The cases no Mosaic piece runs: float32 (wgmma would round it to tf32) and big heads."""
+    if problem.dtype not in DTYPES:
+        return (f"dtype {problem.dtype}: the Mosaic kernels run wgmma on 16-bit operands only "
+                f"(float32 operands would run as tf32, outside the float32 tolerance 1e-4); "
+                f"supported: {', '.join(DTYPES)}")
+    for name, dim in (("head_dim", problem.head_dim), ("value_dim", problem.value_dim)):
+        if padded_dim(dim) > 256:
+            return f"{name} {dim} > 256 (a [64, D] tile per operand must fit in shared memory)"
+    if problem.block_size < 16 or problem.block_size > 128 or problem.block_size & (problem.block_size - 1):
+        return f"block_size {problem.block_size}: the Mosaic kernels take powers of two in 16..128"
+    return None
+
+
+def padded_dim(dim: int) -> int:
+    """Smallest width >= dim that a 16-bit swizzled wgmma operand takes: 16, 32, 64 or k*64."""
+    for width in (16, 32, 64):
+        if dim <= width:
+            return width
+    return -(-dim // 64) * 64
+
+
+def smem(shape, dtype):
+    """A shared-memory tile with the (8, swizzle) tiling and swizzle wgmma operands require."""
+    minor = shape[-1] * jnp.dtype(dtype).itemsize
+    swizzle = next(s for s in (128, 64, 32) if minor % s == 0)
+    elems = swizzle // jnp.dtype(dtype).itemsize
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)))
+
+
+def pad_axis(x, axis, size, value=0):
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowTiling:
+    """How `(token, query head)` rows of one kv head fill 64-row tiles."""
+
+    num_tokens: int
+    num_kv_heads: int
+    group: int
+
+    @property
+    def heads_per_chunk(self) -> int:  # GC
+        return min(self.group, ROWS)
+
+    @property
+    def head_chunks(self) -> int:  # NHC
+        return -(-self.group // self.heads_per_chunk)
+
+    @property
+    def tokens_per_tile(self) -> int:  # BT
+        return ROWS // self.heads_per_chunk
+
+    @property
+    def num_tiles(self) -> int:  # NT
+        return -(-self.num_tokens // self.tokens_per_tile)
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_tiles * ROWS
+
+    def pack(self, x, width: int):
+        """`[B, T, G*H, D]` -> `[B, H*NHC, NT*64, width]` (zero padding)."""
+        B, T, _, D = x.shape
+        GC, NHC, BT = self.heads_per_chunk, self.head_chunks, self.tokens_per_tile
+        x = x.reshape(B, T, self.num_kv_heads, self.group, D)
+        x = pad_axis(pad_axis(x, 3, NHC * GC), 4, width)
+        x = x.reshape(B, T, self.num_kv_heads, NHC, GC, width).transpose(0, 2, 3, 1, 4, 5)
+        x = pad_axis(x, 3, self.num_tiles * BT).reshape(B, self.num_kv_heads * NHC, self.num_tiles, BT * GC, width)
+        return pad_axis(x, 3, ROWS).reshape(B, self.num_kv_heads * NHC, self.num_rows, width)
+
+    def unpack(self, x, dim: int):
+        """Inverse of `pack`: `[B, H*NHC, NT*64, W]` -> `[B, T, G*H, dim]`."""
+        B, W = x.shape[0], x.shape[-1]
+        GC, NHC, BT = self.heads_per_chunk, self.head_chunks, self.tokens_per_tile
+        x = x.reshape(B, self.num_kv_heads, NHC, self.num_tiles, ROWS, W)[:, :, :, :, : BT * GC]
+        x = x.reshape(B, self.num_kv_heads, NHC, self.num_tiles * BT, GC, W)[:, :, :, : self.num_tokens]
+        x = x.transpose(0, 3, 1, 2, 4, 5).reshape(B, self.num_tokens, self.num_kv_heads, NHC * GC, W)
+        return x[:, :, :, : self.group, :dim].reshape(B, self.num_tokens, self.num_kv_heads * self.group, dim)
+
+    def pack_scalar(self, x):
+        """`[B, T, G*H]` -> `[B, H*NHC, NT*64]`."""
+        return self.pack(x[..., None], 1)[..., 0]
+
+    def unpack_scalar(self, x):
+        return self.unpack(x[..., None], 1)[..., 0]
+
+    def row_token(self):
+        """`[NT*64]` int32: the token of each row, -1 for padding rows (same for every head chunk)."""
+        rows = jnp.arange(ROWS, dtype=jnp.int32)
+        tiles = jnp.arange(self.num_tiles, dtype=jnp.int32)[:, None]
+        GC, BT = self.heads_per_chunk, self.tokens_per_tile
+        token = tiles * BT + rows[None, :] // GC
+        valid = (rows[None, :] < BT * GC) & (token < self.num_tokens)
+        return jnp.where(valid, token, -1).reshape(-1)
+
+    def per_row(self, per_token, fill):
+        """A `[T]` per-token array spread over the rows, `fill` on padding rows."""
+        token = self.row_token()
+        return jnp.where(token >= 0, per_token[jnp.maximum(token, 0)], fill).astype(jnp.int32)
+
+    def row_meta(self, layout: TokenLayout):
+        """`[NT, 4, 64]` int32 per tile: token index, position, sequence start, first block.
+        Padding rows get position -1 (they see nothing) and token -1."""
+        rows = jnp.stack([
+            self.row_token(),
+            self.per_row(layout.pos, -1),
+            self.per_row(layout.seq_start, 0),
+            self.per_row(layout.first_block, 0),
+        ])
+        return rows.reshape(4, self.num_tiles, ROWS).transpose(1, 0, 2)
+
+
+META_TOKEN, META_POS, META_SEQ_START, META_FIRST_BLOCK = range(4)
+
+
+def kernel(body, *, out_type, grid, grid_names, scratch_types, name):
+    """`plgpu.kernel` with this backend's interpret switch: on CPU (EJKERNEL_NSA_INTERPRET=1) the
+    kernel runs in Mosaic GPU's interpreter, on a Hopper GPU it is compiled."""
+    params = dict(out_type=out_type, grid=grid, grid_names=grid_names, scratch_types=scratch_types)
+    if interpreted():
+        params["interpret"] = plgpu.InterpretGPUParams()
+    else:
+        params["compiler_params"] = plgpu.CompilerParams(approx_math=False)
+    body.__name__ = name
+    return plgpu.kernel(body, **params)
+
+
+def load_rows(ref):
+    """A `[64]` per-row vector from shared memory, laid out to broadcast along a wgmma row."""
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+
+def load_cols(ref):
+    """A `[64]` per-row vector laid out to broadcast along a wgmma column (transposed tiles)."""
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+
+
+def iota(shape, dim):
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def rows(vector, shape):
+    return jax.lax.broadcast_in_dim(vector, shape, [0])
+
+
+def cols(vector, shape):
+    return jax.lax.broadcast_in_dim(vector, shape, [1])
+
+
+def matmul(a_smem, b_smem, shape):
+    """`a @ b` into a fresh float32 accumulator. The interpreter has no `run_state`, so products
+    are accumulated in registers by the caller instead of with `ACC.init`."""
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a_smem, b_smem)
+        return acc_ref[...]
+
+    return jax.experimental.pallas.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def zeros(shape):
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def log2(x):
+    return math.log2(x)
