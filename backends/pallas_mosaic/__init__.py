@@ -19,7 +19,7 @@ from ejkernel_nsa.registry.toolchain import gpu_failure, import_failure
 NAME = "pallas_mosaic"
 # Below the Triton kernels (20), above the XLA fallback (0).
 PRIORITY = 15
-MODULES = ("compressed_attention", "selected_attention")
+MODULES = ("compressed_attention", "selection", "selected_attention")
 
 
 def availability() -> str | None:
