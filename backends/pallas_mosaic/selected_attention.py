@@ -37,7 +37,8 @@ MAX_UNION = 4096
 
 
 def supports(problem: NSAProblem) -> str | None:
-    reason = tiles.common_decline(problem)
+    # float32 runs as two bfloat16 parts per operand (`tiles.split`).
+    reason = tiles.common_decline(problem, float32=True)
     if reason is not None:
         return reason
     tokens = tiles.ROWS // min(problem.group_size, tiles.ROWS)
@@ -59,6 +60,16 @@ class Shape:
     value_dim: int
     union: int  # entries of a tile's union array: 1 (the count) + BT * S, padded to 64
     num_key_blocks: int
+    dtype: str
+
+    @property
+    def operand(self):
+        return tiles.operand_dtype(self.dtype)
+
+    @property
+    def parts(self) -> int:
+        """16-bit terms per operand: 2 for float32 problems (`tiles.split`), else 1."""
+        return 1 if jnp.dtype(self.dtype) == self.operand else 2
 
     @property
     def key_rows(self) -> int:  # KT
@@ -80,8 +91,9 @@ def _common_tile_inputs(b, h, hn, tile, refs, smems, bars, first_bar):
         plgpu.barrier_wait(bars.at[first_bar + n])
 
 
-def _fwd_kernel(dtype, shape: Shape):
+def _fwd_kernel(shape: Shape):
     BS, S, dk, dv, NHC = shape.block_size, shape.num_slots, shape.dk, shape.dv, shape.tiling.head_chunks
+    ot, P = shape.operand, shape.parts
     tile_shape = (ROWS, BS)
 
     def body(q_ref, k_ref, v_ref, meta_ref, union_ref, sel_ref, o_ref, lse_ref,
@@ -92,17 +104,17 @@ def _fwd_kernel(dtype, shape: Shape):
         h = hn // NHC
         rows = pl.ds(tile * ROWS, ROWS)
         _common_tile_inputs(b, h, hn, tile,
-                            [q_ref.at[b, hn, rows], meta_ref.at[tile], union_ref.at[b, h, tile], sel_ref.at[b, h, tile]],
+                            [q_ref.at[b, hn, :, rows], meta_ref.at[tile], union_ref.at[b, h, tile], sel_ref.at[b, h, tile]],
                             [q_smem, meta_smem, union_smem, sel_smem], bars, 0)
         token = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_TOKEN]), tile_shape)
 
         def step(i, carry):
             acc, m, l = carry
             start = union_smem[1 + i]
-            plgpu.copy_gmem_to_smem(k_ref.at[b, h, pl.ds(start, BS)], k_smem, bars.at[4])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, h, pl.ds(start, BS)], v_smem, bars.at[5])
+            plgpu.copy_gmem_to_smem(k_ref.at[b, h, :, pl.ds(start, BS)], k_smem, bars.at[4])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, h, :, pl.ds(start, BS)], v_smem, bars.at[5])
             plgpu.barrier_wait(bars.at[4])
-            s = tiles.matmul(q_smem, k_smem.T, tile_shape) * (shape.scale * LOG2E)
+            s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
             keys = tiles.iota(tile_shape, 1) + start
             visible = tiles.rows(_member(sel_smem, start, tiles.load_rows, S), tile_shape) & (keys <= token)
             s = jnp.where(visible, s, -jnp.inf)
@@ -111,10 +123,9 @@ def _fwd_kernel(dtype, shape: Shape):
             alpha = jnp.exp2(m - shift)
             p = jnp.where(visible, jnp.exp2(s - tiles.rows(shift, tile_shape)), 0.0)
             l = l * alpha + p.sum(axis=1)
-            p_smem[...] = p.astype(dtype)
-            plgpu.commit_smem()
+            tiles.store_parts(p_smem, p, P)
             plgpu.barrier_wait(bars.at[5])
-            pv = tiles.matmul(p_smem, v_smem, (ROWS, dv))
+            pv = tiles.matmul_parts(p_smem, v_smem, (ROWS, dv))
             return acc * tiles.rows(alpha, (ROWS, dv)) + pv, m_new, l
 
         init = (tiles.zeros((ROWS, dv)),
@@ -123,7 +134,7 @@ def _fwd_kernel(dtype, shape: Shape):
         acc, m, l = lax.fori_loop(0, union_smem[0], step, init)
         seen = l > 0
         safe_l = jnp.where(seen, l, 1.0)
-        o_smem[...] = (acc / tiles.rows(safe_l, (ROWS, dv))).astype(dtype)
+        o_smem[...] = acc / tiles.rows(safe_l, (ROWS, dv))
         lse_smem[...] = jnp.where(seen, m + jnp.log2(safe_l), -jnp.inf)  # log2 units, for the backward
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, hn, rows])
@@ -131,16 +142,17 @@ def _fwd_kernel(dtype, shape: Shape):
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        tiles.smem((ROWS, dk), dtype), tiles.smem((BS, dk), dtype), tiles.smem((BS, dv), dtype),
-        tiles.smem((ROWS, BS), dtype), tiles.smem((ROWS, dv), dtype), plgpu.SMEM((4, ROWS), jnp.int32),
+        tiles.smem((P, ROWS, dk), ot), tiles.smem((P, BS, dk), ot), tiles.smem((P, BS, dv), ot),
+        tiles.smem((P, ROWS, BS), ot), plgpu.SMEM((ROWS, dv), jnp.float32), plgpu.SMEM((4, ROWS), jnp.int32),
         plgpu.SMEM((shape.union,), jnp.int32), plgpu.SMEM((S, ROWS), jnp.int32), plgpu.SMEM((ROWS,), jnp.float32),
         plgpu.Barrier(num_barriers=6),
     ]
     return body, scratch
 
 
-def _dq_kernel(dtype, shape: Shape):
+def _dq_kernel(shape: Shape):
     BS, S, dk, dv, NHC = shape.block_size, shape.num_slots, shape.dk, shape.dv, shape.tiling.head_chunks
+    ot, P = shape.operand, shape.parts
     tile_shape = (ROWS, BS)
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, union_ref, sel_ref, dq_ref,
@@ -152,7 +164,7 @@ def _dq_kernel(dtype, shape: Shape):
         h = hn // NHC
         rows = pl.ds(tile * ROWS, ROWS)
         _common_tile_inputs(b, h, hn, tile,
-                            [q_ref.at[b, hn, rows], do_ref.at[b, hn, rows], meta_ref.at[tile],
+                            [q_ref.at[b, hn, :, rows], do_ref.at[b, hn, :, rows], meta_ref.at[tile],
                              union_ref.at[b, h, tile], sel_ref.at[b, h, tile], lse_ref.at[b, hn, rows],
                              delta_ref.at[b, hn, rows]],
                             [q_smem, do_smem, meta_smem, union_smem, sel_smem, lse_smem, delta_smem], bars, 0)
@@ -164,18 +176,17 @@ def _dq_kernel(dtype, shape: Shape):
 
         def step(i, dq):
             start = union_smem[1 + i]
-            plgpu.copy_gmem_to_smem(k_ref.at[b, h, pl.ds(start, BS)], k_smem, bars.at[7])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, h, pl.ds(start, BS)], v_smem, bars.at[8])
+            plgpu.copy_gmem_to_smem(k_ref.at[b, h, :, pl.ds(start, BS)], k_smem, bars.at[7])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, h, :, pl.ds(start, BS)], v_smem, bars.at[8])
             plgpu.barrier_wait(bars.at[7])
             plgpu.barrier_wait(bars.at[8])
-            s = tiles.matmul(q_smem, k_smem.T, tile_shape) * (shape.scale * LOG2E)
+            s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
             keys = tiles.iota(tile_shape, 1) + start
             visible = tiles.rows(_member(sel_smem, start, tiles.load_rows, S), tile_shape) & (keys <= token) & seen
             p = jnp.where(visible, jnp.exp2(s - lse), 0.0)
-            dp = tiles.matmul(do_smem, v_smem.T, tile_shape)
-            ds_smem[...] = (p * (dp - delta)).astype(dtype)
-            plgpu.commit_smem()
-            return dq + tiles.matmul(ds_smem, k_smem, (ROWS, dk))
+            dp = tiles.matmul_parts(do_smem, v_smem, tile_shape, transpose_b=True)
+            tiles.store_parts(ds_smem, p * (dp - delta), P)
+            return dq + tiles.matmul_parts(ds_smem, k_smem, (ROWS, dk))
 
         dq = lax.fori_loop(0, union_smem[0], step, tiles.zeros((ROWS, dk)))
         dq_smem[...] = dq * shape.scale
@@ -184,17 +195,18 @@ def _dq_kernel(dtype, shape: Shape):
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        tiles.smem((ROWS, dk), dtype), tiles.smem((ROWS, dv), dtype), tiles.smem((BS, dk), dtype),
-        tiles.smem((BS, dv), dtype), tiles.smem((ROWS, BS), dtype), plgpu.SMEM((ROWS, dk), jnp.float32),
+        tiles.smem((P, ROWS, dk), ot), tiles.smem((P, ROWS, dv), ot), tiles.smem((P, BS, dk), ot),
+        tiles.smem((P, BS, dv), ot), tiles.smem((P, ROWS, BS), ot), plgpu.SMEM((ROWS, dk), jnp.float32),
         plgpu.SMEM((4, ROWS), jnp.int32), plgpu.SMEM((shape.union,), jnp.int32), plgpu.SMEM((S, ROWS), jnp.int32),
         plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32), plgpu.Barrier(num_barriers=9),
     ]
     return body, scratch
 
 
-def _dkv_kernel(dtype, shape: Shape):
+def _dkv_kernel(shape: Shape):
     BS, S, dk, dv, NHC, KT = (shape.block_size, shape.num_slots, shape.dk, shape.dv, shape.tiling.head_chunks,
                               shape.key_rows)
+    ot, P = shape.operand, shape.parts
     tile_shape = (KT, ROWS)
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, sel_ref, readers_ref, kmeta_ref,
@@ -206,8 +218,8 @@ def _dkv_kernel(dtype, shape: Shape):
         plgpu.copy_gmem_to_smem(kmeta_ref.at[b, h, kb], kmeta_smem, bars.at[0])
         plgpu.barrier_wait(bars.at[0])
         start, lo, hi = kmeta_smem[0], kmeta_smem[1], kmeta_smem[2]
-        plgpu.copy_gmem_to_smem(k_ref.at[b, h, pl.ds(start, KT)], k_smem, bars.at[1])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, h, pl.ds(start, KT)], v_smem, bars.at[2])
+        plgpu.copy_gmem_to_smem(k_ref.at[b, h, :, pl.ds(start, KT)], k_smem, bars.at[1])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, h, :, pl.ds(start, KT)], v_smem, bars.at[2])
         plgpu.barrier_wait(bars.at[1])
         plgpu.barrier_wait(bars.at[2])
         keys = tiles.iota(tile_shape, 0) + start
@@ -234,22 +246,20 @@ def _dkv_kernel(dtype, shape: Shape):
                 d_k, d_v = carry
                 hn = h * NHC + c
                 _common_tile_inputs(b, h, hn, tile,
-                                    [q_ref.at[b, hn, rows], do_ref.at[b, hn, rows], lse_ref.at[b, hn, rows],
+                                    [q_ref.at[b, hn, :, rows], do_ref.at[b, hn, :, rows], lse_ref.at[b, hn, rows],
                                      delta_ref.at[b, hn, rows]],
                                     [q_smem, do_smem, lse_smem, delta_smem], bars, 6)
                 lse = tiles.load_cols(lse_smem)
                 seen = tiles.cols(lse > -jnp.inf, tile_shape)
                 lse = tiles.cols(jnp.where(lse > -jnp.inf, lse, 0.0), tile_shape)
-                s_t = tiles.matmul(k_smem, q_smem.T, tile_shape) * (shape.scale * LOG2E)
+                s_t = tiles.matmul_parts(k_smem, q_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
                 p_t = jnp.where(visible & seen, jnp.exp2(s_t - lse), 0.0)
-                p_smem[...] = p_t.astype(dtype)
-                plgpu.commit_smem()
-                d_v = d_v + tiles.matmul(p_smem, do_smem, (KT, dv))
-                dp_t = tiles.matmul(v_smem, do_smem.T, tile_shape)
+                tiles.store_parts(p_smem, p_t, P)
+                d_v = d_v + tiles.matmul_parts(p_smem, do_smem, (KT, dv))
+                dp_t = tiles.matmul_parts(v_smem, do_smem, tile_shape, transpose_b=True)
                 delta = tiles.cols(tiles.load_cols(delta_smem), tile_shape)
-                ds_smem[...] = (p_t * (dp_t - delta)).astype(dtype)
-                plgpu.commit_smem()
-                return d_k + tiles.matmul(ds_smem, q_smem, (KT, dk)), d_v
+                tiles.store_parts(ds_smem, p_t * (dp_t - delta), P)
+                return d_k + tiles.matmul_parts(ds_smem, q_smem, (KT, dk)), d_v
 
             return lax.fori_loop(0, NHC, head_chunk, carry)
 
@@ -262,8 +272,8 @@ def _dkv_kernel(dtype, shape: Shape):
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        tiles.smem((KT, dk), dtype), tiles.smem((KT, dv), dtype), tiles.smem((ROWS, dk), dtype),
-        tiles.smem((ROWS, dv), dtype), tiles.smem((KT, ROWS), dtype), tiles.smem((KT, ROWS), dtype),
+        tiles.smem((P, KT, dk), ot), tiles.smem((P, KT, dv), ot), tiles.smem((P, ROWS, dk), ot),
+        tiles.smem((P, ROWS, dv), ot), tiles.smem((P, KT, ROWS), ot), tiles.smem((P, KT, ROWS), ot),
         plgpu.SMEM((KT, dk), jnp.float32), plgpu.SMEM((KT, dv), jnp.float32), plgpu.SMEM((ROWS,), jnp.int32),
         plgpu.SMEM((ROWS,), jnp.int32), plgpu.SMEM((4, ROWS), jnp.int32), plgpu.SMEM((S, ROWS), jnp.int32),
         plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32), plgpu.Barrier(num_barriers=10),
@@ -342,9 +352,10 @@ def inverted_index(union, shape: Shape, num_tokens: int, segments):
 
 
 def key_rows(x, shape: Shape, width: int):
-    """`[B, T, H, D]` -> `[B, H, T + KT, width]`: a block's TMA box never leaves the array."""
+    """`[B, T, H, D]` -> `[B, H, P, T + KT, width]` 16-bit parts: a block's TMA box never leaves
+    the array."""
     x = tiles.pad_axis(tiles.pad_axis(x, 3, width), 1, x.shape[1] + shape.key_rows)
-    return x.transpose(0, 2, 1, 3)
+    return tiles.split(x.transpose(0, 2, 1, 3), shape.parts, shape.operand)
 
 
 def unblock(d, shape: Shape, layout, dim: int):
@@ -366,17 +377,17 @@ def _grid(shape: Shape, batch):
 
 def _forward(shape: Shape, query, key, value, meta, union, sel):
     tiling = shape.tiling
-    q_rows = tiling.pack(query, shape.dk)
+    q_rows = tiles.split(tiling.pack(query, shape.dk), shape.parts, shape.operand)
     k_rows, v_rows = key_rows(key, shape, shape.dk), key_rows(value, shape, shape.dv)
     B, HN = q_rows.shape[:2]
-    body, scratch = _fwd_kernel(query.dtype, shape)
+    body, scratch = _fwd_kernel(shape)
     o_rows, lse_rows = tiles.kernel(
         body, name="selected_attention_fwd_kernel",
-        out_type=(jax.ShapeDtypeStruct((B, HN, tiling.num_rows, shape.dv), query.dtype),
+        out_type=(jax.ShapeDtypeStruct((B, HN, tiling.num_rows, shape.dv), jnp.float32),
                   jax.ShapeDtypeStruct((B, HN, tiling.num_rows), jnp.float32)),
         grid=_grid(shape, B), grid_names=("tile", "bh"), scratch_types=scratch,
     )(q_rows, k_rows, v_rows, meta, union, sel)
-    return tiling.unpack(o_rows, shape.value_dim), (q_rows, k_rows, v_rows, o_rows, lse_rows)
+    return tiling.unpack(o_rows, shape.value_dim).astype(query.dtype), (q_rows, k_rows, v_rows, o_rows, lse_rows)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -392,18 +403,20 @@ def _attend_fwd(shape, query, key, value, meta, union, sel, readers, kmeta, layo
 def _attend_bwd(shape, residuals, d_out):
     (q_rows, k_rows, v_rows, o_rows, lse_rows), meta, union, sel, readers, kmeta, layout = residuals
     tiling = shape.tiling
-    dtype = q_rows.dtype
+    dtype = shape.dtype
     B, HN = q_rows.shape[:2]
     H = tiling.num_kv_heads
-    do_rows = tiling.pack(d_out.astype(dtype), shape.dv)
-    delta = jnp.sum(do_rows.astype(jnp.float32) * o_rows.astype(jnp.float32), axis=-1)
-    body, scratch = _dq_kernel(dtype, shape)
+    do_packed = tiling.pack(d_out.astype(jnp.float32), shape.dv)
+    # delta = rowsum(do * o) with the output as the caller saw it (rounded to its dtype).
+    delta = jnp.sum(do_packed * o_rows.astype(dtype).astype(jnp.float32), axis=-1)
+    do_rows = tiles.split(do_packed, shape.parts, shape.operand)
+    body, scratch = _dq_kernel(shape)
     dq_rows = tiles.kernel(
         body, name="selected_attention_bwd_kernel_dq",
         out_type=jax.ShapeDtypeStruct((B, HN, tiling.num_rows, shape.dk), jnp.float32),
         grid=_grid(shape, B), grid_names=("tile", "bh"), scratch_types=scratch,
     )(q_rows, k_rows, v_rows, do_rows, lse_rows, delta, meta, union, sel)
-    body, scratch = _dkv_kernel(dtype, shape)
+    body, scratch = _dkv_kernel(shape)
     KT = shape.key_rows
     d_k, d_v = tiles.kernel(
         body, name="selected_attention_bwd_kernel_dkv",
@@ -429,7 +442,7 @@ def run(query, key, value, block_indices, block_counts, *, block_size: int, scal
     num_key_blocks = tiles.cdiv(num_tokens, block_size) if segments is None else num_tokens // block_size + segments.num_seqs
     shape = Shape(tiling, block_size, num_slots, float(scale), tiles.padded_dim(head_dim),
                   tiles.padded_dim(value_dim), head_dim, value_dim,
-                  tiles.cdiv(1 + tiling.tokens_per_tile * num_slots, ROWS) * ROWS, num_key_blocks)
+                  tiles.cdiv(1 + tiling.tokens_per_tile * num_slots, ROWS) * ROWS, num_key_blocks, str(query.dtype))
     if isinstance(block_counts, int):
         block_counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
     layout = token_layout(num_tokens, block_size, segments)

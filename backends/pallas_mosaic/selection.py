@@ -41,7 +41,8 @@ MAX_SLOTS = 128
 
 
 def supports(problem: NSAProblem) -> str | None:
-    reason = tiles.common_decline(problem)
+    # float32 queries run as two bfloat16 parts (`tiles.split`).
+    reason = tiles.common_decline(problem, float32=True)
     if reason is not None:
         return reason
     if problem.num_slots > MAX_SLOTS:
@@ -58,14 +59,24 @@ class Shape:
     dk: int
     num_blocks: int  # the packed block axis, padded to a multiple of BLOCK_TILE
     group: int
+    dtype: str
+
+    @property
+    def operand(self):
+        return tiles.operand_dtype(self.dtype)
+
+    @property
+    def q_parts(self) -> int:
+        return 1 if jnp.dtype(self.dtype) == self.operand else 2
 
 
-def _kernel(dtype, shape: Shape):
+def _kernel(shape: Shape):
     S, dk, NHC, BS = shape.num_slots, shape.dk, shape.tiling.head_chunks, shape.block_size
+    ot, qp = shape.operand, shape.q_parts
     tile_shape = (BLOCK_TILE, ROWS)  # blocks x rows, then blocks x tokens
 
-    def body(q_ref, k_ref, klo_ref, lse_ref, meta_ref, tok_ref, counts_ref, heads_ref, out_ref,
-             q_smem, k_smem, klo_smem, p_smem, heads_smem, meta_smem, tok_smem, counts_smem, lse_smem,
+    def body(q_ref, k_ref, lse_ref, meta_ref, tok_ref, counts_ref, heads_ref, out_ref,
+             q_smem, k_smem, p_smem, heads_smem, meta_smem, tok_smem, counts_smem, lse_smem,
              run_v, run_i, new_v, new_i, out_smem, bars):
         tile, bh = lax.axis_index("tile"), lax.axis_index("bh")
         b, h = bh // k_ref.shape[1], bh % k_ref.shape[1]
@@ -87,22 +98,20 @@ def _kernel(dtype, shape: Shape):
 
         def block_tile(j, _):
             blocks = pl.ds(j * BLOCK_TILE, BLOCK_TILE)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, h, blocks], k_smem, bars.at[4])
-            plgpu.copy_gmem_to_smem(klo_ref.at[b, h, blocks], klo_smem, bars.at[5])
+            plgpu.copy_gmem_to_smem(k_ref.at[b, h, :, blocks], k_smem, bars.at[4])
             plgpu.barrier_wait(bars.at[4])
-            plgpu.barrier_wait(bars.at[5])
             block_ids = tiles.iota(tile_shape, 0) + j * BLOCK_TILE
 
             def head_chunk(c, scores):
                 hn = h * NHC + c
-                plgpu.copy_gmem_to_smem(q_ref.at[b, hn, rows], q_smem, bars.at[6])
+                plgpu.copy_gmem_to_smem(q_ref.at[b, hn, :, rows], q_smem, bars.at[6])
                 plgpu.copy_gmem_to_smem(lse_ref.at[b, hn, rows], lse_smem, bars.at[7])
                 plgpu.barrier_wait(bars.at[6])
                 plgpu.barrier_wait(bars.at[7])
                 lse = tiles.load_cols(lse_smem)
                 seen = tiles.cols(lse > -jnp.inf, tile_shape)
                 lse = tiles.cols(jnp.where(lse > -jnp.inf, lse * LOG2E, 0.0), tile_shape)
-                s_t = tiles.matmul(k_smem, q_smem.T, tile_shape) + tiles.matmul(klo_smem, q_smem.T, tile_shape)
+                s_t = tiles.matmul_parts(k_smem, q_smem, tile_shape, transpose_b=True)
                 visible = (block_ids >= fb) & (block_ids < fb + (pos + 1) // BS) & seen
                 p_t = jnp.where(visible, jnp.exp2(s_t * (shape.scale * LOG2E) - lse), 0.0)
                 high = p_t.astype(jnp.bfloat16)
@@ -136,7 +145,7 @@ def _kernel(dtype, shape: Shape):
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        tiles.smem((ROWS, dk), dtype), tiles.smem((BLOCK_TILE, dk), dtype), tiles.smem((BLOCK_TILE, dk), dtype),
+        tiles.smem((qp, ROWS, dk), ot), tiles.smem((2, BLOCK_TILE, dk), ot),
         tiles.smem((2, BLOCK_TILE, ROWS), jnp.bfloat16), tiles.smem((ROWS, ROWS), jnp.bfloat16),
         plgpu.SMEM((5, ROWS), jnp.int32), plgpu.SMEM((2, ROWS), jnp.int32), plgpu.SMEM((ROWS,), jnp.int32),
         plgpu.SMEM((ROWS,), jnp.float32),
@@ -213,7 +222,7 @@ def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, sca
     group = num_q_heads // num_kv_heads
     tiling = tiles.RowTiling(num_tokens, num_kv_heads, group)
     shape = Shape(tiling, block_size, num_slots, float(scale), tiles.padded_dim(head_dim),
-                  max(BLOCK_TILE, tiles.cdiv(num_blocks, BLOCK_TILE) * BLOCK_TILE), group)
+                  max(BLOCK_TILE, tiles.cdiv(num_blocks, BLOCK_TILE) * BLOCK_TILE), group, str(query.dtype))
     layout = token_layout(num_tokens, block_size, segments)
     meta = tiling.row_meta(layout)
     tok, lo, hi = token_meta(tiling, layout, block_size)
@@ -225,14 +234,14 @@ def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, sca
     counts = tiles.pad_axis(block_counts.astype(jnp.int32).transpose(0, 2, 1), 2, tiling.num_tiles * BT)
     counts = tiles.pad_axis(counts.reshape(batch, num_kv_heads, tiling.num_tiles, BT), 3, ROWS)
 
-    q_rows = tiling.pack(query, shape.dk)
-    k_hi, k_lo = split_blocks(k_cmp.astype(jnp.float32), shape, shape.dk, query.dtype)
+    q_rows = tiles.split(tiling.pack(query, shape.dk), shape.q_parts, shape.operand)
+    k_parts = split_blocks(k_cmp, shape, shape.dk)
     lse_rows = tiling.pack_scalar(lse.astype(jnp.float32))
-    body, scratch = _kernel(query.dtype, shape)
+    body, scratch = _kernel(shape)
     chosen = tiles.kernel(
         body, name="block_selection_fwd_kernel",
         out_type=jax.ShapeDtypeStruct((batch, num_kv_heads, tiling.num_tiles, num_slots, ROWS), jnp.int32),
         grid=(tiling.num_tiles, batch * num_kv_heads), grid_names=("tile", "bh"), scratch_types=scratch,
-    )(q_rows, k_hi, k_lo, lse_rows, meta, tok, counts, head_selector(tiling))
+    )(q_rows, k_parts, lse_rows, meta, tok, counts, head_selector(tiling))
     chosen = chosen[..., :BT].transpose(0, 2, 4, 1, 3).reshape(batch, tiling.num_tiles * BT, num_kv_heads, num_slots)
     return chosen[:, :num_tokens]

@@ -33,12 +33,12 @@ def interpreted() -> bool:
     return config.interpret_enabled() and gpu_failure((9, 0)) is not None
 
 
-def common_decline(problem: NSAProblem) -> str | None:
-    """The cases no Mosaic piece runs: float32 (wgmma would round it to tf32) and big heads."""
-    if problem.dtype not in DTYPES:
-        return (f"dtype {problem.dtype}: the Mosaic kernels run wgmma on 16-bit operands only "
+def common_decline(problem: NSAProblem, float32: bool = False) -> str | None:
+    """The cases no Mosaic piece runs: float32 where the piece has no split path, big heads."""
+    if problem.dtype not in DTYPES + (("float32",) if float32 else ()):
+        return (f"dtype {problem.dtype}: this kernel runs wgmma on 16-bit operands only "
                 f"(float32 operands would run as tf32, outside the float32 tolerance 1e-4); "
-                f"supported: {', '.join(DTYPES)}")
+                f"supported: {', '.join(DTYPES + (('float32',) if float32 else ()))}")
     for name, dim in (("head_dim", problem.head_dim), ("value_dim", problem.value_dim)):
         if padded_dim(dim) > 256:
             return f"{name} {dim} > 256 (a [64, D] tile per operand must fit in shared memory)"
@@ -202,6 +202,45 @@ def matmul(a_smem, b_smem, shape):
 
 def zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def operand_dtype(dtype):
+    """The 16-bit type the tensor cores see: the input's own, or bfloat16 parts of a float32."""
+    return jnp.dtype(dtype) if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else jnp.dtype(jnp.bfloat16)
+
+
+def split(x, parts: int, dtype):
+    """`x` as `parts` 16-bit terms stacked on a new axis -3 (before rows and width): `hi`, and
+    with 2 parts also `lo = x - hi`. Two bfloat16 parts carry 16 mantissa bits, so products of
+    split operands (all pairs but lo*lo) are float32-accurate to ~1e-5 on 16-bit tensor cores."""
+    high = x.astype(dtype)
+    if parts == 1:
+        return high[..., None, :, :]
+    low = (x.astype(jnp.float32) - high.astype(jnp.float32)).astype(dtype)
+    return jnp.stack([high, low], axis=-3)
+
+
+def store_parts(ref, x, parts: int):
+    """Registers -> a `[parts, R, C]` shared-memory operand (see `split`), fenced for wgmma."""
+    high = x.astype(ref.dtype)
+    ref.at[0][...] = high
+    if parts == 2:
+        ref.at[1][...] = (x - high.astype(jnp.float32)).astype(ref.dtype)
+    plgpu.commit_smem()
+
+
+def matmul_parts(a_smem, b_smem, shape, transpose_b: bool = False):
+    """`sum a_i @ b_j` over the parts pairs (i, j) except lo*lo (`[P, M, K]` x `[P, K, N]`, or
+    `[P, N, K]` transposed)."""
+    total = None
+    for i in range(a_smem.shape[0]):
+        for j in range(b_smem.shape[0]):
+            if i + j > 1:
+                continue
+            b = b_smem.at[j].T if transpose_b else b_smem.at[j]
+            term = matmul(a_smem.at[i], b, shape)
+            total = term if total is None else total + term
+    return total
 
 
 def cdiv(a, b):
