@@ -43,6 +43,15 @@ def _visible(blocks, fb, pos, block_size):
     return (blocks >= fb) & (blocks < fb + (pos + 1) // block_size)
 
 
+def _row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile, q_smem, do_smem, lse_smem,
+                     delta_smem, meta_smem):
+    """What a backward step reads of one row tile: query, output cotangent, lse, delta, rows."""
+    rows = pl.ds(tile * ROWS, ROWS)
+    return [(q_ref.at[b, hn, :, rows], q_smem), (do_ref.at[b, hn, :, rows], do_smem),
+            (lse_ref.at[b, hn, rows], lse_smem), (delta_ref.at[b, hn, rows], delta_smem),
+            (meta_ref.at[tile], meta_smem)]
+
+
 def _fwd_kernel(shape):
     dk, dv, BS, NHC, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
     qp, vp, pp = shape.q_parts, shape.v_parts, shape.p_parts
@@ -50,15 +59,8 @@ def _fwd_kernel(shape):
 
     def body(q_ref, k_ref, v_ref, meta_ref, o_ref, lse_ref,
              q_smem, k_smem, v_smem, p_smem, o_smem, meta_smem, lse_smem, bars):
-        tile, bh = lax.axis_index("tile"), lax.axis_index("bh")
-        heads = k_ref.shape[1] * NHC
-        b, hn = bh // heads, bh % heads
-        h = hn // NHC
-        rows = pl.ds(tile * ROWS, ROWS)
-        plgpu.copy_gmem_to_smem(q_ref.at[b, hn, :, rows], q_smem, bars.at[0])
-        plgpu.copy_gmem_to_smem(meta_ref.at[tile], meta_smem, bars.at[1])
-        plgpu.barrier_wait(bars.at[0])
-        plgpu.barrier_wait(bars.at[1])
+        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], NHC)
+        tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (meta_ref.at[tile], meta_smem)], bars)
         pos = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_POS]), tile_shape)
         fb = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
 
@@ -70,30 +72,16 @@ def _fwd_kernel(shape):
             plgpu.barrier_wait(bars.at[2])
             s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
             visible = _visible(tiles.iota(tile_shape, 1) + j * BLOCK_TILE, fb, pos, BS)
-            s = jnp.where(visible, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            # A row that has seen nothing keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
-            shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m - shift)
-            p = jnp.where(visible, jnp.exp2(s - tiles.rows(shift, tile_shape)), 0.0)
-            l = l * alpha + p.sum(axis=1)
+            p, alpha, m, l = tiles.softmax_step(s, visible, m, l)
             tiles.store_parts(p_smem, p, pp)
             plgpu.barrier_wait(bars.at[3])
             pv = tiles.matmul_parts(p_smem, v_smem, (ROWS, dv))
-            return acc * tiles.rows(alpha, (ROWS, dv)) + pv, m_new, l
+            return acc * tiles.rows(alpha, (ROWS, dv)) + pv, m, l
 
-        init = (tiles.zeros((ROWS, dv)),
-                plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-                plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
-        acc, m, l = lax.fori_loop(meta_smem[4, 0], meta_smem[4, 1], step, init)
-        seen = l > 0
-        safe_l = jnp.where(seen, l, 1.0)
-        o_smem[...] = acc / tiles.rows(safe_l, (ROWS, dv))
-        lse_smem[...] = jnp.where(seen, (m + jnp.log2(safe_l)) / LOG2E, -jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, hn, rows])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, hn, rows])
-        plgpu.wait_smem_to_gmem(0)
+        acc, m, l = lax.fori_loop(meta_smem[4, 0], meta_smem[4, 1], step, tiles.softmax_init(dv))
+        o_smem[...], lse2 = tiles.softmax_finish(acc, m, l)
+        lse_smem[...] = lse2 / LOG2E
+        tiles.store([(o_smem, o_ref.at[b, hn, rows]), (lse_smem, lse_ref.at[b, hn, rows])])
 
     scratch = [
         tiles.smem((qp, ROWS, dk), ot), tiles.smem((2, BLOCK_TILE, dk), ot), tiles.smem((vp, BLOCK_TILE, dv), ot),
@@ -110,30 +98,16 @@ def _dq_kernel(shape):
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, dq_ref,
              q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, meta_smem, lse_smem, delta_smem, bars):
-        tile, bh = lax.axis_index("tile"), lax.axis_index("bh")
-        heads = k_ref.shape[1] * NHC
-        b, hn = bh // heads, bh % heads
-        h = hn // NHC
-        rows = pl.ds(tile * ROWS, ROWS)
-        for i, (src, dst) in enumerate([(q_ref.at[b, hn, :, rows], q_smem), (do_ref.at[b, hn, :, rows], do_smem),
-                                        (meta_ref.at[tile], meta_smem), (lse_ref.at[b, hn, rows], lse_smem),
-                                        (delta_ref.at[b, hn, rows], delta_smem)]):
-            plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-        for i in range(5):
-            plgpu.barrier_wait(bars.at[i])
+        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], NHC)
+        tiles.fetch(_row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile,
+                                     q_smem, do_smem, lse_smem, delta_smem, meta_smem), bars)
         pos = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_POS]), tile_shape)
         fb = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
-        lse = tiles.load_rows(lse_smem)
-        seen = tiles.rows(lse > -jnp.inf, tile_shape)
-        lse2 = tiles.rows(jnp.where(lse > -jnp.inf, lse * LOG2E, 0.0), tile_shape)
-        delta = tiles.rows(tiles.load_rows(delta_smem), tile_shape)
+        seen, lse2, delta = tiles.saved_softmax(lse_smem, delta_smem, tiles.load_rows, tiles.rows, tile_shape)
 
         def step(j, dq):
             blocks = pl.ds(j * BLOCK_TILE, BLOCK_TILE)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, h, :, blocks], k_smem, bars.at[5])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, h, :, blocks], v_smem, bars.at[6])
-            plgpu.barrier_wait(bars.at[5])
-            plgpu.barrier_wait(bars.at[6])
+            tiles.fetch([(k_ref.at[b, h, :, blocks], k_smem), (v_ref.at[b, h, :, blocks], v_smem)], bars, 5)
             s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
             visible = _visible(tiles.iota(tile_shape, 1) + j * BLOCK_TILE, fb, pos, BS) & seen
             p = jnp.where(visible, jnp.exp2(s - lse2), 0.0)
@@ -143,9 +117,7 @@ def _dq_kernel(shape):
 
         dq = lax.fori_loop(meta_smem[4, 0], meta_smem[4, 1], step, tiles.zeros((ROWS, dk)))
         dq_smem[...] = dq * shape.scale
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, hn, rows])
-        plgpu.wait_smem_to_gmem(0)
+        tiles.store([(dq_smem, dq_ref.at[b, hn, rows])])
 
     scratch = [
         tiles.smem((qp, ROWS, dk), ot), tiles.smem((qp, ROWS, dv), ot), tiles.smem((2, BLOCK_TILE, dk), ot),
@@ -167,11 +139,8 @@ def _dkv_kernel(shape):
         block_tile, bh = lax.axis_index("block_tile"), lax.axis_index("bh")
         b, h = bh // k_ref.shape[1], bh % k_ref.shape[1]
         blocks = pl.ds(block_tile * BLOCK_TILE, BLOCK_TILE)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, h, :, blocks], k_smem, bars.at[0])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, h, :, blocks], v_smem, bars.at[1])
-        plgpu.copy_gmem_to_smem(span_ref.at[block_tile], span_smem, bars.at[2])
-        for i in range(3):
-            plgpu.barrier_wait(bars.at[i])
+        tiles.fetch([(k_ref.at[b, h, :, blocks], k_smem), (v_ref.at[b, h, :, blocks], v_smem),
+                     (span_ref.at[block_tile], span_smem)], bars)
         tile_lo, tile_hi = span_smem[0], span_smem[1]
         num_tiles = tile_hi - tile_lo
         block_ids = tiles.iota(tile_shape, 0) + block_tile * BLOCK_TILE
@@ -181,18 +150,11 @@ def _dkv_kernel(shape):
             hn = h * NHC + i // num_tiles
             tile = tile_lo + i % num_tiles
             rows = pl.ds(tile * ROWS, ROWS)
-            for n, (src, dst) in enumerate([(q_ref.at[b, hn, :, rows], q_smem), (do_ref.at[b, hn, :, rows], do_smem),
-                                            (meta_ref.at[tile], meta_smem), (lse_ref.at[b, hn, rows], lse_smem),
-                                            (delta_ref.at[b, hn, rows], delta_smem)]):
-                plgpu.copy_gmem_to_smem(src, dst, bars.at[3 + n])
-            for n in range(5):
-                plgpu.barrier_wait(bars.at[3 + n])
+            tiles.fetch(_row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile,
+                                         q_smem, do_smem, lse_smem, delta_smem, meta_smem), bars, 3)
             pos = tiles.cols(tiles.load_cols(meta_smem.at[tiles.META_POS]), tile_shape)
             fb = tiles.cols(tiles.load_cols(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
-            lse = tiles.load_cols(lse_smem)
-            seen = tiles.cols(lse > -jnp.inf, tile_shape)
-            lse2 = tiles.cols(jnp.where(lse > -jnp.inf, lse * LOG2E, 0.0), tile_shape)
-            delta = tiles.cols(tiles.load_cols(delta_smem), tile_shape)
+            seen, lse2, delta = tiles.saved_softmax(lse_smem, delta_smem, tiles.load_cols, tiles.cols, tile_shape)
             s_t = tiles.matmul_parts(k_smem, q_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
             visible = _visible(block_ids, fb, pos, BS) & seen
             p_t = jnp.where(visible, jnp.exp2(s_t - lse2), 0.0)
@@ -207,10 +169,7 @@ def _dkv_kernel(shape):
                                  (tiles.zeros((BLOCK_TILE, dk)), tiles.zeros((BLOCK_TILE, dv))))
         dk_smem[...] = d_k * shape.scale
         dv_smem[...] = d_v
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[b, h, blocks])
-        plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[b, h, blocks])
-        plgpu.wait_smem_to_gmem(0)
+        tiles.store([(dk_smem, dk_ref.at[b, h, blocks]), (dv_smem, dv_ref.at[b, h, blocks])])
 
     scratch = [
         tiles.smem((2, BLOCK_TILE, dk), ot), tiles.smem((vp, BLOCK_TILE, dv), ot),
@@ -229,7 +188,7 @@ def _dkv_kernel(shape):
 
 
 @dataclasses.dataclass(frozen=True)
-class Shape:
+class Shape(tiles.Operands):
     """The static facts the kernels are specialized on."""
 
     tiling: tiles.RowTiling
@@ -245,19 +204,10 @@ class Shape:
     def num_block_tiles(self) -> int:
         return self.num_blocks // BLOCK_TILE
 
-    @property
-    def operand(self):
-        return tiles.operand_dtype(self.dtype)
-
-    @property
-    def q_parts(self) -> int:
-        """16-bit terms per query (and output cotangent): 2 for float32 problems (`tiles.split`)."""
-        return 1 if jnp.dtype(self.dtype) == self.operand else 2
-
     # The block means are float32 whatever the query: their keys always come in two parts, so
-    # the scores (hence the lse and the selection) keep ~16 bits; values, probabilities and dS
-    # take the precision of the problem.
-    v_parts = p_parts = q_parts
+    # the scores (hence the lse and the selection) keep ~16 bits; queries, values,
+    # probabilities and dS take the precision of the problem (`tiles.split`).
+    q_parts = v_parts = p_parts = tiles.Operands.parts
 
 
 def compressed_meta(tiling: tiles.RowTiling, layout, block_size: int):

@@ -49,7 +49,7 @@ def supports(problem: NSAProblem) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Shape:
+class Shape(tiles.Operands):
     tiling: tiles.RowTiling
     block_size: int
     num_slots: int
@@ -62,14 +62,6 @@ class Shape:
     num_key_blocks: int
     dtype: str
 
-    @property
-    def operand(self):
-        return tiles.operand_dtype(self.dtype)
-
-    @property
-    def parts(self) -> int:
-        """16-bit terms per operand: 2 for float32 problems (`tiles.split`), else 1."""
-        return 1 if jnp.dtype(self.dtype) == self.operand else 2
 
     @property
     def key_rows(self) -> int:  # KT
@@ -84,13 +76,6 @@ def _member(sel_smem, start, load, num_slots):
     return hit
 
 
-def _common_tile_inputs(b, h, hn, tile, refs, smems, bars, first_bar):
-    for n, (ref, smem) in enumerate(zip(refs, smems, strict=True)):
-        plgpu.copy_gmem_to_smem(ref, smem, bars.at[first_bar + n])
-    for n in range(len(refs)):
-        plgpu.barrier_wait(bars.at[first_bar + n])
-
-
 def _fwd_kernel(shape: Shape):
     BS, S, dk, dv, NHC = shape.block_size, shape.num_slots, shape.dk, shape.dv, shape.tiling.head_chunks
     ot, P = shape.operand, shape.parts
@@ -98,14 +83,9 @@ def _fwd_kernel(shape: Shape):
 
     def body(q_ref, k_ref, v_ref, meta_ref, union_ref, sel_ref, o_ref, lse_ref,
              q_smem, k_smem, v_smem, p_smem, o_smem, meta_smem, union_smem, sel_smem, lse_smem, bars):
-        tile, bh = lax.axis_index("tile"), lax.axis_index("bh")
-        heads = k_ref.shape[1] * NHC
-        b, hn = bh // heads, bh % heads
-        h = hn // NHC
-        rows = pl.ds(tile * ROWS, ROWS)
-        _common_tile_inputs(b, h, hn, tile,
-                            [q_ref.at[b, hn, :, rows], meta_ref.at[tile], union_ref.at[b, h, tile], sel_ref.at[b, h, tile]],
-                            [q_smem, meta_smem, union_smem, sel_smem], bars, 0)
+        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], NHC)
+        tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (meta_ref.at[tile], meta_smem),
+                     (union_ref.at[b, h, tile], union_smem), (sel_ref.at[b, h, tile], sel_smem)], bars)
         token = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_TOKEN]), tile_shape)
 
         def step(i, carry):
@@ -117,29 +97,16 @@ def _fwd_kernel(shape: Shape):
             s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
             keys = tiles.iota(tile_shape, 1) + start
             visible = tiles.rows(_member(sel_smem, start, tiles.load_rows, S), tile_shape) & (keys <= token)
-            s = jnp.where(visible, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m - shift)
-            p = jnp.where(visible, jnp.exp2(s - tiles.rows(shift, tile_shape)), 0.0)
-            l = l * alpha + p.sum(axis=1)
+            p, alpha, m, l = tiles.softmax_step(s, visible, m, l)
             tiles.store_parts(p_smem, p, P)
             plgpu.barrier_wait(bars.at[5])
             pv = tiles.matmul_parts(p_smem, v_smem, (ROWS, dv))
-            return acc * tiles.rows(alpha, (ROWS, dv)) + pv, m_new, l
+            return acc * tiles.rows(alpha, (ROWS, dv)) + pv, m, l
 
-        init = (tiles.zeros((ROWS, dv)),
-                plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-                plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
-        acc, m, l = lax.fori_loop(0, union_smem[0], step, init)
-        seen = l > 0
-        safe_l = jnp.where(seen, l, 1.0)
-        o_smem[...] = acc / tiles.rows(safe_l, (ROWS, dv))
-        lse_smem[...] = jnp.where(seen, m + jnp.log2(safe_l), -jnp.inf)  # log2 units, for the backward
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, hn, rows])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, hn, rows])
-        plgpu.wait_smem_to_gmem(0)
+        acc, m, l = lax.fori_loop(0, union_smem[0], step, tiles.softmax_init(dv))
+        o_smem[...], lse2 = tiles.softmax_finish(acc, m, l)
+        lse_smem[...] = lse2 / LOG2E
+        tiles.store([(o_smem, o_ref.at[b, hn, rows]), (lse_smem, lse_ref.at[b, hn, rows])])
 
     scratch = [
         tiles.smem((P, ROWS, dk), ot), tiles.smem((P, BS, dk), ot), tiles.smem((P, BS, dv), ot),
@@ -158,28 +125,18 @@ def _dq_kernel(shape: Shape):
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, union_ref, sel_ref, dq_ref,
              q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, meta_smem, union_smem, sel_smem,
              lse_smem, delta_smem, bars):
-        tile, bh = lax.axis_index("tile"), lax.axis_index("bh")
-        heads = k_ref.shape[1] * NHC
-        b, hn = bh // heads, bh % heads
-        h = hn // NHC
-        rows = pl.ds(tile * ROWS, ROWS)
-        _common_tile_inputs(b, h, hn, tile,
-                            [q_ref.at[b, hn, :, rows], do_ref.at[b, hn, :, rows], meta_ref.at[tile],
-                             union_ref.at[b, h, tile], sel_ref.at[b, h, tile], lse_ref.at[b, hn, rows],
-                             delta_ref.at[b, hn, rows]],
-                            [q_smem, do_smem, meta_smem, union_smem, sel_smem, lse_smem, delta_smem], bars, 0)
+        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], NHC)
+        tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (do_ref.at[b, hn, :, rows], do_smem),
+                     (meta_ref.at[tile], meta_smem), (union_ref.at[b, h, tile], union_smem),
+                     (sel_ref.at[b, h, tile], sel_smem), (lse_ref.at[b, hn, rows], lse_smem),
+                     (delta_ref.at[b, hn, rows], delta_smem)], bars)
         token = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_TOKEN]), tile_shape)
-        lse = tiles.load_rows(lse_smem)
-        seen = tiles.rows(lse > -jnp.inf, tile_shape)
-        lse = tiles.rows(jnp.where(lse > -jnp.inf, lse, 0.0), tile_shape)
-        delta = tiles.rows(tiles.load_rows(delta_smem), tile_shape)
+        seen, lse, delta = tiles.saved_softmax(lse_smem, delta_smem, tiles.load_rows, tiles.rows, tile_shape)
 
         def step(i, dq):
             start = union_smem[1 + i]
-            plgpu.copy_gmem_to_smem(k_ref.at[b, h, :, pl.ds(start, BS)], k_smem, bars.at[7])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, h, :, pl.ds(start, BS)], v_smem, bars.at[8])
-            plgpu.barrier_wait(bars.at[7])
-            plgpu.barrier_wait(bars.at[8])
+            tiles.fetch([(k_ref.at[b, h, :, pl.ds(start, BS)], k_smem),
+                         (v_ref.at[b, h, :, pl.ds(start, BS)], v_smem)], bars, 7)
             s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
             keys = tiles.iota(tile_shape, 1) + start
             visible = tiles.rows(_member(sel_smem, start, tiles.load_rows, S), tile_shape) & (keys <= token) & seen
@@ -190,9 +147,7 @@ def _dq_kernel(shape: Shape):
 
         dq = lax.fori_loop(0, union_smem[0], step, tiles.zeros((ROWS, dk)))
         dq_smem[...] = dq * shape.scale
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, hn, rows])
-        plgpu.wait_smem_to_gmem(0)
+        tiles.store([(dq_smem, dq_ref.at[b, hn, rows])])
 
     scratch = [
         tiles.smem((P, ROWS, dk), ot), tiles.smem((P, ROWS, dv), ot), tiles.smem((P, BS, dk), ot),
@@ -215,13 +170,10 @@ def _dkv_kernel(shape: Shape):
              meta_smem, sel_smem, lse_smem, delta_smem, bars):
         kb, bh = lax.axis_index("key_block"), lax.axis_index("bh")
         b, h = bh // k_ref.shape[1], bh % k_ref.shape[1]
-        plgpu.copy_gmem_to_smem(kmeta_ref.at[b, h, kb], kmeta_smem, bars.at[0])
-        plgpu.barrier_wait(bars.at[0])
+        tiles.fetch([(kmeta_ref.at[b, h, kb], kmeta_smem)], bars)
         start, lo, hi = kmeta_smem[0], kmeta_smem[1], kmeta_smem[2]
-        plgpu.copy_gmem_to_smem(k_ref.at[b, h, :, pl.ds(start, KT)], k_smem, bars.at[1])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, h, :, pl.ds(start, KT)], v_smem, bars.at[2])
-        plgpu.barrier_wait(bars.at[1])
-        plgpu.barrier_wait(bars.at[2])
+        tiles.fetch([(k_ref.at[b, h, :, pl.ds(start, KT)], k_smem), (v_ref.at[b, h, :, pl.ds(start, KT)], v_smem)],
+                    bars, 1)
         keys = tiles.iota(tile_shape, 0) + start
         in_block = keys < start + BS
 
@@ -234,10 +186,7 @@ def _dkv_kernel(shape: Shape):
 
             tile = readers_smem[i % ROWS]
             rows = pl.ds(tile * ROWS, ROWS)
-            plgpu.copy_gmem_to_smem(meta_ref.at[tile], meta_smem, bars.at[4])
-            plgpu.copy_gmem_to_smem(sel_ref.at[b, h, tile], sel_smem, bars.at[5])
-            plgpu.barrier_wait(bars.at[4])
-            plgpu.barrier_wait(bars.at[5])
+            tiles.fetch([(meta_ref.at[tile], meta_smem), (sel_ref.at[b, h, tile], sel_smem)], bars, 4)
             token = tiles.cols(tiles.load_cols(meta_smem.at[tiles.META_TOKEN]), tile_shape)
             member = tiles.cols(_member(sel_smem, start, tiles.load_cols, S), tile_shape)
             visible = member & in_block & (keys <= token)
@@ -245,19 +194,14 @@ def _dkv_kernel(shape: Shape):
             def head_chunk(c, carry):
                 d_k, d_v = carry
                 hn = h * NHC + c
-                _common_tile_inputs(b, h, hn, tile,
-                                    [q_ref.at[b, hn, :, rows], do_ref.at[b, hn, :, rows], lse_ref.at[b, hn, rows],
-                                     delta_ref.at[b, hn, rows]],
-                                    [q_smem, do_smem, lse_smem, delta_smem], bars, 6)
-                lse = tiles.load_cols(lse_smem)
-                seen = tiles.cols(lse > -jnp.inf, tile_shape)
-                lse = tiles.cols(jnp.where(lse > -jnp.inf, lse, 0.0), tile_shape)
+                tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (do_ref.at[b, hn, :, rows], do_smem),
+                             (lse_ref.at[b, hn, rows], lse_smem), (delta_ref.at[b, hn, rows], delta_smem)], bars, 6)
+                seen, lse, delta = tiles.saved_softmax(lse_smem, delta_smem, tiles.load_cols, tiles.cols, tile_shape)
                 s_t = tiles.matmul_parts(k_smem, q_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
                 p_t = jnp.where(visible & seen, jnp.exp2(s_t - lse), 0.0)
                 tiles.store_parts(p_smem, p_t, P)
                 d_v = d_v + tiles.matmul_parts(p_smem, do_smem, (KT, dv))
                 dp_t = tiles.matmul_parts(v_smem, do_smem, tile_shape, transpose_b=True)
-                delta = tiles.cols(tiles.load_cols(delta_smem), tile_shape)
                 tiles.store_parts(ds_smem, p_t * (dp_t - delta), P)
                 return d_k + tiles.matmul_parts(ds_smem, q_smem, (KT, dk)), d_v
 
@@ -266,10 +210,7 @@ def _dkv_kernel(shape: Shape):
         d_k, d_v = lax.fori_loop(lo, hi, reader, (tiles.zeros((KT, dk)), tiles.zeros((KT, dv))))
         dk_smem[...] = d_k * shape.scale
         dv_smem[...] = d_v
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[b, h, kb])
-        plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[b, h, kb])
-        plgpu.wait_smem_to_gmem(0)
+        tiles.store([(dk_smem, dk_ref.at[b, h, kb]), (dv_smem, dv_ref.at[b, h, kb])])
 
     scratch = [
         tiles.smem((P, KT, dk), ot), tiles.smem((P, KT, dv), ot), tiles.smem((P, ROWS, dk), ot),

@@ -21,7 +21,6 @@ over their head chunks) and walks the tile's candidate blocks in tiles of 64, ke
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +50,7 @@ def supports(problem: NSAProblem) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Shape:
+class Shape(tiles.Operands):
     tiling: tiles.RowTiling
     block_size: int
     num_slots: int
@@ -61,13 +60,7 @@ class Shape:
     group: int
     dtype: str
 
-    @property
-    def operand(self):
-        return tiles.operand_dtype(self.dtype)
-
-    @property
-    def q_parts(self) -> int:
-        return 1 if jnp.dtype(self.dtype) == self.operand else 2
+    q_parts = tiles.Operands.parts
 
 
 def _kernel(shape: Shape):
@@ -81,11 +74,8 @@ def _kernel(shape: Shape):
         tile, bh = lax.axis_index("tile"), lax.axis_index("bh")
         b, h = bh // k_ref.shape[1], bh % k_ref.shape[1]
         rows = pl.ds(tile * ROWS, ROWS)
-        for n, (src, dst) in enumerate([(meta_ref.at[tile], meta_smem), (tok_ref.at[tile], tok_smem),
-                                        (counts_ref.at[b, h, tile], counts_smem), (heads_ref, heads_smem)]):
-            plgpu.copy_gmem_to_smem(src, dst, bars.at[n])
-        for n in range(4):
-            plgpu.barrier_wait(bars.at[n])
+        tiles.fetch([(meta_ref.at[tile], meta_smem), (tok_ref.at[tile], tok_smem),
+                     (counts_ref.at[b, h, tile], counts_smem), (heads_ref, heads_smem)], bars)
         pos = tiles.cols(tiles.load_cols(meta_smem.at[tiles.META_POS]), tile_shape)
         fb = tiles.cols(tiles.load_cols(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
         tok_fb = tiles.cols(tiles.load_cols(tok_smem.at[0]), tile_shape)
@@ -98,16 +88,12 @@ def _kernel(shape: Shape):
 
         def block_tile(j, _):
             blocks = pl.ds(j * BLOCK_TILE, BLOCK_TILE)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, h, :, blocks], k_smem, bars.at[4])
-            plgpu.barrier_wait(bars.at[4])
+            tiles.fetch([(k_ref.at[b, h, :, blocks], k_smem)], bars, 4)
             block_ids = tiles.iota(tile_shape, 0) + j * BLOCK_TILE
 
             def head_chunk(c, scores):
                 hn = h * NHC + c
-                plgpu.copy_gmem_to_smem(q_ref.at[b, hn, :, rows], q_smem, bars.at[6])
-                plgpu.copy_gmem_to_smem(lse_ref.at[b, hn, rows], lse_smem, bars.at[7])
-                plgpu.barrier_wait(bars.at[6])
-                plgpu.barrier_wait(bars.at[7])
+                tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (lse_ref.at[b, hn, rows], lse_smem)], bars, 6)
                 lse = tiles.load_cols(lse_smem)
                 seen = tiles.cols(lse > -jnp.inf, tile_shape)
                 lse = tiles.cols(jnp.where(lse > -jnp.inf, lse * LOG2E, 0.0), tile_shape)
@@ -140,9 +126,7 @@ def _kernel(shape: Shape):
             keep = (tiles.load_cols(run_v.at[s]) > -jnp.inf) & (s < counts)
             out_smem[s] = jnp.where(keep, chosen - fb_tok, NO_BLOCK)
 
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, h, tile])
-        plgpu.wait_smem_to_gmem(0)
+        tiles.store([(out_smem, out_ref.at[b, h, tile])])
 
     scratch = [
         tiles.smem((qp, ROWS, dk), ot), tiles.smem((2, BLOCK_TILE, dk), ot),

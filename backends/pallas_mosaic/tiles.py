@@ -14,10 +14,10 @@ Head dims are zero-padded to what a swizzled wgmma operand needs (16, 32, 64 or 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
+import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from ejkernel_nsa import config
@@ -169,12 +169,12 @@ def kernel(body, *, out_type, grid, grid_names, scratch_types, name):
 
 def load_rows(ref):
     """A `[64]` per-row vector from shared memory, laid out to broadcast along a wgmma row."""
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+    return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
 
 
 def load_cols(ref):
     """A `[64]` per-row vector laid out to broadcast along a wgmma column (transposed tiles)."""
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+    return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0))
 
 
 def iota(shape, dim):
@@ -197,7 +197,7 @@ def matmul(a_smem, b_smem, shape):
         plgpu.wgmma(acc_ref, a_smem, b_smem)
         return acc_ref[...]
 
-    return jax.experimental.pallas.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
 def zeros(shape):
@@ -243,9 +243,86 @@ def matmul_parts(a_smem, b_smem, shape, transpose_b: bool = False):
     return total
 
 
+def parts_of(dtype) -> int:
+    """16-bit terms per operand of a problem in `dtype`: 1 for 16-bit inputs, 2 for float32."""
+    return 1 if jnp.dtype(dtype) == operand_dtype(dtype) else 2
+
+
+class Operands:
+    """For a kernel's static shape with a `dtype` field (the problem's): the 16-bit type its
+    wgmma operands take and how many parts each float operand is split into."""
+
+    dtype: str
+
+    @property
+    def operand(self):
+        return operand_dtype(self.dtype)
+
+    @property
+    def parts(self) -> int:
+        return parts_of(self.dtype)
+
+
+def row_tile_program(num_kv_heads: int, head_chunks: int):
+    """This program's row tile on the grid `(tile, batch x kv head x head chunk)`: the tile, the
+    batch, the head-chunk row block `hn`, its kv head, and the tile's rows."""
+    tile, bh = jax.lax.axis_index("tile"), jax.lax.axis_index("bh")
+    heads = num_kv_heads * head_chunks
+    b, hn = bh // heads, bh % heads
+    return tile, b, hn, hn // head_chunks, pl.ds(tile * ROWS, ROWS)
+
+
+def fetch(pairs, bars, first: int = 0):
+    """TMA-copy each (gmem ref, smem ref) pair, one barrier each from `first`, and wait for all."""
+    for n, (src, dst) in enumerate(pairs):
+        plgpu.copy_gmem_to_smem(src, dst, bars.at[first + n])
+    for n in range(len(pairs)):
+        plgpu.barrier_wait(bars.at[first + n])
+
+
+def store(pairs):
+    """Registers already written to shared memory -> gmem, for each (smem, gmem) pair."""
+    plgpu.commit_smem()
+    for src, dst in pairs:
+        plgpu.copy_smem_to_gmem(src, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def softmax_init(width: int):
+    """Online-softmax state of a row tile: accumulator, running max (log2 units), running sum."""
+    row = plgpu.Layout.WGMMA.reduce(1)
+    return (zeros((ROWS, width)), plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), row),
+            plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row))
+
+
+def softmax_step(s, visible, m, l):
+    """One key tile of an online softmax over log2-scaled scores `s`: returns the tile's
+    unnormalized probabilities, the factor rescaling the accumulator, and the new max and sum."""
+    s = jnp.where(visible, s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    # A row that has seen nothing keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - shift)
+    p = jnp.where(visible, jnp.exp2(s - rows(shift, s.shape)), 0.0)
+    return p, alpha, m_new, l * alpha + p.sum(axis=1)
+
+
+def softmax_finish(acc, m, l):
+    """The normalized output (0 for a row that saw nothing) and its lse in log2 units (-inf)."""
+    seen = l > 0
+    safe_l = jnp.where(seen, l, 1.0)
+    return acc / rows(safe_l, acc.shape), jnp.where(seen, m + jnp.log2(safe_l), -jnp.inf)
+
+
+def saved_softmax(lse_smem, delta_smem, load, spread, shape):
+    """The forward's lse (natural units) and `delta` for a backward tile, broadcast with `spread`
+    (`rows` or `cols`): whether the row saw anything, lse in log2 units (0 where not), delta."""
+    lse = load(lse_smem)
+    seen = lse > -jnp.inf
+    return (spread(seen, shape), spread(jnp.where(seen, lse * LOG2E, 0.0), shape),
+            spread(load(delta_smem), shape))
+
+
 def cdiv(a, b):
     return (a + b - 1) // b
 
-
-def log2(x):
-    return math.log2(x)

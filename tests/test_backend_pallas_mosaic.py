@@ -1,0 +1,251 @@
+"""The Mosaic GPU backend against the float64 oracle, piece by piece: on a Hopper GPU (compiled
+kernels) or, with EJKERNEL_NSA_INTERPRET=1 on a machine without one, through Mosaic GPU's
+interpreter.
+
+The backend has no compression and no sliding-window kernel, so the shared `BackendSuite` (which
+forces one backend for whole NSA calls) cannot run on it. Instead every call here needs only the
+pieces it has: `apply_native_sparse_attention` with given block indices (selected attention
+alone), and the public `compressed_attention` / `select_blocks`, each forced with `backend=`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import oracle
+from cases import TOLERANCES, assert_close, cases, make_inputs, same_slot_sets
+
+import ejkernel_nsa as nsa
+from ejkernel_nsa import registry
+from ejkernel_nsa.problem import Piece
+
+BACKEND = "pallas_mosaic"
+DTYPES = ("float32", "bfloat16", "float16")
+GROUPS = (1, 2, 3, 4, 8, 16, 32)
+
+
+@pytest.fixture(autouse=True)
+def backend_runs_here():
+    reason = nsa.backend_status()[BACKEND]
+    if reason is not None:
+        pytest.skip(f"{BACKEND} cannot run here: {reason}")
+    yield
+    if registry.is_interpreted(BACKEND):
+        # A kernel that raised inside the interpreter leaves its simulated GPU state behind.
+        from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import reset_gpu_interpret_mode_state
+
+        reset_gpu_interpret_mode_state()
+
+
+def draw_case(data, **fixed):
+    case = data.draw(cases(DTYPES, GROUPS), label="case")
+    return dataclasses.replace(case, **fixed)
+
+
+def loss_of(fn, d_out):
+    return lambda *xs: jnp.sum(fn(*xs).astype(jnp.float32) * d_out.astype(np.float32))
+
+
+# ---- selected attention: apply_native_sparse_attention needs nothing else -------------------
+
+
+def selected_call(args):
+    options = dict(block_size=args["block_size"], backend=BACKEND)
+    counts = args["block_counts"]
+    if isinstance(counts, int):
+        options["block_counts"] = counts
+
+    @jax.jit
+    def fn(q, k, v, indices, cu_seqlens, *per_token):
+        return nsa.apply_native_sparse_attention(q, k, v, indices, *per_token, cu_seqlens=cu_seqlens, **options)
+
+    extra = () if isinstance(counts, int) else (counts,)
+    return lambda q, k, v: fn(q, k, v, args["block_indices"], args["cu_seqlens"], *extra)
+
+
+@given(data=st.data())
+def test_selected_attention_matches_oracle(data):
+    """Values and gradients of the selected branch on given indices: empty slots, repeats and
+    blocks in the future included (make_inputs draws them), varlen, per-token counts."""
+    case = draw_case(data, given_indices=True, g_cmp=False, g_slc=False, window_size=0)
+    args = make_inputs(case)
+    out_tol, grad_tol = TOLERANCES[case.dtype]
+    reference = dict(query=args["query"], key=args["key"], value=args["value"], block_indices=args["block_indices"],
+                     block_counts=args["block_counts"], block_size=case.block_size, cu_seqlens=args["cu_seqlens"])
+    expected = oracle.nsa_forward(**reference)["o"]
+    fn = selected_call(args)
+    out = fn(args["query"], args["key"], args["value"])
+    assert out.dtype == jnp.dtype(case.dtype)
+    assert np.all(np.isfinite(np.asarray(out, np.float64))), "NaN or Inf in the output"
+    assert_close("selected output", out, expected, out_tol)
+
+    d_out = np.random.default_rng(case.seed + 1).standard_normal(expected.shape)
+    grads = jax.grad(loss_of(fn, d_out), argnums=(0, 1, 2))(args["query"], args["key"], args["value"])
+    wanted = oracle.nsa_vjp(d_out=d_out, **reference)
+    for name, grad in zip(("query", "key", "value"), grads, strict=True):
+        assert grad.dtype == jnp.dtype(case.dtype), f"d{name} dtype"
+        assert_close(f"d{name}", grad, wanted[name], grad_tol)
+
+
+# ---- compressed attention and selection, on the oracle's block means ------------------------
+
+
+def compressed_inputs(case, args):
+    k_cmp, v_cmp = oracle.mean_pool(args["key"], args["value"], case.block_size, args["cu_seqlens"])
+    return k_cmp.astype(np.float32), v_cmp.astype(np.float32)
+
+
+@given(data=st.data())
+def test_compressed_attention_matches_oracle(data):
+    """Output, lse (-inf exactly where no block is seen) and the gradients into the query and
+    the block means; the lse cotangent is checked against the XLA backend's autodiff."""
+    case = draw_case(data)
+    args = make_inputs(case)
+    out_tol, grad_tol = TOLERANCES[case.dtype]
+    k_cmp, v_cmp = compressed_inputs(case, args)
+    call = functools.partial(nsa.compressed_attention, block_size=case.block_size, cu_seqlens=args["cu_seqlens"])
+    out, lse = jax.jit(functools.partial(call, backend=BACKEND))(args["query"], k_cmp, v_cmp)
+    ref_out, ref_lse = oracle.compressed_attention(args["query"], k_cmp, v_cmp, case.block_size,
+                                                   cu_seqlens=args["cu_seqlens"])
+    assert out.dtype == jnp.dtype(case.dtype) and lse.dtype == jnp.float32
+    assert_close("compressed output", out, ref_out, out_tol)
+    seen = np.isfinite(ref_lse)
+    assert np.array_equal(np.isfinite(np.asarray(lse)), seen), "lse must be -inf exactly where no block is seen"
+    assert_close("lse", np.asarray(lse)[seen], ref_lse[seen], 1e-5)
+
+    rng = np.random.default_rng(case.seed + 1)
+    d_out = rng.standard_normal(ref_out.shape)
+    d_lse = np.where(seen, rng.standard_normal(ref_lse.shape), 0.0).astype(np.float32)
+    inputs = (args["query"], k_cmp, v_cmp)
+    grads = jax.grad(loss_of(lambda *xs: jax.jit(functools.partial(call, backend=BACKEND))(*xs)[0], d_out),
+                     argnums=(0, 1, 2))(*inputs)
+    segments = oracle._segments(case.batch, case.seq_len, args["cu_seqlens"], case.block_size)
+    plan = oracle._compressed_plan(segments, case.num_q_heads, case.group, case.block_size)
+    wanted = oracle._run_plan_backward(plan, *(np.asarray(x, np.float64) for x in inputs),
+                                       case.head_dim ** -0.5, d_out)
+    for name, grad, ref in zip(("query", "key_cmp", "value_cmp"), grads, wanted, strict=True):
+        assert_close(f"d{name}", grad, ref, grad_tol)
+
+    def lse_loss(backend):
+        fn = jax.jit(functools.partial(call, backend=backend))
+        return lambda *xs: jnp.sum(jnp.where(seen, fn(*xs)[1], 0.0) * d_lse)
+
+    by_lse = jax.grad(lse_loss(BACKEND), argnums=(0, 1))(*inputs)
+    by_xla = jax.grad(lse_loss("xla"), argnums=(0, 1))(*(x.astype(np.float32) for x in inputs))
+    for name, grad, ref in zip(("query", "key_cmp"), by_lse, by_xla, strict=True):
+        assert_close(f"d{name} through lse", grad, ref, grad_tol)
+
+
+@given(data=st.data())
+def test_select_blocks_matches_oracle(data):
+    """The top-k against the oracle's, wherever the n-th and (n+1)-th scores are not a near tie
+    (SPEC 8); forced blocks, ties to the later block, per-token counts, varlen."""
+    case = draw_case(data)
+    args = make_inputs(case)
+    k_cmp, _ = compressed_inputs(case, args)
+    _, lse = oracle.compressed_attention(args["query"], k_cmp, k_cmp, case.block_size, cu_seqlens=args["cu_seqlens"])
+    lse = lse.astype(np.float32)
+    counts = args["block_counts"]
+    num_slots = case.num_slots
+    indices = nsa.select_blocks(args["query"], k_cmp, lse, counts, case.block_size, cu_seqlens=args["cu_seqlens"],
+                                max_block_counts=args.get("max_block_counts"), backend=BACKEND)
+    scores = oracle.selection_scores(args["query"], k_cmp, lse, case.block_size, cu_seqlens=args["cu_seqlens"])
+    expected = oracle.select_blocks(scores, counts, num_slots)
+    separated = oracle.near_tie_mask(scores, counts, num_slots, case.group)
+    assert indices.shape == expected.shape and indices.dtype == jnp.int32
+    agree = same_slot_sets(indices, expected, separated)
+    assert agree.all(), f"selection differs at well-separated (b, t, h) {np.argwhere(~agree)[:5].tolist()}"
+
+
+# ---- what the backend declines -----------------------------------------------------------------
+
+
+def test_forcing_calls_that_need_missing_pieces_names_them():
+    """No compression and no sliding-window kernel: a forced call that needs one raises, naming
+    the piece, instead of running it elsewhere."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 64, 4, 32), (1, 64, 2, 32), (1, 64, 2, 32)))
+    gate = rng.uniform(size=(1, 64, 4)).astype(np.float32)
+    with pytest.raises(nsa.BackendError, match="pallas_mosaic.*no implementation of compression"):
+        nsa.native_sparse_attention(q, k, v, gate, gate, g_swa=gate, window_size=16, block_counts=2, block_size=16,
+                                    backend=BACKEND)
+    indices = np.zeros((1, 64, 2, 2), np.int32)
+    with pytest.raises(nsa.BackendError, match="pallas_mosaic.*no implementation of sliding_window"):
+        nsa.native_sparse_attention(q, k, v, g_slc=gate, g_swa=gate, window_size=16, block_indices=indices,
+                                    block_counts=2, block_size=16, backend=BACKEND)
+    # Unforced, the same call composes the Mosaic pieces with another backend's.
+    plan = nsa.explain(q, k, v, g_slc=gate, g_swa=gate, window_size=16, block_indices=indices, block_counts=2,
+                       block_size=16)
+    assert plan.chosen[Piece.SLIDING_WINDOW].backend != BACKEND
+
+
+def test_declines_block_sizes_it_has_no_kernel_for():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 32, 2, 16), (1, 32, 1, 16), (1, 32, 1, 16)))
+    indices = np.zeros((1, 32, 1, 1), np.int32)
+    with pytest.raises(nsa.BackendError, match="block_size 8"):
+        nsa.apply_native_sparse_attention(q, k, v, indices, 1, block_size=8, backend=BACKEND)
+
+
+def test_pieces_registered():
+    pieces = {impl.piece for impl in registry.implementations(backend=BACKEND)}
+    assert pieces == {Piece.COMPRESSED_ATTENTION, Piece.SELECTION, Piece.SELECTED_ATTENTION}
+
+
+# ---- model-sized heads, on a Hopper GPU only --------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 4, 16, 32])
+def test_model_sized_heads_match_oracle(group, head_dim):
+    """The head dims models use (bfloat16), which the hypothesis cases (small dims, for the
+    oracle's sake) do not draw: each piece's values and gradients against the oracle."""
+    case = dataclasses.replace(
+        make_case(group, head_dim),
+        cu_seqlens=(0, 100, 333) if group % 2 else None,
+    )
+    args = make_inputs(case)
+    out_tol, grad_tol = TOLERANCES["bfloat16"]
+    # Selected attention, with the oracle's own selection as the given indices.
+    forward = oracle.nsa_forward(query=args["query"], key=args["key"], value=args["value"], g_cmp=args["g_cmp"],
+                                 block_counts=args["block_counts"], block_size=case.block_size,
+                                 cu_seqlens=args["cu_seqlens"], max_block_counts=args.get("max_block_counts"))
+    args["block_indices"] = forward["block_indices"].astype(np.int32)
+    reference = dict(query=args["query"], key=args["key"], value=args["value"], block_indices=args["block_indices"],
+                     block_counts=args["block_counts"], block_size=case.block_size, cu_seqlens=args["cu_seqlens"])
+    fn = selected_call(args)
+    assert_close("selected output", fn(args["query"], args["key"], args["value"]),
+                 oracle.nsa_forward(**reference)["o"], out_tol)
+    d_out = np.random.default_rng(group).standard_normal((1, case.seq_len, case.num_q_heads, case.value_dim))
+    grads = jax.grad(loss_of(fn, d_out), argnums=(0, 1, 2))(args["query"], args["key"], args["value"])
+    wanted = oracle.nsa_vjp(d_out=d_out, **reference)
+    for name, grad in zip(("query", "key", "value"), grads, strict=True):
+        assert_close(f"d{name}", grad, wanted[name], grad_tol)
+    # Compressed attention and the selection.
+    k_cmp, v_cmp = compressed_inputs(case, args)
+    out, lse = nsa.compressed_attention(args["query"], k_cmp, v_cmp, case.block_size, cu_seqlens=args["cu_seqlens"],
+                                        backend=BACKEND)
+    assert_close("compressed output", out, forward["o_cmp"], out_tol)
+    indices = nsa.select_blocks(args["query"], k_cmp, lse, args["block_counts"], case.block_size,
+                                cu_seqlens=args["cu_seqlens"], max_block_counts=args.get("max_block_counts"),
+                                backend=BACKEND)
+    separated = oracle.near_tie_mask(forward["scores"], args["block_counts"], forward["num_slots"], group)
+    assert same_slot_sets(indices, forward["block_indices"], separated).all()
+
+
+def make_case(group, head_dim):
+    from backend_suite import fixed_case
+
+    return dataclasses.replace(
+        fixed_case(seq_len=333, group=group, window_size=0), kv_heads=1, head_dim=head_dim, value_dim=head_dim,
+        block_size=32, num_slots=4, dtype="bfloat16", per_token_counts=group % 4 == 1,
+    )
