@@ -38,9 +38,9 @@ def supports(problem: NSAProblem) -> str | None:
     return tiles.common_decline(problem, float32=True)
 
 
-def _visible(blocks, fb, pos, block_size):
-    """Block `blocks` visible to a row with this first block and position (SPEC 2)."""
-    return (blocks >= fb) & (blocks < fb + (pos + 1) // block_size)
+def _visible(blocks, first_block, end):
+    """Block `blocks` visible to a row: complete and of its own sequence (SPEC 2)."""
+    return (blocks >= first_block) & (blocks < end)
 
 
 def _row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile, q_smem, do_smem, lse_smem,
@@ -61,8 +61,8 @@ def _fwd_kernel(shape):
              q_smem, k_smem, v_smem, p_smem, o_smem, meta_smem, lse_smem, bars):
         tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], NHC)
         tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (meta_ref.at[tile], meta_smem)], bars)
-        pos = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_POS]), tile_shape)
         fb = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
+        end = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_CMP_END]), tile_shape)
 
         def step(j, carry):
             acc, m, l = carry
@@ -71,7 +71,7 @@ def _fwd_kernel(shape):
             plgpu.copy_gmem_to_smem(v_ref.at[b, h, :, blocks], v_smem, bars.at[3])
             plgpu.barrier_wait(bars.at[2])
             s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
-            visible = _visible(tiles.iota(tile_shape, 1) + j * BLOCK_TILE, fb, pos, BS)
+            visible = _visible(tiles.iota(tile_shape, 1) + j * BLOCK_TILE, fb, end)
             p, alpha, m, l = tiles.softmax_step(s, visible, m, l)
             tiles.store_parts(p_smem, p, pp)
             plgpu.barrier_wait(bars.at[3])
@@ -101,15 +101,15 @@ def _dq_kernel(shape):
         tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], NHC)
         tiles.fetch(_row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile,
                                      q_smem, do_smem, lse_smem, delta_smem, meta_smem), bars)
-        pos = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_POS]), tile_shape)
         fb = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
+        end = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_CMP_END]), tile_shape)
         seen, lse2, delta = tiles.saved_softmax(lse_smem, delta_smem, tiles.load_rows, tiles.rows, tile_shape)
 
         def step(j, dq):
             blocks = pl.ds(j * BLOCK_TILE, BLOCK_TILE)
             tiles.fetch([(k_ref.at[b, h, :, blocks], k_smem), (v_ref.at[b, h, :, blocks], v_smem)], bars, 5)
             s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
-            visible = _visible(tiles.iota(tile_shape, 1) + j * BLOCK_TILE, fb, pos, BS) & seen
+            visible = _visible(tiles.iota(tile_shape, 1) + j * BLOCK_TILE, fb, end) & seen
             p = jnp.where(visible, jnp.exp2(s - lse2), 0.0)
             dp = tiles.matmul_parts(do_smem, v_smem, tile_shape, transpose_b=True)
             tiles.store_parts(ds_smem, p * (dp - delta), pp)
@@ -137,7 +137,7 @@ def _dkv_kernel(shape):
              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dk_smem, dv_smem,
              meta_smem, lse_smem, delta_smem, span_smem, bars):
         block_tile, bh = lax.axis_index("block_tile"), lax.axis_index("bh")
-        b, h = bh // k_ref.shape[1], bh % k_ref.shape[1]
+        b, h = tiles.div(bh, k_ref.shape[1]), tiles.rem(bh, k_ref.shape[1])
         blocks = pl.ds(block_tile * BLOCK_TILE, BLOCK_TILE)
         tiles.fetch([(k_ref.at[b, h, :, blocks], k_smem), (v_ref.at[b, h, :, blocks], v_smem),
                      (span_ref.at[block_tile], span_smem)], bars)
@@ -147,16 +147,16 @@ def _dkv_kernel(shape):
 
         def step(i, carry):
             d_k, d_v = carry
-            hn = h * NHC + i // num_tiles
-            tile = tile_lo + i % num_tiles
+            hn = h * NHC + lax.div(i, num_tiles)
+            tile = tile_lo + lax.rem(i, num_tiles)
             rows = pl.ds(tile * ROWS, ROWS)
             tiles.fetch(_row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile,
                                          q_smem, do_smem, lse_smem, delta_smem, meta_smem), bars, 3)
-            pos = tiles.cols(tiles.load_cols(meta_smem.at[tiles.META_POS]), tile_shape)
             fb = tiles.cols(tiles.load_cols(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
+            end = tiles.cols(tiles.load_cols(meta_smem.at[tiles.META_CMP_END]), tile_shape)
             seen, lse2, delta = tiles.saved_softmax(lse_smem, delta_smem, tiles.load_cols, tiles.cols, tile_shape)
             s_t = tiles.matmul_parts(k_smem, q_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
-            visible = _visible(block_ids, fb, pos, BS) & seen
+            visible = _visible(block_ids, fb, end) & seen
             p_t = jnp.where(visible, jnp.exp2(s_t - lse2), 0.0)
             tiles.store_parts(p_smem, p_t, pp)
             d_v = d_v + tiles.matmul_parts(p_smem, do_smem, (BLOCK_TILE, dv))
@@ -212,11 +212,9 @@ class Shape(tiles.Operands):
 
 def compressed_meta(tiling: tiles.RowTiling, layout, block_size: int):
     """`[NT, 5, 64]`: the rows' metadata plus, in row 4, the block tiles `[lo, hi)` the tile walks."""
-    meta = tiling.row_meta(layout)
-    pos, fb = meta[:, tiles.META_POS], meta[:, tiles.META_FIRST_BLOCK]
-    real = pos >= 0
-    end = jnp.where(real, fb + (pos + 1) // block_size, 0)
-    start = jnp.where(real & (end > fb), fb, jnp.iinfo(jnp.int32).max)
+    meta = tiling.row_meta(layout, block_size)
+    fb, end = meta[:, tiles.META_FIRST_BLOCK], meta[:, tiles.META_CMP_END]
+    start = jnp.where(end > fb, fb, jnp.iinfo(jnp.int32).max)
     hi = tiles.cdiv(end.max(axis=1), BLOCK_TILE)
     lo = jnp.minimum(start.min(axis=1) // BLOCK_TILE, hi)
     scalars = jnp.zeros((tiling.num_tiles, ROWS), jnp.int32).at[:, 0].set(lo).at[:, 1].set(hi)

@@ -34,6 +34,9 @@ PIECE = Piece.SELECTED_ATTENTION
 NO_BLOCK = -1
 # The per-tile union lives in shared memory: BT * S entries, 16 KiB at most.
 MAX_UNION = 4096
+# Each row compares its S slots with every union block (unrolled), and the [S, 64] slot table
+# is one TMA box (at most 256 rows).
+MAX_SLOTS = 128
 
 
 def supports(problem: NSAProblem) -> str | None:
@@ -41,6 +44,8 @@ def supports(problem: NSAProblem) -> str | None:
     reason = tiles.common_decline(problem, float32=True)
     if reason is not None:
         return reason
+    if problem.num_slots > MAX_SLOTS:
+        return f"at most {MAX_SLOTS} selected-block slots (S), got {problem.num_slots}"
     tokens = tiles.ROWS // min(problem.group_size, tiles.ROWS)
     if tokens * problem.num_slots > MAX_UNION:
         return (f"{problem.num_slots} slots x {tokens} tokens per 64-row tile exceed the {MAX_UNION}-entry "
@@ -76,6 +81,12 @@ def _member(sel_smem, start, load, num_slots):
     return hit
 
 
+def _union_entry(union_smem, i):
+    """The `i`-th block start of a tile's union (`[U / 64, 64]`, entry 0 is the count). Kept 2-D
+    so that no TMA box dimension exceeds 256 elements."""
+    return union_smem[tiles.div(i + 1, ROWS), tiles.rem(i + 1, ROWS)]
+
+
 def _fwd_kernel(shape: Shape):
     BS, S, dk, dv, NHC = shape.block_size, shape.num_slots, shape.dk, shape.dv, shape.tiling.head_chunks
     ot, P = shape.operand, shape.parts
@@ -90,7 +101,7 @@ def _fwd_kernel(shape: Shape):
 
         def step(i, carry):
             acc, m, l = carry
-            start = union_smem[1 + i]
+            start = _union_entry(union_smem, i)
             plgpu.copy_gmem_to_smem(k_ref.at[b, h, :, pl.ds(start, BS)], k_smem, bars.at[4])
             plgpu.copy_gmem_to_smem(v_ref.at[b, h, :, pl.ds(start, BS)], v_smem, bars.at[5])
             plgpu.barrier_wait(bars.at[4])
@@ -103,7 +114,7 @@ def _fwd_kernel(shape: Shape):
             pv = tiles.matmul_parts(p_smem, v_smem, (ROWS, dv))
             return acc * tiles.rows(alpha, (ROWS, dv)) + pv, m, l
 
-        acc, m, l = lax.fori_loop(0, union_smem[0], step, tiles.softmax_init(dv))
+        acc, m, l = lax.fori_loop(0, union_smem[0, 0], step, tiles.softmax_init(dv))
         o_smem[...], lse2 = tiles.softmax_finish(acc, m, l)
         lse_smem[...] = lse2 / LOG2E
         tiles.store([(o_smem, o_ref.at[b, hn, rows]), (lse_smem, lse_ref.at[b, hn, rows])])
@@ -111,7 +122,7 @@ def _fwd_kernel(shape: Shape):
     scratch = [
         tiles.smem((P, ROWS, dk), ot), tiles.smem((P, BS, dk), ot), tiles.smem((P, BS, dv), ot),
         tiles.smem((P, ROWS, BS), ot), plgpu.SMEM((ROWS, dv), jnp.float32), plgpu.SMEM((4, ROWS), jnp.int32),
-        plgpu.SMEM((shape.union,), jnp.int32), plgpu.SMEM((S, ROWS), jnp.int32), plgpu.SMEM((ROWS,), jnp.float32),
+        plgpu.SMEM((shape.union // ROWS, ROWS), jnp.int32), plgpu.SMEM((S, ROWS), jnp.int32), plgpu.SMEM((ROWS,), jnp.float32),
         plgpu.Barrier(num_barriers=6),
     ]
     return body, scratch
@@ -134,7 +145,7 @@ def _dq_kernel(shape: Shape):
         seen, lse, delta = tiles.saved_softmax(lse_smem, delta_smem, tiles.load_rows, tiles.rows, tile_shape)
 
         def step(i, dq):
-            start = union_smem[1 + i]
+            start = _union_entry(union_smem, i)
             tiles.fetch([(k_ref.at[b, h, :, pl.ds(start, BS)], k_smem),
                          (v_ref.at[b, h, :, pl.ds(start, BS)], v_smem)], bars, 7)
             s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
@@ -145,14 +156,14 @@ def _dq_kernel(shape: Shape):
             tiles.store_parts(ds_smem, p * (dp - delta), P)
             return dq + tiles.matmul_parts(ds_smem, k_smem, (ROWS, dk))
 
-        dq = lax.fori_loop(0, union_smem[0], step, tiles.zeros((ROWS, dk)))
+        dq = lax.fori_loop(0, union_smem[0, 0], step, tiles.zeros((ROWS, dk)))
         dq_smem[...] = dq * shape.scale
         tiles.store([(dq_smem, dq_ref.at[b, hn, rows])])
 
     scratch = [
         tiles.smem((P, ROWS, dk), ot), tiles.smem((P, ROWS, dv), ot), tiles.smem((P, BS, dk), ot),
         tiles.smem((P, BS, dv), ot), tiles.smem((P, ROWS, BS), ot), plgpu.SMEM((ROWS, dk), jnp.float32),
-        plgpu.SMEM((4, ROWS), jnp.int32), plgpu.SMEM((shape.union,), jnp.int32), plgpu.SMEM((S, ROWS), jnp.int32),
+        plgpu.SMEM((4, ROWS), jnp.int32), plgpu.SMEM((shape.union // ROWS, ROWS), jnp.int32), plgpu.SMEM((S, ROWS), jnp.int32),
         plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32), plgpu.Barrier(num_barriers=9),
     ]
     return body, scratch
@@ -169,7 +180,7 @@ def _dkv_kernel(shape: Shape):
              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dk_smem, dv_smem, kmeta_smem, readers_smem,
              meta_smem, sel_smem, lse_smem, delta_smem, bars):
         kb, bh = lax.axis_index("key_block"), lax.axis_index("bh")
-        b, h = bh // k_ref.shape[1], bh % k_ref.shape[1]
+        b, h = tiles.div(bh, k_ref.shape[1]), tiles.rem(bh, k_ref.shape[1])
         tiles.fetch([(kmeta_ref.at[b, h, kb], kmeta_smem)], bars)
         start, lo, hi = kmeta_smem[0], kmeta_smem[1], kmeta_smem[2]
         tiles.fetch([(k_ref.at[b, h, :, pl.ds(start, KT)], k_smem), (v_ref.at[b, h, :, pl.ds(start, KT)], v_smem)],
@@ -179,12 +190,14 @@ def _dkv_kernel(shape: Shape):
 
         def reader(i, carry):
             # The list of reading tiles arrives 64 entries at a time.
-            @pl.when((i == lo) | (i % ROWS == 0))
+            offset = tiles.rem(i, ROWS)
+
+            @pl.when((i == lo) | (offset == 0))
             def _():
-                plgpu.copy_gmem_to_smem(readers_ref.at[b, h, pl.ds(i - i % ROWS, ROWS)], readers_smem, bars.at[3])
+                plgpu.copy_gmem_to_smem(readers_ref.at[b, h, pl.ds(i - offset, ROWS)], readers_smem, bars.at[3])
                 plgpu.barrier_wait(bars.at[3])
 
-            tile = readers_smem[i % ROWS]
+            tile = readers_smem[offset]
             rows = pl.ds(tile * ROWS, ROWS)
             tiles.fetch([(meta_ref.at[tile], meta_smem), (sel_ref.at[b, h, tile], sel_smem)], bars, 4)
             token = tiles.cols(tiles.load_cols(meta_smem.at[tiles.META_TOKEN]), tile_shape)
@@ -390,5 +403,6 @@ def run(query, key, value, block_indices, block_counts, *, block_size: int, scal
     starts = counted_starts(block_indices.astype(jnp.int32), block_counts.astype(jnp.int32), layout, block_size)
     union, sel = tile_unions(starts, shape)
     readers, kmeta = inverted_index(union, shape, num_tokens, segments)
-    meta = tiling.row_meta(layout)
+    union = union.reshape(*union.shape[:3], shape.union // ROWS, ROWS)
+    meta = tiling.row_meta(layout, block_size)
     return _attend(shape, query, key, value, meta, union, sel, readers, kmeta, layout)

@@ -4,12 +4,12 @@ A program owns one 64-row tile of `BT` tokens x `GC` query heads (`tiles.py`; la
 over their head chunks) and walks the tile's candidate blocks in tiles of 64, keeping no
 `[T, NB]` matrix anywhere:
 
-1. `P^T = exp(K_cmp Q^T * scale - lse)`: the compressed branch's probabilities, recomputed and
-   normalized with its lse, blocks on the wgmma rows (the means as `hi + lo` 16-bit parts, as in
-   `compressed_attention`, so both agree to ~16 bits).
-2. The sum over each token's `G` heads is a second wgmma, `P^T @ E`, with `E[row, token] = 1`
-   when the row is one of the token's heads: the cross-row reduction registers cannot do, done by
-   the tensor cores. `P` is split into two bfloat16 parts, `P = hi + lo`, so the sum keeps ~16
+1. `P = exp(Q K_cmp^T * scale - lse)`: the compressed branch's probabilities, recomputed and
+   normalized with its lse (the means as `hi + lo` 16-bit parts, as in `compressed_attention`,
+   so both agree to ~16 bits).
+2. The sum over each token's `G` heads is a second wgmma, `E @ P`, with `E[token, row] = 1`
+   when the row is one of the token's heads: a cross-row reduction, which registers in the
+   wgmma layout cannot do, done by the tensor cores. Tokens land on the rows of the result. `P` is split into two bfloat16 parts, `P = hi + lo`, so the sum keeps ~16
    bits (the SPEC compares selections down to gaps of `1e-3 * G`).
 3. Forced blocks (`0`, `IC - 1`, `IC`) score `G`; non-candidates `-inf`.
 4. A running top-`S` per token, kept sorted in shared memory as (score, block) pairs, is merged
@@ -64,48 +64,47 @@ class Shape(tiles.Operands):
 
 
 def _kernel(shape: Shape):
-    S, dk, NHC, BS = shape.num_slots, shape.dk, shape.tiling.head_chunks, shape.block_size
+    S, dk, NHC = shape.num_slots, shape.dk, shape.tiling.head_chunks
     ot, qp = shape.operand, shape.q_parts
-    tile_shape = (BLOCK_TILE, ROWS)  # blocks x rows, then blocks x tokens
+    tile_shape = (ROWS, BLOCK_TILE)  # rows x blocks, then tokens x blocks
+    row = plgpu.Layout.WGMMA.reduce(1)
 
     def body(q_ref, k_ref, lse_ref, meta_ref, tok_ref, counts_ref, heads_ref, out_ref,
              q_smem, k_smem, p_smem, heads_smem, meta_smem, tok_smem, counts_smem, lse_smem,
              run_v, run_i, new_v, new_i, out_smem, bars):
         tile, bh = lax.axis_index("tile"), lax.axis_index("bh")
-        b, h = bh // k_ref.shape[1], bh % k_ref.shape[1]
+        b, h = tiles.div(bh, k_ref.shape[1]), tiles.rem(bh, k_ref.shape[1])
         rows = pl.ds(tile * ROWS, ROWS)
         tiles.fetch([(meta_ref.at[tile], meta_smem), (tok_ref.at[tile], tok_smem),
                      (counts_ref.at[b, h, tile], counts_smem), (heads_ref, heads_smem)], bars)
-        pos = tiles.cols(tiles.load_cols(meta_smem.at[tiles.META_POS]), tile_shape)
-        fb = tiles.cols(tiles.load_cols(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
-        tok_fb = tiles.cols(tiles.load_cols(tok_smem.at[0]), tile_shape)
-        tok_ic = tiles.cols(tiles.load_cols(tok_smem.at[1]), tile_shape)
+        fb = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
+        end = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_CMP_END]), tile_shape)
+        tok_fb = tiles.rows(tiles.load_rows(tok_smem.at[0]), tile_shape)
+        tok_ic = tiles.rows(tiles.load_rows(tok_smem.at[1]), tile_shape)
 
         @pl.loop(0, S)
         def _(s):
-            run_v[s] = jnp.full((ROWS,), -jnp.inf, jnp.float32)
-            run_i[s] = jnp.full((ROWS,), NO_BLOCK, jnp.int32)
+            run_v[s] = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), row)
+            run_i[s] = plgpu.layout_cast(jnp.full((ROWS,), NO_BLOCK, jnp.int32), row)
 
         def block_tile(j, _):
             blocks = pl.ds(j * BLOCK_TILE, BLOCK_TILE)
             tiles.fetch([(k_ref.at[b, h, :, blocks], k_smem)], bars, 4)
-            block_ids = tiles.iota(tile_shape, 0) + j * BLOCK_TILE
+            block_ids = tiles.iota(tile_shape, 1) + j * BLOCK_TILE
 
             def head_chunk(c, scores):
                 hn = h * NHC + c
                 tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (lse_ref.at[b, hn, rows], lse_smem)], bars, 6)
-                lse = tiles.load_cols(lse_smem)
-                seen = tiles.cols(lse > -jnp.inf, tile_shape)
-                lse = tiles.cols(jnp.where(lse > -jnp.inf, lse * LOG2E, 0.0), tile_shape)
-                s_t = tiles.matmul_parts(k_smem, q_smem, tile_shape, transpose_b=True)
-                visible = (block_ids >= fb) & (block_ids < fb + (pos + 1) // BS) & seen
-                p_t = jnp.where(visible, jnp.exp2(s_t * (shape.scale * LOG2E) - lse), 0.0)
-                high = p_t.astype(jnp.bfloat16)
-                p_smem.at[0][...] = high
-                p_smem.at[1][...] = (p_t - high.astype(jnp.float32)).astype(jnp.bfloat16)
-                plgpu.commit_smem()
-                return (scores + tiles.matmul(p_smem.at[0], heads_smem, tile_shape)
-                        + tiles.matmul(p_smem.at[1], heads_smem, tile_shape))
+                lse = tiles.load_rows(lse_smem)
+                seen = tiles.rows(lse > -jnp.inf, tile_shape)
+                lse = tiles.rows(jnp.where(lse > -jnp.inf, lse * LOG2E, 0.0), tile_shape)
+                s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True)
+                visible = (block_ids >= fb) & (block_ids < end) & seen
+                p = jnp.where(visible, jnp.exp2(s * (shape.scale * LOG2E) - lse), 0.0)
+                # Two bfloat16 parts keep ~16 bits of each probability through the group sum.
+                tiles.store_parts(p_smem, p, 2)
+                return (scores + tiles.matmul(heads_smem, p_smem.at[0], tile_shape)
+                        + tiles.matmul(heads_smem, p_smem.at[1], tile_shape))
 
             scores = lax.fori_loop(0, NHC, head_chunk, tiles.zeros(tile_shape))
             local = block_ids - tok_fb
@@ -117,20 +116,20 @@ def _kernel(shape: Shape):
             return 0
 
         lax.fori_loop(meta_smem[4, 0], meta_smem[4, 1], block_tile, 0)
-        counts = tiles.load_cols(counts_smem)
-        fb_tok = tiles.load_cols(tok_smem.at[0])
+        counts = tiles.load_rows(counts_smem)
+        fb_tok = tiles.load_rows(tok_smem.at[0])
 
         @pl.loop(0, S)
         def _(s):
-            chosen = tiles.load_cols(run_i.at[s])
-            keep = (tiles.load_cols(run_v.at[s]) > -jnp.inf) & (s < counts)
+            chosen = tiles.load_rows(run_i.at[s])
+            keep = (tiles.load_rows(run_v.at[s]) > -jnp.inf) & (s < counts)
             out_smem[s] = jnp.where(keep, chosen - fb_tok, NO_BLOCK)
 
         tiles.store([(out_smem, out_ref.at[b, h, tile])])
 
     scratch = [
         tiles.smem((qp, ROWS, dk), ot), tiles.smem((2, BLOCK_TILE, dk), ot),
-        tiles.smem((2, BLOCK_TILE, ROWS), jnp.bfloat16), tiles.smem((ROWS, ROWS), jnp.bfloat16),
+        tiles.smem((2, ROWS, BLOCK_TILE), jnp.bfloat16), tiles.smem((ROWS, ROWS), jnp.bfloat16),
         plgpu.SMEM((5, ROWS), jnp.int32), plgpu.SMEM((2, ROWS), jnp.int32), plgpu.SMEM((ROWS,), jnp.int32),
         plgpu.SMEM((ROWS,), jnp.float32),
         plgpu.SMEM((S, ROWS), jnp.float32), plgpu.SMEM((S, ROWS), jnp.int32),
@@ -141,33 +140,33 @@ def _kernel(shape: Shape):
 
 
 def _merge(scores, block_ids, run_v, run_i, new_v, new_i, num_slots):
-    """Merge a `[64 blocks, 64 tokens]` tile into each token's sorted running top-S (in shared
-    memory, `[S, 64]`), best first, ties to the larger block."""
+    """Merge a `[64 tokens, 64 blocks]` tile into each token's sorted running top-S (in shared
+    memory, `[S, 64]`), best first, ties to the larger block. Every reduction runs along the
+    wgmma rows (axis 1), as in the attention kernels."""
     shape = scores.shape
 
     def round_(s, carry):
         scores, head = carry  # head: per token, how many running entries are already taken
-        best = scores.max(axis=0)
-        best_block = jnp.where(scores == tiles.cols(best, shape), block_ids, NO_BLOCK).max(axis=0)
+        best = scores.max(axis=1)
+        best_block = jnp.where(scores == tiles.rows(best, shape), block_ids, NO_BLOCK).max(axis=1)
 
         def running(r, acc):
             value, block = acc
             at_head = head == r
-            return (jnp.where(at_head, tiles.load_cols(run_v.at[r]), value),
-                    jnp.where(at_head, tiles.load_cols(run_i.at[r]), block))
+            return (jnp.where(at_head, tiles.load_rows(run_v.at[r]), value),
+                    jnp.where(at_head, tiles.load_rows(run_i.at[r]), block))
 
-        neg = jnp.full_like(best, -jnp.inf)
-        run_best, run_block = lax.fori_loop(0, num_slots, running, (neg, jnp.full_like(best_block, NO_BLOCK)))
+        run_best, run_block = lax.fori_loop(
+            0, num_slots, running, (jnp.full_like(best, -jnp.inf), jnp.full_like(best_block, NO_BLOCK)))
         # The tile's blocks come after every running block: a tie goes to the tile.
         take_tile = (best >= run_best) & (best > -jnp.inf)
         new_v[s] = jnp.where(take_tile, best, run_best)
         new_i[s] = jnp.where(take_tile, best_block, run_block)
-        scores = jnp.where((block_ids == tiles.cols(best_block, shape)) & tiles.cols(take_tile, shape),
-                           -jnp.inf, scores)
-        return scores, head + jnp.where(take_tile, 0, 1)
+        taken = (block_ids == tiles.rows(best_block, shape)) & tiles.rows(take_tile, shape)
+        return jnp.where(taken, -jnp.inf, scores), head + jnp.where(take_tile, 0, 1)
 
-    head = jnp.zeros(shape[1:], jnp.int32)
-    lax.fori_loop(0, num_slots, round_, (scores, plgpu.layout_cast(head, plgpu.Layout.WGMMA.reduce(0))))
+    head = plgpu.layout_cast(jnp.zeros(shape[:1], jnp.int32), plgpu.Layout.WGMMA.reduce(1))
+    lax.fori_loop(0, num_slots, round_, (scores, head))
 
     @pl.loop(0, num_slots)
     def _(s):
@@ -192,9 +191,9 @@ def token_meta(tiling: tiles.RowTiling, layout, block_size: int):
 
 
 def head_selector(tiling: tiles.RowTiling):
-    """`[64 rows, 64 tokens]` bfloat16: 1 where the row is one of the token's heads."""
-    rows = jnp.arange(ROWS)[:, None]
-    tokens = jnp.arange(ROWS)[None, :]
+    """`[64 tokens, 64 rows]` bfloat16: 1 where the row is one of the token's heads."""
+    tokens = jnp.arange(ROWS)[:, None]
+    rows = jnp.arange(ROWS)[None, :]
     mine = (rows // tiling.heads_per_chunk == tokens) & (rows < tiling.tokens_per_tile * tiling.heads_per_chunk)
     return mine.astype(jnp.bfloat16)
 
@@ -208,7 +207,7 @@ def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, sca
     shape = Shape(tiling, block_size, num_slots, float(scale), tiles.padded_dim(head_dim),
                   max(BLOCK_TILE, tiles.cdiv(num_blocks, BLOCK_TILE) * BLOCK_TILE), group, str(query.dtype))
     layout = token_layout(num_tokens, block_size, segments)
-    meta = tiling.row_meta(layout)
+    meta = tiling.row_meta(layout, block_size)
     tok, lo, hi = token_meta(tiling, layout, block_size)
     scalars = jnp.zeros((tiling.num_tiles, 1, ROWS), jnp.int32).at[:, 0, 0].set(lo).at[:, 0, 1].set(hi)
     meta = jnp.concatenate([meta, scalars], axis=1)

@@ -140,19 +140,23 @@ class RowTiling:
         token = self.row_token()
         return jnp.where(token >= 0, per_token[jnp.maximum(token, 0)], fill).astype(jnp.int32)
 
-    def row_meta(self, layout: TokenLayout):
-        """`[NT, 4, 64]` int32 per tile: token index, position, sequence start, first block.
-        Padding rows get position -1 (they see nothing) and token -1."""
+    def row_meta(self, layout: TokenLayout, block_size: int):
+        """`[NT, 4, 64]` int32 per tile: token index, position, first packed compressed block, and
+        one past the last complete block the row sees (`first_block + (pos + 1) // BS`, computed
+        here so that no kernel divides vectors). Padding rows get token and position -1 and an
+        empty block range: they see nothing."""
+        pos = self.per_row(layout.pos, -1)
+        first_block = self.per_row(layout.first_block, 0)
         rows = jnp.stack([
             self.row_token(),
-            self.per_row(layout.pos, -1),
-            self.per_row(layout.seq_start, 0),
-            self.per_row(layout.first_block, 0),
+            pos,
+            first_block,
+            jnp.where(pos >= 0, first_block + (pos + 1) // block_size, 0),
         ])
         return rows.reshape(4, self.num_tiles, ROWS).transpose(1, 0, 2)
 
 
-META_TOKEN, META_POS, META_SEQ_START, META_FIRST_BLOCK = range(4)
+META_TOKEN, META_POS, META_FIRST_BLOCK, META_CMP_END = range(4)
 
 
 def kernel(body, *, out_type, grid, grid_names, scratch_types, name):
@@ -267,9 +271,18 @@ def row_tile_program(num_kv_heads: int, head_chunks: int):
     """This program's row tile on the grid `(tile, batch x kv head x head chunk)`: the tile, the
     batch, the head-chunk row block `hn`, its kv head, and the tile's rows."""
     tile, bh = jax.lax.axis_index("tile"), jax.lax.axis_index("bh")
-    heads = num_kv_heads * head_chunks
-    b, hn = bh // heads, bh % heads
-    return tile, b, hn, hn // head_chunks, pl.ds(tile * ROWS, ROWS)
+    b, hn = div(bh, num_kv_heads * head_chunks), rem(bh, num_kv_heads * head_chunks)
+    return tile, b, hn, div(hn, head_chunks), pl.ds(tile * ROWS, ROWS)
+
+
+# Inside kernels, integer division of the (non-negative) scalars goes through lax.div / lax.rem,
+# as the jax Mosaic GPU examples do, rather than jnp's floor division (sign fix-ups).
+def div(a, b):
+    return jax.lax.div(a, jnp.asarray(b, jnp.int32))
+
+
+def rem(a, b):
+    return jax.lax.rem(a, jnp.asarray(b, jnp.int32))
 
 
 def fetch(pairs, bars, first: int = 0):
