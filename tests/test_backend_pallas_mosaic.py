@@ -165,6 +165,71 @@ def test_select_blocks_matches_oracle(data):
     assert agree.all(), f"selection differs at well-separated (b, t, h) {np.argwhere(~agree)[:5].tolist()}"
 
 
+# ---- transformations: traced offsets, vmap, eager grad (SPEC 7) --------------------------------
+
+
+def fixed_inputs(seq_len, group, cu_seqlens=None, batch=1, dtype="bfloat16", given_indices=True):
+    from backend_suite import fixed_case
+
+    case = dataclasses.replace(fixed_case(seq_len, group, 0, cu_seqlens=cu_seqlens, batch=batch), dtype=dtype,
+                               block_size=16, given_indices=given_indices, g_cmp=not given_indices, g_slc=False)
+    return case, make_inputs(case)
+
+
+def test_jit_with_traced_cu_seqlens_does_not_retrace():
+    case, args = fixed_inputs(120, 3, cu_seqlens=(0, 40, 41, 120))
+    fn = jax.jit(lambda q, k, v, indices, cu: (
+        nsa.apply_native_sparse_attention(q, k, v, indices, 3, 16, cu_seqlens=cu, backend=BACKEND),
+        nsa.compressed_attention(q, *compressed_inputs(case, args), 16, cu_seqlens=cu, backend=BACKEND)[1]))
+    for cu in ((0, 40, 41, 120), (0, 0, 100, 120), (0, 60, 120, 120)):
+        cu = np.asarray(cu, np.int32)
+        out, lse = fn(args["query"], args["key"], args["value"], args["block_indices"], cu)
+        expected = oracle.nsa_forward(query=args["query"], key=args["key"], value=args["value"],
+                                      block_indices=args["block_indices"], block_counts=3, block_size=16, cu_seqlens=cu)
+        assert_close(f"selected output with cu_seqlens={cu.tolist()}", out, expected["o"], 2e-2)
+        # The block means were pooled with the first offsets: only -inf placement depends on cu here.
+        _, ref_lse = oracle.compressed_attention(args["query"], *compressed_inputs(case, args), 16, cu_seqlens=cu)
+        assert np.array_equal(np.isfinite(np.asarray(lse)), np.isfinite(ref_lse)), f"lse -inf with cu={cu.tolist()}"
+    assert fn._cache_size() == 1, "new cu_seqlens values of the same length must not retrace"
+
+
+def test_vmap_over_leading_axis():
+    case, args = fixed_inputs(70, 2, batch=2)
+    k_cmp, v_cmp = compressed_inputs(case, args)
+    lse = oracle.compressed_attention(args["query"], k_cmp, v_cmp, 16)[1].astype(np.float32)
+
+    def pieces(q, k, v, indices, kc, vc, lse):
+        return (nsa.apply_native_sparse_attention(q, k, v, indices, 3, 16, backend=BACKEND),
+                nsa.compressed_attention(q, kc, vc, 16, backend=BACKEND)[0],
+                nsa.select_blocks(q, kc, lse, 3, 16, backend=BACKEND))
+
+    inputs = (args["query"], args["key"], args["value"], args["block_indices"], k_cmp, v_cmp, lse)
+    batched = jax.vmap(pieces)(*(x[:, None] for x in inputs))
+    for i in range(2):
+        one = pieces(*(x[i : i + 1] for x in inputs))
+        for name, a, b in zip(("selected", "compressed", "selection"), batched, one, strict=True):
+            assert np.array_equal(np.asarray(a[i], np.float64), np.asarray(b, np.float64)), f"vmap {name}, row {i}"
+
+
+def test_gradients_without_jit():
+    """Eager `jax.grad` (array constants arrive as NumPy-backed literals), a packed batch with an
+    empty sequence, against the oracle."""
+    case, args = fixed_inputs(90, 3, cu_seqlens=(0, 0, 45, 90))
+    d_out = np.random.default_rng(5).standard_normal((1, 90, case.num_q_heads, case.value_dim))
+
+    def loss(q, k, v):
+        out = nsa.apply_native_sparse_attention(q, k, v, args["block_indices"], 3, 16, cu_seqlens=args["cu_seqlens"],
+                                                backend=BACKEND)
+        return jnp.sum(out.astype(jnp.float32) * d_out.astype(np.float32))
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(args["query"], args["key"], args["value"])
+    expected = oracle.nsa_vjp(d_out=d_out, query=args["query"], key=args["key"], value=args["value"],
+                              block_indices=args["block_indices"], block_counts=3, block_size=16,
+                              cu_seqlens=args["cu_seqlens"])
+    for name, grad in zip(("query", "key", "value"), grads, strict=True):
+        assert_close(f"d{name}", grad, expected[name], TOLERANCES["bfloat16"][1])
+
+
 # ---- what the backend declines -----------------------------------------------------------------
 
 

@@ -24,6 +24,15 @@ from ejkernel_nsa import config
 from ejkernel_nsa.problem import NSAProblem, TokenLayout
 from ejkernel_nsa.registry.toolchain import gpu_failure
 
+try:
+    # Mosaic GPU's interpreter imports the Pallas fuser's jaxpr fusion on its first run, and that
+    # import registers a new trace-context setting: a jit traced before it would miss its cache
+    # once (a second compile for new cu_seqlens values). Importing it up front keeps the trace
+    # context fixed. A private module: if it moves, only that one-time retrace comes back.
+    import jax._src.pallas.fuser.jaxpr_fusion  # noqa: F401
+except ImportError:
+    pass
+
 ROWS = 64  # one warpgroup's wgmma M
 LOG2E = 1.4426950408889634
 DTYPES = ("bfloat16", "float16")
