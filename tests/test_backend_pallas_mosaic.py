@@ -1,11 +1,11 @@
-"""The Mosaic GPU backend against the float64 oracle, piece by piece: on a Hopper GPU (compiled
-kernels) or, with EJKERNEL_NSA_INTERPRET=1 on a machine without one, through Mosaic GPU's
-interpreter.
+"""The Mosaic GPU backend against the float64 oracle: on a Hopper GPU (compiled kernels) or,
+with EJKERNEL_NSA_INTERPRET=1 on a machine without one, through Mosaic GPU's interpreter.
 
-The backend has no compression and no sliding-window kernel, so the shared `BackendSuite` (which
-forces one backend for whole NSA calls) cannot run on it. Instead every call here needs only the
-pieces it has: `apply_native_sparse_attention` with given block indices (selected attention
-alone), and the public `compressed_attention` / `select_blocks`, each forced with `backend=`.
+The backend has no sliding-window kernel, so the shared `BackendSuite` (which forces one backend
+for whole NSA calls, windows included) cannot run on it. The tests here draw the same cases
+without a window: whole calls (compression, compressed attention, selection, selected
+attention, gates), and each piece on its own through the public API, each forced with
+`backend=`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import oracle
-from cases import TOLERANCES, assert_close, cases, make_inputs, same_slot_sets
+from backend_suite import jitted_nsa
+from cases import (
+    TOLERANCES,
+    assert_close,
+    cases,
+    make_inputs,
+    oracle_kwargs,
+    same_slot_sets,
+    well_separated_heads,
+)
 
 import ejkernel_nsa as nsa
 from ejkernel_nsa import registry
@@ -52,6 +61,86 @@ def draw_case(data, **fixed):
 
 def loss_of(fn, d_out):
     return lambda *xs: jnp.sum(fn(*xs).astype(jnp.float32) * d_out.astype(np.float32))
+
+
+# ---- whole calls without a window -------------------------------------------------------------
+
+
+@given(data=st.data())
+def test_native_sparse_attention_matches_oracle(data):
+    """Every piece of the backend in one call: values (near-tie selections compared through the
+    oracle's own selection, SPEC 8) and the gradients into query, key, value and the gates."""
+    case = draw_case(data, window_size=0)
+    args = make_inputs(case)
+    out_tol, grad_tol = TOLERANCES[case.dtype]
+    expected = oracle.nsa_forward(**oracle_kwargs(args))
+    fn, arrays = jitted_nsa(args, BACKEND)
+    out = np.asarray(fn(**arrays), np.float64)
+    assert np.all(np.isfinite(out)), "NaN or Inf in the output"
+    keep = well_separated_heads(expected, args, case) if expected["scores"] is not None else Ellipsis
+    assert_close("output", out[keep], expected["o"][keep], out_tol)
+    if case.g_cmp:
+        check_pieces(case, args, expected)
+
+    # Selection carries no gradient; a shared one keeps near ties out of the comparison.
+    shared = dict(args, block_indices=expected["block_indices"].astype(np.int32))
+    d_out = np.random.default_rng(case.seed + 1).standard_normal(out.shape)
+    wanted = oracle.nsa_vjp(d_out=d_out, **oracle_kwargs(shared))
+    fn, arrays = jitted_nsa(shared, BACKEND)
+    wrt = [name for name in ("query", "key", "value", "g_cmp", "g_slc") if arrays.get(name) is not None]
+    grads = jax.grad(lambda *xs: jnp.sum(fn(**dict(arrays, **dict(zip(wrt, xs, strict=True)))).astype(jnp.float32)
+                                         * d_out.astype(np.float32)), argnums=tuple(range(len(wrt))))(
+        *(arrays[n] for n in wrt))
+    for name, grad in zip(wrt, grads, strict=True):
+        assert grad.dtype == arrays[name].dtype, f"d{name} dtype"
+        assert_close(f"d{name}", grad, wanted[name], grad_tol)
+
+
+def check_pieces(case, args, expected):
+    """The computed-selection path piece by piece, on the same inputs: block means, compressed
+    output and lse (-inf exactly where no block is seen), and the top-k wherever the oracle's
+    n-th and (n+1)-th scores are not a near tie (SPEC 8)."""
+    out_tol, _ = TOLERANCES[case.dtype]
+    common = dict(block_size=case.block_size, cu_seqlens=args["cu_seqlens"], backend=BACKEND)
+    k_cmp, v_cmp = nsa.mean_pool(args["key"], args["value"], **common)
+    ref_k, ref_v = oracle.mean_pool(args["key"], args["value"], case.block_size, args["cu_seqlens"])
+    assert_close("key_cmp", k_cmp, ref_k, 1e-5)
+    assert_close("value_cmp", v_cmp, ref_v, 1e-5)
+    o_cmp, lse = nsa.compressed_attention(args["query"], k_cmp, v_cmp, **common)
+    assert_close("compressed output", o_cmp, expected["o_cmp"], out_tol)
+    seen = np.isfinite(expected["lse"])
+    assert np.array_equal(np.isfinite(np.asarray(lse)), seen), "lse must be -inf exactly where no block is seen"
+    assert_close("lse", np.asarray(lse)[seen], expected["lse"][seen], 1e-5)
+    if expected["scores"] is None:
+        return
+    indices = nsa.select_blocks(args["query"], k_cmp, lse, args["block_counts"],
+                                max_block_counts=args.get("max_block_counts"), **common)
+    separated = oracle.near_tie_mask(expected["scores"], args["block_counts"], expected["num_slots"], case.group)
+    assert indices.dtype == jnp.int32
+    agree = same_slot_sets(indices, expected["block_indices"], separated)
+    assert agree.all(), f"selection differs at well-separated (b, t, h) {np.argwhere(~agree)[:5].tolist()}"
+
+
+def test_mean_pool_matches_oracle():
+    """The pooled means (float32 whatever the input) and their transpose, on a packed batch with
+    an empty sequence and partial last blocks."""
+    cu = np.asarray((0, 0, 37, 130), np.int32)
+    for dtype in DTYPES:
+        rng = np.random.default_rng(7)
+        key = np.asarray(jnp.asarray(rng.standard_normal((1, 130, 2, 32)), dtype))
+        value = np.asarray(jnp.asarray(rng.standard_normal((1, 130, 2, 24)), dtype))
+        k_cmp, v_cmp = nsa.mean_pool(key, value, 16, cu, backend=BACKEND)
+        ref_k, ref_v = oracle.mean_pool(key, value, 16, cu)
+        assert k_cmp.dtype == v_cmp.dtype == jnp.float32
+        assert_close(f"key_cmp {dtype}", k_cmp, ref_k, 1e-5)
+        assert_close(f"value_cmp {dtype}", v_cmp, ref_v, 1e-5)
+        d_k, d_v = rng.standard_normal(ref_k.shape), rng.standard_normal(ref_v.shape)
+        grads = jax.grad(lambda k, v: sum(jnp.sum(c * d) for c, d in zip(
+            nsa.mean_pool(k, v, 16, cu, backend=BACKEND), (d_k, d_v), strict=True)), argnums=(0, 1))(key, value)
+        wanted = oracle._mean_pool_backward(d_k, d_v, key.shape, value.shape, 16, cu)
+        for name, grad, ref in zip(("key", "value"), grads, wanted, strict=True):
+            assert grad.dtype == jnp.dtype(dtype)
+            assert_close(f"d{name} {dtype}", grad, ref, TOLERANCES[dtype][1])
 
 
 # ---- selected attention: apply_native_sparse_attention needs nothing else -------------------
@@ -95,7 +184,7 @@ def test_selected_attention_matches_oracle(data):
         assert_close(f"d{name}", grad, wanted[name], grad_tol)
 
 
-# ---- compressed attention and selection, on the oracle's block means ------------------------
+# ---- compressed attention's second output -----------------------------------------------------
 
 
 def compressed_inputs(case, args):
@@ -104,65 +193,29 @@ def compressed_inputs(case, args):
 
 
 @given(data=st.data())
-def test_compressed_attention_matches_oracle(data):
-    """Output, lse (-inf exactly where no block is seen) and the gradients into the query and
-    the block means; the lse cotangent is checked against the XLA backend's autodiff."""
+def test_compressed_attention_lse_cotangent(data):
+    """`compressed_attention` returns the lse too, and a caller may differentiate it (the whole
+    call never does): its gradient into the query and the block means, against the XLA backend's
+    autodiff (the oracle has no lse backward). The output's own gradients are checked against
+    the oracle by the whole-call test."""
     case = draw_case(data)
     args = make_inputs(case)
-    out_tol, grad_tol = TOLERANCES[case.dtype]
+    _, grad_tol = TOLERANCES[case.dtype]
     k_cmp, v_cmp = compressed_inputs(case, args)
-    call = functools.partial(nsa.compressed_attention, block_size=case.block_size, cu_seqlens=args["cu_seqlens"])
-    out, lse = jax.jit(functools.partial(call, backend=BACKEND))(args["query"], k_cmp, v_cmp)
-    ref_out, ref_lse = oracle.compressed_attention(args["query"], k_cmp, v_cmp, case.block_size,
-                                                   cu_seqlens=args["cu_seqlens"])
-    assert out.dtype == jnp.dtype(case.dtype) and lse.dtype == jnp.float32
-    assert_close("compressed output", out, ref_out, out_tol)
+    _, ref_lse = oracle.compressed_attention(args["query"], k_cmp, v_cmp, case.block_size,
+                                             cu_seqlens=args["cu_seqlens"])
     seen = np.isfinite(ref_lse)
-    assert np.array_equal(np.isfinite(np.asarray(lse)), seen), "lse must be -inf exactly where no block is seen"
-    assert_close("lse", np.asarray(lse)[seen], ref_lse[seen], 1e-5)
-
-    rng = np.random.default_rng(case.seed + 1)
-    d_out = rng.standard_normal(ref_out.shape)
-    d_lse = np.where(seen, rng.standard_normal(ref_lse.shape), 0.0).astype(np.float32)
-    inputs = (args["query"], k_cmp, v_cmp)
-    grads = jax.grad(loss_of(lambda *xs: jax.jit(functools.partial(call, backend=BACKEND))(*xs)[0], d_out),
-                     argnums=(0, 1, 2))(*inputs)
-    segments = oracle._segments(case.batch, case.seq_len, args["cu_seqlens"], case.block_size)
-    plan = oracle._compressed_plan(segments, case.num_q_heads, case.group, case.block_size)
-    wanted = oracle._run_plan_backward(plan, *(np.asarray(x, np.float64) for x in inputs),
-                                       case.head_dim ** -0.5, d_out)
-    for name, grad, ref in zip(("query", "key_cmp", "value_cmp"), grads, wanted, strict=True):
-        assert_close(f"d{name}", grad, ref, grad_tol)
+    d_lse = np.where(seen, np.random.default_rng(case.seed + 1).standard_normal(ref_lse.shape), 0.0)
 
     def lse_loss(backend):
-        fn = jax.jit(functools.partial(call, backend=backend))
-        return lambda *xs: jnp.sum(jnp.where(seen, fn(*xs)[1], 0.0) * d_lse)
+        fn = jax.jit(functools.partial(nsa.compressed_attention, block_size=case.block_size,
+                                       cu_seqlens=args["cu_seqlens"], backend=backend))
+        return lambda *xs: jnp.sum(jnp.where(seen, fn(*xs)[1], 0.0) * d_lse.astype(np.float32))
 
-    by_lse = jax.grad(lse_loss(BACKEND), argnums=(0, 1))(*inputs)
-    by_xla = jax.grad(lse_loss("xla"), argnums=(0, 1))(*(x.astype(np.float32) for x in inputs))
+    by_lse = jax.grad(lse_loss(BACKEND), argnums=(0, 1))(args["query"], k_cmp, v_cmp)
+    by_xla = jax.grad(lse_loss("xla"), argnums=(0, 1))(args["query"].astype(np.float32), k_cmp, v_cmp)
     for name, grad, ref in zip(("query", "key_cmp"), by_lse, by_xla, strict=True):
         assert_close(f"d{name} through lse", grad, ref, grad_tol)
-
-
-@given(data=st.data())
-def test_select_blocks_matches_oracle(data):
-    """The top-k against the oracle's, wherever the n-th and (n+1)-th scores are not a near tie
-    (SPEC 8); forced blocks, ties to the later block, per-token counts, varlen."""
-    case = draw_case(data)
-    args = make_inputs(case)
-    k_cmp, _ = compressed_inputs(case, args)
-    _, lse = oracle.compressed_attention(args["query"], k_cmp, k_cmp, case.block_size, cu_seqlens=args["cu_seqlens"])
-    lse = lse.astype(np.float32)
-    counts = args["block_counts"]
-    num_slots = case.num_slots
-    indices = nsa.select_blocks(args["query"], k_cmp, lse, counts, case.block_size, cu_seqlens=args["cu_seqlens"],
-                                max_block_counts=args.get("max_block_counts"), backend=BACKEND)
-    scores = oracle.selection_scores(args["query"], k_cmp, lse, case.block_size, cu_seqlens=args["cu_seqlens"])
-    expected = oracle.select_blocks(scores, counts, num_slots)
-    separated = oracle.near_tie_mask(scores, counts, num_slots, case.group)
-    assert indices.shape == expected.shape and indices.dtype == jnp.int32
-    agree = same_slot_sets(indices, expected, separated)
-    assert agree.all(), f"selection differs at well-separated (b, t, h) {np.argwhere(~agree)[:5].tolist()}"
 
 
 # ---- transformations: traced offsets, vmap, eager grad (SPEC 7) --------------------------------
@@ -234,12 +287,12 @@ def test_gradients_without_jit():
 
 
 def test_forcing_calls_that_need_missing_pieces_names_them():
-    """No compression and no sliding-window kernel: a forced call that needs one raises, naming
-    the piece, instead of running it elsewhere."""
+    """No sliding-window kernel: a forced call that needs one raises, naming the piece, instead
+    of running it elsewhere."""
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 64, 4, 32), (1, 64, 2, 32), (1, 64, 2, 32)))
     gate = rng.uniform(size=(1, 64, 4)).astype(np.float32)
-    with pytest.raises(nsa.BackendError, match="pallas_mosaic.*no implementation of compression"):
+    with pytest.raises(nsa.BackendError, match="pallas_mosaic.*no implementation of sliding_window"):
         nsa.native_sparse_attention(q, k, v, gate, gate, g_swa=gate, window_size=16, block_counts=2, block_size=16,
                                     backend=BACKEND)
     indices = np.zeros((1, 64, 2, 2), np.int32)
@@ -262,7 +315,7 @@ def test_declines_block_sizes_it_has_no_kernel_for():
 
 def test_pieces_registered():
     pieces = {impl.piece for impl in registry.implementations(backend=BACKEND)}
-    assert pieces == {Piece.COMPRESSED_ATTENTION, Piece.SELECTION, Piece.SELECTED_ATTENTION}
+    assert pieces == {Piece.COMPRESSION, Piece.COMPRESSED_ATTENTION, Piece.SELECTION, Piece.SELECTED_ATTENTION}
 
 
 # ---- model-sized heads, on a Hopper GPU only --------------------------------------------------

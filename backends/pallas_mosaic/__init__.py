@@ -1,11 +1,11 @@
 """Pallas kernels lowered through Mosaic GPU (Hopper; CPU through Mosaic GPU's interpreter).
 
-One module per piece (`compressed_attention`, `selection`, `selected_attention`), each with its
-`plgpu.kernel`s, its `custom_vjp` and the cases it declines; `tiles.py` holds what they share
-(64-row tiles of tokens x query heads, swizzled shared-memory operands, the launch). Pieces this
-backend does not have (`compression`, `sliding_window`) have no implementation here: automatic
-resolution takes them from another backend, and forcing `pallas_mosaic` on a call that needs them
-raises `BackendError`. Interpret mode: with `EJKERNEL_NSA_INTERPRET=1` on a machine without a
+One module per piece (`compression`, `compressed_attention`, `selection`, `selected_attention`),
+each with its `plgpu.kernel`s, its `custom_vjp` and the cases it declines; `tiles.py` holds what
+they share (64-row tiles of tokens x query heads, swizzled shared-memory operands, the launch).
+The sliding window has no implementation here: automatic resolution takes it from another
+backend, and forcing `pallas_mosaic` on a call with a window raises `BackendError`. See
+docs/pallas.md, "Mosaic GPU". Interpret mode: with `EJKERNEL_NSA_INTERPRET=1` on a machine without a
 Hopper GPU, every kernel runs in `plgpu.InterpretGPUParams` mode on the CPU, and the registry
 uses it only when forced.
 """
@@ -19,7 +19,7 @@ from ejkernel_nsa.registry.toolchain import gpu_failure, import_failure
 NAME = "pallas_mosaic"
 # Below the Triton kernels (20), above the XLA fallback (0).
 PRIORITY = 15
-MODULES = ("compressed_attention", "selection", "selected_attention")
+MODULES = ("compression", "compressed_attention", "selection", "selected_attention")
 
 
 def availability() -> str | None:
