@@ -67,7 +67,7 @@ def _pool_kernel(shape: Shape):
             tokens = first_token + i * ROWS
             tiles.fetch([(x_ref.at[b, h, :, pl.ds(tokens, ROWS)], x_smem)], bars, 1)
             token_ids = tiles.iota(tile_shape, 1) + tokens
-            a_smem[...] = ((token_ids >= start) & (token_ids < end)).astype(jnp.float32).astype(ot)
+            a_smem[...] = jnp.where((token_ids >= start) & (token_ids < end), 1.0, 0.0).astype(ot)
             plgpu.commit_smem()
             for part in range(P):
                 acc = acc + tiles.matmul(a_smem, x_smem.at[part], (BLOCK_TILE, W))
@@ -96,7 +96,7 @@ def _spread_kernel(shape: Shape):
         first_block = tokens_smem[1, 0]
         tiles.fetch([(d_ref.at[b, h, :, pl.ds(first_block, BLOCK_TILE)], d_smem)], bars, 1)
         own = tiles.rows(tiles.load_rows(tokens_smem.at[0]), tile_shape)
-        a_smem[...] = (own == tiles.iota(tile_shape, 1) + first_block).astype(jnp.float32).astype(ot)
+        a_smem[...] = jnp.where(own == tiles.iota(tile_shape, 1) + first_block, 1.0, 0.0).astype(ot)
         plgpu.commit_smem()
         dx = tiles.zeros((ROWS, W))
         for part in range(P):

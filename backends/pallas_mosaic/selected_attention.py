@@ -280,7 +280,7 @@ def tile_unions(starts, shape: Shape):
 def inverted_index(union, shape: Shape, num_tokens: int, segments):
     """Per key block (the packed compressed-block axis), the row tiles whose union holds it.
 
-    Returns the reading tiles `[B, H, NT * (U - 1) + 64]` sorted by key block, and per key block
+    Returns the reading tiles `[B, H, >= NT * (U - 1) + 64]` sorted by key block, and per key block
     `[B, H, NBK, 64]` int32 with columns (first key row, readers lo, readers hi)."""
     tiling = shape.tiling
     B, H, NT, U = union.shape
@@ -301,7 +301,9 @@ def inverted_index(union, shape: Shape, num_tokens: int, segments):
     # An unused block (the packed axis' tail) reads from row 0: its reader list is empty anyway.
     kmeta = kmeta.at[..., 0].set(jnp.where(blocks.count > 0, blocks.start, 0)[None, None])
     kmeta = kmeta.at[..., 1].set(bounds[..., :-1]).at[..., 2].set(bounds[..., 1:])
-    readers = tiles.pad_axis(readers.astype(jnp.int32), 2, readers.shape[-1] + ROWS)
+    # 64 entries of slack for the last chunk's TMA box, and a length that keeps the row stride
+    # a multiple of 16 bytes (TMA's rule for global strides).
+    readers = tiles.pad_axis(readers.astype(jnp.int32), 2, (tiles.cdiv(readers.shape[-1], ROWS) + 1) * ROWS)
     return readers, kmeta
 
 
