@@ -35,7 +35,15 @@ BLOCK_TILE = 64  # compressed blocks per K/V tile (the wgmma N of QK^T, the M of
 
 def supports(problem: NSAProblem) -> str | None:
     # float32 runs as two bfloat16 parts per operand (`tiles.split`).
-    return tiles.common_decline(problem, float32=True)
+    reason = tiles.common_decline(problem, float32=True)
+    if reason is not None:
+        return reason
+    shape = Shape(tiles.RowTiling(problem.seq_len, problem.num_kv_heads, problem.group_size), problem.block_size,
+                  1.0, tiles.padded_dim(problem.head_dim), tiles.padded_dim(problem.value_dim), BLOCK_TILE,
+                  problem.head_dim, problem.dtype)
+    return tiles.smem_decline([(name, factory(shape)[1]) for name, factory in (
+        ("compressed_attention_fwd_kernel", _fwd_kernel), ("compressed_attention_bwd_kernel_dq", _dq_kernel),
+        ("compressed_attention_bwd_kernel_dkv", _dkv_kernel))])
 
 
 def _visible(blocks, first_block, end):

@@ -35,7 +35,14 @@ BLOCK_TILE = 64  # blocks per program, the wgmma M of the pooling product
 
 def supports(problem: NSAProblem) -> str | None:
     # float32 runs as two bfloat16 parts (`tiles.split`).
-    return tiles.common_decline(problem, float32=True)
+    reason = tiles.common_decline(problem, float32=True)
+    if reason is not None:
+        return reason
+    kernels = []
+    for dim in (problem.head_dim, problem.value_dim):
+        shape = Shape(problem.seq_len, BLOCK_TILE, tiles.padded_dim(dim), dim, problem.dtype)
+        kernels += [("mean_pool_fwd_kernel", _pool_kernel(shape)[1]), ("mean_pool_bwd_kernel", _spread_kernel(shape)[1])]
+    return tiles.smem_decline(kernels)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from ejkernel_nsa.backends.pallas_mosaic import tiles
 from ejkernel_nsa.backends.pallas_mosaic.tiles import LOG2E, ROWS
-from ejkernel_nsa.problem import NSAProblem, Piece, Segments, block_layout, token_layout
+from ejkernel_nsa.problem import NSAProblem, Piece, Segments, block_layout, num_compressed_blocks, token_layout
 
 PIECE = Piece.SELECTED_ATTENTION
 NO_BLOCK = -1
@@ -50,7 +50,11 @@ def supports(problem: NSAProblem) -> str | None:
     if tokens * problem.num_slots > MAX_UNION:
         return (f"{problem.num_slots} slots x {tokens} tokens per 64-row tile exceed the {MAX_UNION}-entry "
                 "block union a tile keeps in shared memory")
-    return None
+    shape = _shape(problem.seq_len, problem.num_kv_heads, problem.group_size, problem.head_dim, problem.value_dim,
+                   problem.block_size, problem.num_slots, 1.0, problem.num_seqs, problem.dtype)
+    return tiles.smem_decline([(name, factory(shape)[1]) for name, factory in (
+        ("selected_attention_fwd_kernel", _fwd_kernel), ("selected_attention_bwd_kernel_dq", _dq_kernel),
+        ("selected_attention_bwd_kernel_dkv", _dkv_kernel))])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,16 +393,21 @@ def _attend_bwd(shape, residuals, d_out):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+def _shape(num_tokens, num_kv_heads, group, head_dim, value_dim, block_size, num_slots, scale, num_seqs, dtype):
+    tiling = tiles.RowTiling(num_tokens, num_kv_heads, group)
+    return Shape(tiling, block_size, num_slots, float(scale), tiles.padded_dim(head_dim), tiles.padded_dim(value_dim),
+                 head_dim, value_dim, tiles.cdiv(1 + tiling.tokens_per_tile * num_slots, ROWS) * ROWS,
+                 num_compressed_blocks(num_tokens, block_size, num_seqs), dtype)
+
+
 def run(query, key, value, block_indices, block_counts, *, block_size: int, scale: float,
         segments: Segments | None):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads, value_dim = key.shape[2], value.shape[3]
     num_slots = block_indices.shape[-1]
-    tiling = tiles.RowTiling(num_tokens, num_kv_heads, num_q_heads // num_kv_heads)
-    num_key_blocks = tiles.cdiv(num_tokens, block_size) if segments is None else num_tokens // block_size + segments.num_seqs
-    shape = Shape(tiling, block_size, num_slots, float(scale), tiles.padded_dim(head_dim),
-                  tiles.padded_dim(value_dim), head_dim, value_dim,
-                  tiles.cdiv(1 + tiling.tokens_per_tile * num_slots, ROWS) * ROWS, num_key_blocks, str(query.dtype))
+    shape = _shape(num_tokens, num_kv_heads, num_q_heads // num_kv_heads, head_dim, value_dim, block_size, num_slots,
+                   scale, None if segments is None else segments.num_seqs, str(query.dtype))
+    tiling = shape.tiling
     if isinstance(block_counts, int):
         block_counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
     layout = token_layout(num_tokens, block_size, segments)

@@ -46,7 +46,10 @@ def supports(problem: NSAProblem) -> str | None:
         return reason
     if problem.num_slots > MAX_SLOTS:
         return f"at most {MAX_SLOTS} selected-block slots (S), got {problem.num_slots}"
-    return None
+    shape = Shape(tiles.RowTiling(problem.seq_len, problem.num_kv_heads, problem.group_size), problem.block_size,
+                  problem.num_slots, 1.0, tiles.padded_dim(problem.head_dim), BLOCK_TILE, problem.group_size,
+                  problem.dtype)
+    return tiles.smem_decline([("block_selection_fwd_kernel", _kernel(shape)[1])])
 
 
 @dataclasses.dataclass(frozen=True)

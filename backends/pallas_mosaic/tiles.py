@@ -14,6 +14,7 @@ Head dims are zero-padded to what a swizzled wgmma operand needs (16, 32, 64 or 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,27 @@ def smem(shape, dtype):
     swizzle = next(s for s in (128, 64, 32) if minor % s == 0)
     elems = swizzle // jnp.dtype(dtype).itemsize
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)))
+
+
+# Shared memory one block may take on an H100 (227 KiB), less a margin for Mosaic's own use
+# (barriers, alignment padding between buffers).
+SMEM_LIMIT = 220 * 1024
+
+
+def smem_bytes(scratch) -> int:
+    """Shared memory a kernel's scratch list takes (its buffers; barriers are a few bytes)."""
+    return sum(math.prod(ref.shape) * jnp.dtype(ref.dtype).itemsize for ref in scratch if hasattr(ref, "shape"))
+
+
+def smem_decline(kernels) -> str | None:
+    """A reason if one of the `(name, scratch)` kernels would not fit in shared memory: checked
+    from the problem's static shapes, so that a case Mosaic could not compile is declined first."""
+    for name, scratch in kernels:
+        need = smem_bytes(scratch)
+        if need > SMEM_LIMIT:
+            return (f"{name} would need {need // 1024} KiB of shared memory for these head dims, block "
+                    f"size and dtype (at most {SMEM_LIMIT // 1024} KiB)")
+    return None
 
 
 def pad_axis(x, axis, size, value=0):
