@@ -315,12 +315,18 @@ def test_forcing_calls_that_need_missing_pieces_names_them():
     assert plan.chosen[Piece.SLIDING_WINDOW].backend != BACKEND
 
 
-def test_declines_block_sizes_it_has_no_kernel_for():
+def test_declines_cases_it_has_no_kernel_for():
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 32, 2, 16), (1, 32, 1, 16), (1, 32, 1, 16)))
     indices = np.zeros((1, 32, 1, 1), np.int32)
     with pytest.raises(nsa.BackendError, match="block_size 8"):
         nsa.apply_native_sparse_attention(q, k, v, indices, 1, block_size=8, backend=BACKEND)
+    # Head dim 256 with 128-token blocks: the buffers would not fit in an H100 block's shared
+    # memory; declined from the static shapes, nothing is traced.
+    q, k, v = (np.zeros(s, jnp.bfloat16) for s in ((1, 256, 2, 256), (1, 256, 1, 256), (1, 256, 1, 256)))
+    with pytest.raises(nsa.BackendError, match="selected_attention_fwd_kernel would need .* KiB of shared memory"):
+        nsa.apply_native_sparse_attention(q, k, v, np.zeros((1, 256, 1, 1), np.int32), 1, block_size=128,
+                                          backend=BACKEND)
 
 
 def test_pieces_registered():
