@@ -1,11 +1,25 @@
-"""Pallas kernels lowered through Mosaic GPU (Hopper; CPU in interpret mode).
+"""Pallas kernels lowered through Mosaic GPU (Hopper; CPU through Mosaic GPU's interpreter).
 
-The kernels themselves are not written yet; until they are, this backend registers no piece.
+One module per piece (`compression`, `compressed_attention`, `selection`, `selected_attention`),
+each with its `plgpu.kernel`s, its `custom_vjp` and the cases it declines; `tiles.py` holds what
+they share (64-row tiles of tokens x query heads, swizzled shared-memory operands, the launch).
+The sliding window has no implementation here: automatic resolution takes it from another
+backend, and forcing `pallas_mosaic` on a call with a window raises `BackendError`. See
+docs/pallas.md, "Mosaic GPU". Interpret mode: with `EJKERNEL_NSA_INTERPRET=1` on a machine without a
+Hopper GPU, every kernel runs in `plgpu.InterpretGPUParams` mode on the CPU, and the registry
+uses it only when forced.
 """
 
+import importlib
+
 from ejkernel_nsa import config
-from ejkernel_nsa.registry import Backend, register_backend
+from ejkernel_nsa.registry import Backend, register, register_backend
 from ejkernel_nsa.registry.toolchain import gpu_failure, import_failure
+
+NAME = "pallas_mosaic"
+# Below the Triton kernels (20), above the XLA fallback (0).
+PRIORITY = 15
+MODULES = ("compression", "compressed_attention", "selection", "selected_attention")
 
 
 def availability() -> str | None:
@@ -19,4 +33,18 @@ def interpreted() -> bool:
     return config.interpret_enabled() and gpu_failure((9, 0)) is not None
 
 
-register_backend(Backend("pallas_mosaic", "Pallas, Mosaic GPU lowering (Hopper)", availability, interpreted))
+register_backend(Backend(NAME, "Pallas, Mosaic GPU lowering (Hopper)", availability, interpreted))
+
+
+def _register_pieces() -> None:
+    if import_failure("jax.experimental.pallas.mosaic_gpu"):
+        return
+    for module_name in MODULES:
+        module = importlib.import_module(f"ejkernel_nsa.backends.{NAME}.{module_name}")
+        # Like the Triton backend, the interpret decision is taken at import: CPU inputs are
+        # accepted only when the kernels will run in the interpreter.
+        register(module.PIECE, backend=NAME, platforms=("gpu", "cpu") if interpreted() else ("gpu",),
+                 priority=PRIORITY, supports=module.supports)(module.run)
+
+
+_register_pieces()

@@ -1,0 +1,197 @@
+"""Mean pooling of keys and values into compressed blocks (SPEC section 1) as Mosaic GPU kernels.
+
+The packed blocks of a row cover its tokens contiguously, in order (a sequence's partial last
+block is followed by the next sequence's first block), so 64 consecutive blocks own one
+contiguous token range. A program owns such a 64-block tile and walks its tokens in chunks of
+64: the sums are a wgmma, `A @ X`, with the 0/1 membership matrix `A[block, token]` built in
+registers from each block's token range; the float32 sums are then divided by the block's
+token count. Tensor cores for a reduction wastes flops, but the piece is memory-bound and this
+keeps to the one reduction a wgmma does well (no cross-row sums in registers).
+
+Backward (the transpose): one program per 64-token tile spreads `d_cmp / count` back with
+`A^T @ dC`, `A^T[token, block] = 1` for the token's own block (a tile's 64 tokens lie in at most
+64 consecutive blocks). float32 inputs go through two bfloat16 parts (`tiles.split`); the 0/1
+matrix is exact in any 16-bit type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from ejkernel_nsa.backends.pallas_mosaic import tiles
+from ejkernel_nsa.backends.pallas_mosaic.tiles import ROWS
+from ejkernel_nsa.problem import NSAProblem, Piece, Segments, block_layout, num_compressed_blocks, token_layout
+
+PIECE = Piece.COMPRESSION
+BLOCK_TILE = 64  # blocks per program, the wgmma M of the pooling product
+
+
+def supports(problem: NSAProblem) -> str | None:
+    # float32 runs as two bfloat16 parts (`tiles.split`).
+    reason = tiles.common_decline(problem, float32=True)
+    if reason is not None:
+        return reason
+    kernels = []
+    for dim in (problem.head_dim, problem.value_dim):
+        shape = Shape(problem.seq_len, BLOCK_TILE, tiles.padded_dim(dim), dim, problem.dtype)
+        kernels += [("mean_pool_fwd_kernel", _pool_kernel(shape)[1]), ("mean_pool_bwd_kernel", _spread_kernel(shape)[1])]
+    return tiles.smem_decline(kernels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape(tiles.Operands):
+    num_tokens: int
+    num_blocks: int  # the packed block axis, unpadded
+    width: int  # padded feature dim
+    dim: int
+    dtype: str
+
+    @property
+    def padded_blocks(self) -> int:
+        return tiles.cdiv(self.num_blocks, BLOCK_TILE) * BLOCK_TILE
+
+
+def _pool_kernel(shape: Shape):
+    P, ot, W = shape.parts, shape.operand, shape.width
+    tile_shape = (BLOCK_TILE, ROWS)  # blocks x tokens
+
+    def body(x_ref, blocks_ref, out_ref, x_smem, a_smem, out_smem, blocks_smem, bars):
+        block_tile, bh = lax.axis_index("block_tile"), lax.axis_index("bh")
+        b, h = tiles.div(bh, x_ref.shape[1]), tiles.rem(bh, x_ref.shape[1])
+        tiles.fetch([(blocks_ref.at[block_tile], blocks_smem)], bars)
+        start = tiles.rows(tiles.load_rows(blocks_smem.at[0]), tile_shape)
+        end = tiles.rows(tiles.load_rows(blocks_smem.at[1]), tile_shape)
+        first_token, num_chunks = blocks_smem[2, 0], blocks_smem[2, 1]
+
+        def chunk(i, acc):
+            tokens = first_token + i * ROWS
+            tiles.fetch([(x_ref.at[b, h, :, pl.ds(tokens, ROWS)], x_smem)], bars, 1)
+            token_ids = tiles.iota(tile_shape, 1) + tokens
+            a_smem[...] = jnp.where((token_ids >= start) & (token_ids < end), 1.0, 0.0).astype(ot)
+            plgpu.commit_smem()
+            for part in range(P):
+                acc = acc + tiles.matmul(a_smem, x_smem.at[part], (BLOCK_TILE, W))
+            return acc
+
+        sums = lax.fori_loop(0, num_chunks, chunk, tiles.zeros((BLOCK_TILE, W)))
+        count = tiles.load_rows(blocks_smem.at[1]) - tiles.load_rows(blocks_smem.at[0])
+        out_smem[...] = sums / tiles.rows(jnp.maximum(count, 1).astype(jnp.float32), (BLOCK_TILE, W))
+        blocks = pl.ds(block_tile * BLOCK_TILE, BLOCK_TILE)
+        tiles.store([(out_smem, out_ref.at[b, h, blocks])])
+
+    scratch = [tiles.smem((P, ROWS, W), ot), tiles.smem((BLOCK_TILE, ROWS), ot),
+               plgpu.SMEM((BLOCK_TILE, W), jnp.float32), plgpu.SMEM((3, ROWS), jnp.int32),
+               plgpu.Barrier(num_barriers=2)]
+    return body, scratch
+
+
+def _spread_kernel(shape: Shape):
+    P, ot, W = shape.parts, shape.operand, shape.width
+    tile_shape = (ROWS, BLOCK_TILE)  # tokens x blocks
+
+    def body(d_ref, tokens_ref, dx_ref, d_smem, a_smem, dx_smem, tokens_smem, bars):
+        tile, bh = lax.axis_index("tile"), lax.axis_index("bh")
+        b, h = tiles.div(bh, d_ref.shape[1]), tiles.rem(bh, d_ref.shape[1])
+        tiles.fetch([(tokens_ref.at[tile], tokens_smem)], bars)
+        first_block = tokens_smem[1, 0]
+        tiles.fetch([(d_ref.at[b, h, :, pl.ds(first_block, BLOCK_TILE)], d_smem)], bars, 1)
+        own = tiles.rows(tiles.load_rows(tokens_smem.at[0]), tile_shape)
+        a_smem[...] = jnp.where(own == tiles.iota(tile_shape, 1) + first_block, 1.0, 0.0).astype(ot)
+        plgpu.commit_smem()
+        dx = tiles.zeros((ROWS, W))
+        for part in range(P):
+            dx = dx + tiles.matmul(a_smem, d_smem.at[part], (ROWS, W))
+        dx_smem[...] = dx
+        tiles.store([(dx_smem, dx_ref.at[b, h, pl.ds(tile * ROWS, ROWS)])])
+
+    scratch = [tiles.smem((P, BLOCK_TILE, W), ot), tiles.smem((ROWS, BLOCK_TILE), ot),
+               plgpu.SMEM((ROWS, W), jnp.float32), plgpu.SMEM((2, ROWS), jnp.int32),
+               plgpu.Barrier(num_barriers=2)]
+    return body, scratch
+
+
+def block_tables(shape: Shape, block_size: int, segments):
+    """Per 64-block tile `[NBT, 3, 64]`: each block's token range `[start, end)` (empty for the
+    packed axis' unused tail), and in row 2 the tile's first token and its number of 64-token
+    chunks."""
+    blocks = block_layout(shape.num_tokens, block_size, segments)
+    pad = shape.padded_blocks - shape.num_blocks
+    count = jnp.pad(blocks.count, (0, pad))
+    start = jnp.where(count > 0, jnp.pad(blocks.start, (0, pad)), shape.num_tokens)
+    end = start + count
+    start, end = start.reshape(-1, BLOCK_TILE), end.reshape(-1, BLOCK_TILE)
+    first = jnp.minimum(start.min(axis=1), shape.num_tokens)
+    chunks = tiles.cdiv(jnp.maximum(end.max(axis=1) - first, 0), ROWS)
+    scalars = jnp.zeros_like(start).at[:, 0].set(first).at[:, 1].set(chunks)
+    return jnp.stack([start, end, scalars], axis=1).astype(jnp.int32)
+
+
+def token_tables(shape: Shape, block_size: int, segments):
+    """Per 64-token tile `[NT, 2, 64]`: each token's packed block (-1 past the end), and in row 1
+    the tile's first block (a tile's tokens lie in the 64 blocks from there)."""
+    layout = token_layout(shape.num_tokens, block_size, segments)
+    own = layout.first_block + layout.pos // block_size
+    num_tiles = tiles.cdiv(shape.num_tokens, ROWS)
+    own = jnp.pad(own, (0, num_tiles * ROWS - shape.num_tokens), constant_values=-1).reshape(num_tiles, ROWS)
+    scalars = jnp.zeros_like(own).at[:, 0].set(own[:, 0])
+    return jnp.stack([own, scalars], axis=1).astype(jnp.int32)
+
+
+def _pool(shape: Shape, x, blocks):
+    B, _, H, _ = x.shape
+    rows = tiles.pad_axis(tiles.pad_axis(x, 3, shape.width), 1, shape.num_tokens + ROWS).transpose(0, 2, 1, 3)
+    body, scratch = _pool_kernel(shape)
+    out = tiles.kernel(
+        body, name="mean_pool_fwd_kernel",
+        out_type=jax.ShapeDtypeStruct((B, H, shape.padded_blocks, shape.width), jnp.float32),
+        grid=(shape.padded_blocks // BLOCK_TILE, B * H), grid_names=("block_tile", "bh"), scratch_types=scratch,
+    )(tiles.split(rows, shape.parts, shape.operand), blocks)
+    return out.transpose(0, 2, 1, 3)[:, : shape.num_blocks, :, : shape.dim]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mean_pool(shape: Shape, x, blocks, token_table):
+    return _pool(shape, x, blocks)
+
+
+def _mean_pool_fwd(shape, x, blocks, token_table):
+    return _pool(shape, x, blocks), (blocks, token_table)
+
+
+def _mean_pool_bwd(shape, residuals, d_cmp):
+    blocks, token_table = residuals
+    B, _, H, _ = d_cmp.shape
+    # d x[t] = d_cmp[block(t)] / count(block(t)): scale per block here, gather in the kernel.
+    count = (blocks[:, 1] - blocks[:, 0]).reshape(-1)[: shape.num_blocks]
+    scaled = d_cmp.astype(jnp.float32) / jnp.maximum(count, 1)[None, :, None, None]
+    scaled = tiles.pad_axis(tiles.pad_axis(scaled, 3, shape.width), 1, shape.padded_blocks + BLOCK_TILE)
+    body, scratch = _spread_kernel(shape)
+    num_tiles = token_table.shape[0]
+    dx = tiles.kernel(
+        body, name="mean_pool_bwd_kernel",
+        out_type=jax.ShapeDtypeStruct((B, H, num_tiles * ROWS, shape.width), jnp.float32),
+        grid=(num_tiles, B * H), grid_names=("tile", "bh"), scratch_types=scratch,
+    )(tiles.split(scaled.transpose(0, 2, 1, 3), shape.parts, shape.operand), token_table)
+    dx = dx.transpose(0, 2, 1, 3)[:, : shape.num_tokens, :, : shape.dim]
+    return dx.astype(shape.dtype), None, None
+
+
+_mean_pool.defvjp(_mean_pool_fwd, _mean_pool_bwd)
+
+
+def run(key, value, *, block_size: int, segments: Segments | None):
+    num_tokens = key.shape[1]
+    num_blocks = num_compressed_blocks(num_tokens, block_size, None if segments is None else segments.num_seqs)
+    pooled = []
+    for x in (key, value):
+        shape = Shape(num_tokens, num_blocks, tiles.padded_dim(x.shape[-1]), x.shape[-1], str(x.dtype))
+        pooled.append(_mean_pool(shape, x, block_tables(shape, block_size, segments),
+                                 token_tables(shape, block_size, segments)))
+    return tuple(pooled)
