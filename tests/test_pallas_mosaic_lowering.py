@@ -100,7 +100,7 @@ def total(*xs):
 # selection fit in shared memory), block sizes 16..128, packed sequences, and an odd group and
 # head dim (padded rows and columns, a 64-byte swizzle shared by every operand).
 CASES = [
-    ("bfloat16", 1, 64, 64, True, ()),
+    ("bfloat16", 1, 64, 32, True, ()),  # the H100 failure: test_model_sized_heads_match_oracle[1-64]
     ("bfloat16", 16, 128, 64, False, ()),
     ("float32", 1, 64, 16, True, ()),
     ("float32", 16, 128, 32, False, ("compressed_attention", "selected_attention")),
