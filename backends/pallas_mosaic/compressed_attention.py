@@ -63,6 +63,7 @@ def _row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile, q
 def _fwd_kernel(shape):
     dk, dv, BS, NHC, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
     qp, vp, pp = shape.q_parts, shape.v_parts, shape.p_parts
+    sw = tiles.swizzle_for(ot, dk, dv)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BLOCK_TILE)
 
     def body(q_ref, k_ref, v_ref, meta_ref, o_ref, lse_ref,
@@ -75,14 +76,14 @@ def _fwd_kernel(shape):
         def step(j, carry):
             acc, m, l = carry
             blocks = pl.ds(j * BLOCK_TILE, BLOCK_TILE)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, h, :, blocks], k_smem, bars.at[2])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, h, :, blocks], v_smem, bars.at[3])
-            plgpu.barrier_wait(bars.at[2])
+            k_bars = tiles.issue([(k_ref.at[b, h, :, blocks], k_smem)], bars, 4)
+            v_bars = tiles.issue([(v_ref.at[b, h, :, blocks], v_smem)], bars, 6)
+            tiles.wait(bars, k_bars)
             s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
             visible = _visible(tiles.iota(tile_shape, 1) + j * BLOCK_TILE, fb, end)
             p, alpha, m, l = tiles.softmax_step(s, visible, m, l)
             tiles.store_parts(p_smem, p, pp)
-            plgpu.barrier_wait(bars.at[3])
+            tiles.wait(bars, v_bars)
             pv = tiles.matmul_parts(p_smem, v_smem, (ROWS, dv))
             return acc * tiles.rows(alpha, (ROWS, dv)) + pv, m, l
 
@@ -92,9 +93,10 @@ def _fwd_kernel(shape):
         tiles.store([(o_smem, o_ref.at[b, hn, rows]), (lse_smem, lse_ref.at[b, hn, rows])])
 
     scratch = [
-        tiles.smem((qp, ROWS, dk), ot), tiles.smem((2, BLOCK_TILE, dk), ot), tiles.smem((vp, BLOCK_TILE, dv), ot),
-        tiles.smem((pp, ROWS, BLOCK_TILE), ot), plgpu.SMEM((ROWS, dv), jnp.float32),
-        plgpu.SMEM((5, ROWS), jnp.int32), plgpu.SMEM((ROWS,), jnp.float32), plgpu.Barrier(num_barriers=4),
+        tiles.smem((qp, ROWS, dk), ot, sw), tiles.smem((2, BLOCK_TILE, dk), ot, sw),
+        tiles.smem((vp, BLOCK_TILE, dv), ot, sw),
+        tiles.smem((pp, ROWS, BLOCK_TILE), ot, sw), plgpu.SMEM((ROWS, dv), jnp.float32),
+        plgpu.SMEM((5, ROWS), jnp.int32), plgpu.SMEM((ROWS,), jnp.float32), tiles.barriers(4),
     ]
     return body, scratch
 
@@ -102,6 +104,7 @@ def _fwd_kernel(shape):
 def _dq_kernel(shape):
     dk, dv, BS, NHC, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
     qp, vp, pp = shape.q_parts, shape.v_parts, shape.p_parts
+    sw = tiles.swizzle_for(ot, dk, dv)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BLOCK_TILE)
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, dq_ref,
@@ -128,10 +131,10 @@ def _dq_kernel(shape):
         tiles.store([(dq_smem, dq_ref.at[b, hn, rows])])
 
     scratch = [
-        tiles.smem((qp, ROWS, dk), ot), tiles.smem((qp, ROWS, dv), ot), tiles.smem((2, BLOCK_TILE, dk), ot),
-        tiles.smem((vp, BLOCK_TILE, dv), ot), tiles.smem((pp, ROWS, BLOCK_TILE), ot),
+        tiles.smem((qp, ROWS, dk), ot, sw), tiles.smem((qp, ROWS, dv), ot, sw), tiles.smem((2, BLOCK_TILE, dk), ot, sw),
+        tiles.smem((vp, BLOCK_TILE, dv), ot, sw), tiles.smem((pp, ROWS, BLOCK_TILE), ot, sw),
         plgpu.SMEM((ROWS, dk), jnp.float32), plgpu.SMEM((5, ROWS), jnp.int32),
-        plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32), plgpu.Barrier(num_barriers=7),
+        plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32), tiles.barriers(7),
     ]
     return body, scratch
 
@@ -139,6 +142,7 @@ def _dq_kernel(shape):
 def _dkv_kernel(shape):
     dk, dv, BS, NHC, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
     qp, vp, pp = shape.q_parts, shape.v_parts, shape.p_parts
+    sw = tiles.swizzle_for(ot, dk, dv)  # one smem tiling for every wgmma operand
     tile_shape = (BLOCK_TILE, ROWS)
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, span_ref, dk_ref, dv_ref,
@@ -180,12 +184,12 @@ def _dkv_kernel(shape):
         tiles.store([(dk_smem, dk_ref.at[b, h, blocks]), (dv_smem, dv_ref.at[b, h, blocks])])
 
     scratch = [
-        tiles.smem((2, BLOCK_TILE, dk), ot), tiles.smem((vp, BLOCK_TILE, dv), ot),
-        tiles.smem((qp, ROWS, dk), ot), tiles.smem((qp, ROWS, dv), ot),
-        tiles.smem((pp, BLOCK_TILE, ROWS), ot), tiles.smem((pp, BLOCK_TILE, ROWS), ot),
+        tiles.smem((2, BLOCK_TILE, dk), ot, sw), tiles.smem((vp, BLOCK_TILE, dv), ot, sw),
+        tiles.smem((qp, ROWS, dk), ot, sw), tiles.smem((qp, ROWS, dv), ot, sw),
+        tiles.smem((pp, BLOCK_TILE, ROWS), ot, sw), tiles.smem((pp, BLOCK_TILE, ROWS), ot, sw),
         plgpu.SMEM((BLOCK_TILE, dk), jnp.float32), plgpu.SMEM((BLOCK_TILE, dv), jnp.float32),
         plgpu.SMEM((5, ROWS), jnp.int32), plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32),
-        plgpu.SMEM((ROWS,), jnp.int32), plgpu.Barrier(num_barriers=8),
+        plgpu.SMEM((ROWS,), jnp.int32), tiles.barriers(8),
     ]
     return body, scratch
 

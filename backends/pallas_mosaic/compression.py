@@ -60,6 +60,7 @@ class Shape(tiles.Operands):
 
 def _pool_kernel(shape: Shape):
     P, ot, W = shape.parts, shape.operand, shape.width
+    sw = tiles.swizzle_for(ot, W)  # one smem tiling for every wgmma operand
     tile_shape = (BLOCK_TILE, ROWS)  # blocks x tokens
 
     def body(x_ref, blocks_ref, out_ref, x_smem, a_smem, out_smem, blocks_smem, bars):
@@ -71,7 +72,9 @@ def _pool_kernel(shape: Shape):
         first_token, num_chunks = blocks_smem[2, 0], blocks_smem[2, 1]
 
         def chunk(i, acc):
-            tokens = first_token + i * ROWS
+            # `block_tables` rounds the first token down to a whole chunk: a TMA box into the
+            # (8, swizzle)-tiled x_smem must start on a multiple of 8 rows, which Mosaic must prove.
+            tokens = pl.multiple_of(first_token, ROWS) + i * ROWS
             tiles.fetch([(x_ref.at[b, h, :, pl.ds(tokens, ROWS)], x_smem)], bars, 1)
             token_ids = tiles.iota(tile_shape, 1) + tokens
             a_smem[...] = jnp.where((token_ids >= start) & (token_ids < end), 1.0, 0.0).astype(ot)
@@ -86,34 +89,42 @@ def _pool_kernel(shape: Shape):
         blocks = pl.ds(block_tile * BLOCK_TILE, BLOCK_TILE)
         tiles.store([(out_smem, out_ref.at[b, h, blocks])])
 
-    scratch = [tiles.smem((P, ROWS, W), ot), tiles.smem((BLOCK_TILE, ROWS), ot),
+    scratch = [tiles.smem((P, ROWS, W), ot, sw), tiles.smem((BLOCK_TILE, ROWS), ot, sw),
                plgpu.SMEM((BLOCK_TILE, W), jnp.float32), plgpu.SMEM((3, ROWS), jnp.int32),
-               plgpu.Barrier(num_barriers=2)]
+               tiles.barriers(2)]
     return body, scratch
 
 
 def _spread_kernel(shape: Shape):
     P, ot, W = shape.parts, shape.operand, shape.width
+    sw = tiles.swizzle_for(ot, W)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BLOCK_TILE)  # tokens x blocks
 
     def body(d_ref, tokens_ref, dx_ref, d_smem, a_smem, dx_smem, tokens_smem, bars):
         tile, bh = lax.axis_index("tile"), lax.axis_index("bh")
         b, h = tiles.div(bh, d_ref.shape[1]), tiles.rem(bh, d_ref.shape[1])
         tiles.fetch([(tokens_ref.at[tile], tokens_smem)], bars)
-        first_block = tokens_smem[1, 0]
-        tiles.fetch([(d_ref.at[b, h, :, pl.ds(first_block, BLOCK_TILE)], d_smem)], bars, 1)
+        # The tile's first block rounded down to a multiple of 8 (a TMA box into the tiled d_smem
+        # must start on a whole smem tile, which Mosaic must prove); its blocks then span one or
+        # two 64-block chunks.
+        first_block, num_chunks = pl.multiple_of(tokens_smem[1, 0], 8), tokens_smem[1, 1]
         own = tiles.rows(tiles.load_rows(tokens_smem.at[0]), tile_shape)
-        a_smem[...] = jnp.where(own == tiles.iota(tile_shape, 1) + first_block, 1.0, 0.0).astype(ot)
-        plgpu.commit_smem()
-        dx = tiles.zeros((ROWS, W))
-        for part in range(P):
-            dx = dx + tiles.matmul(a_smem, d_smem.at[part], (ROWS, W))
-        dx_smem[...] = dx
+
+        def chunk(c, dx):
+            blocks = first_block + c * BLOCK_TILE
+            tiles.fetch([(d_ref.at[b, h, :, pl.ds(blocks, BLOCK_TILE)], d_smem)], bars, 1)
+            a_smem[...] = jnp.where(own == tiles.iota(tile_shape, 1) + blocks, 1.0, 0.0).astype(ot)
+            plgpu.commit_smem()
+            for part in range(P):
+                dx = dx + tiles.matmul(a_smem, d_smem.at[part], (ROWS, W))
+            return dx
+
+        dx_smem[...] = lax.fori_loop(0, num_chunks, chunk, tiles.zeros((ROWS, W)))
         tiles.store([(dx_smem, dx_ref.at[b, h, pl.ds(tile * ROWS, ROWS)])])
 
-    scratch = [tiles.smem((P, BLOCK_TILE, W), ot), tiles.smem((ROWS, BLOCK_TILE), ot),
+    scratch = [tiles.smem((P, BLOCK_TILE, W), ot, sw), tiles.smem((ROWS, BLOCK_TILE), ot, sw),
                plgpu.SMEM((ROWS, W), jnp.float32), plgpu.SMEM((2, ROWS), jnp.int32),
-               plgpu.Barrier(num_barriers=2)]
+               tiles.barriers(2)]
     return body, scratch
 
 
@@ -127,7 +138,8 @@ def block_tables(shape: Shape, block_size: int, segments):
     start = jnp.where(count > 0, jnp.pad(blocks.start, (0, pad)), shape.num_tokens)
     end = start + count
     start, end = start.reshape(-1, BLOCK_TILE), end.reshape(-1, BLOCK_TILE)
-    first = jnp.minimum(start.min(axis=1), shape.num_tokens)
+    # The first token is rounded down to a whole 64-token chunk (TMA alignment, see the kernel).
+    first = jnp.minimum(start.min(axis=1), shape.num_tokens) // ROWS * ROWS
     chunks = tiles.cdiv(jnp.maximum(end.max(axis=1) - first, 0), ROWS)
     scalars = jnp.zeros_like(start).at[:, 0].set(first).at[:, 1].set(chunks)
     return jnp.stack([start, end, scalars], axis=1).astype(jnp.int32)
@@ -135,18 +147,23 @@ def block_tables(shape: Shape, block_size: int, segments):
 
 def token_tables(shape: Shape, block_size: int, segments):
     """Per 64-token tile `[NT, 2, 64]`: each token's packed block (-1 past the end), and in row 1
-    the tile's first block (a tile's tokens lie in the 64 blocks from there)."""
+    the tile's first block rounded down to a multiple of 8 and the number of 64-block chunks from
+    there that hold the tile's blocks (1, or 2 when the rounding pushes the last one out)."""
     layout = token_layout(shape.num_tokens, block_size, segments)
     own = layout.first_block + layout.pos // block_size
     num_tiles = tiles.cdiv(shape.num_tokens, ROWS)
     own = jnp.pad(own, (0, num_tiles * ROWS - shape.num_tokens), constant_values=-1).reshape(num_tiles, ROWS)
-    scalars = jnp.zeros_like(own).at[:, 0].set(own[:, 0])
+    first = own[:, 0] // 8 * 8
+    chunks = tiles.cdiv(own.max(axis=1) - first + 1, BLOCK_TILE)
+    scalars = jnp.zeros_like(own).at[:, 0].set(first).at[:, 1].set(chunks)
     return jnp.stack([own, scalars], axis=1).astype(jnp.int32)
 
 
 def _pool(shape: Shape, x, blocks):
     B, _, H, _ = x.shape
-    rows = tiles.pad_axis(tiles.pad_axis(x, 3, shape.width), 1, shape.num_tokens + ROWS).transpose(0, 2, 1, 3)
+    # Whole 64-token chunks from a chunk-aligned first token, and a row count TMA can tile.
+    rows = tiles.pad_axis(tiles.pad_axis(x, 3, shape.width), 1, (tiles.cdiv(shape.num_tokens, ROWS) + 1) * ROWS)
+    rows = rows.transpose(0, 2, 1, 3)
     body, scratch = _pool_kernel(shape)
     out = tiles.kernel(
         body, name="mean_pool_fwd_kernel",
@@ -171,7 +188,7 @@ def _mean_pool_bwd(shape, residuals, d_cmp):
     # d x[t] = d_cmp[block(t)] / count(block(t)): scale per block here, gather in the kernel.
     count = (blocks[:, 1] - blocks[:, 0]).reshape(-1)[: shape.num_blocks]
     scaled = d_cmp.astype(jnp.float32) / jnp.maximum(count, 1)[None, :, None, None]
-    scaled = tiles.pad_axis(tiles.pad_axis(scaled, 3, shape.width), 1, shape.padded_blocks + BLOCK_TILE)
+    scaled = tiles.pad_axis(tiles.pad_axis(scaled, 3, shape.width), 1, shape.padded_blocks + 2 * BLOCK_TILE)
     body, scratch = _spread_kernel(shape)
     num_tiles = token_table.shape[0]
     dx = tiles.kernel(

@@ -28,7 +28,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from ejkernel_nsa.backends.pallas_mosaic import tiles
 from ejkernel_nsa.backends.pallas_mosaic.tiles import LOG2E, ROWS
-from ejkernel_nsa.problem import NSAProblem, Piece, Segments, block_layout, num_compressed_blocks, token_layout
+from ejkernel_nsa.problem import NSAProblem, Piece, Segments, num_compressed_blocks, token_layout
 
 PIECE = Piece.SELECTED_ATTENTION
 NO_BLOCK = -1
@@ -37,6 +37,8 @@ MAX_UNION = 4096
 # Each row compares its S slots with every union block (unrolled), and the [S, 64] slot table
 # is one TMA box (at most 256 rows).
 MAX_SLOTS = 128
+# This piece's row table (`last_key_meta`) keeps the last visible key row where the token was.
+META_LAST_KEY = tiles.META_TOKEN
 
 
 def supports(problem: NSAProblem) -> str | None:
@@ -77,16 +79,23 @@ class Shape(tiles.Operands):
         return max(self.block_size, ROWS)
 
 
-def _member(sel_smem, start, load, num_slots):
-    """Per row: did the row's token select the block starting at key row `start`?"""
-    hit = load(sel_smem.at[0]) == start
+def _member(sel_smem, block, load, num_slots):
+    """Per row: did the row's token select the packed key block `block`?"""
+    hit = load(sel_smem.at[0]) == block
     for slot in range(1, num_slots):
-        hit |= load(sel_smem.at[slot]) == start
+        hit |= load(sel_smem.at[slot]) == block
     return hit
 
 
+def _block_row(block, block_size):
+    """The first row of packed key block `block` in the blocked key layout (`key_rows`): a
+    multiple of the block size, so that the TMA box starts on a whole (8, swizzle) smem tile,
+    which Mosaic must prove when it lowers the copy."""
+    return pl.multiple_of(block * block_size, block_size)
+
+
 def _union_entry(union_smem, i):
-    """The `i`-th block start of a tile's union (`[U / 64, 64]`, entry 0 is the count). Kept 2-D
+    """The `i`-th packed key block of a tile's union (`[U / 64, 64]`, entry 0 is the count). Kept 2-D
     so that no TMA box dimension exceeds 256 elements."""
     return union_smem[tiles.div(i + 1, ROWS), tiles.rem(i + 1, ROWS)]
 
@@ -94,6 +103,7 @@ def _union_entry(union_smem, i):
 def _fwd_kernel(shape: Shape):
     BS, S, dk, dv, NHC = shape.block_size, shape.num_slots, shape.dk, shape.dv, shape.tiling.head_chunks
     ot, P = shape.operand, shape.parts
+    sw = tiles.swizzle_for(ot, dk, dv, BS)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BS)
 
     def body(q_ref, k_ref, v_ref, meta_ref, union_ref, sel_ref, o_ref, lse_ref,
@@ -101,20 +111,21 @@ def _fwd_kernel(shape: Shape):
         tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], NHC)
         tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (meta_ref.at[tile], meta_smem),
                      (union_ref.at[b, h, tile], union_smem), (sel_ref.at[b, h, tile], sel_smem)], bars)
-        token = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_TOKEN]), tile_shape)
+        last_key = tiles.rows(tiles.load_rows(meta_smem.at[META_LAST_KEY]), tile_shape)
 
         def step(i, carry):
             acc, m, l = carry
-            start = _union_entry(union_smem, i)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, h, :, pl.ds(start, BS)], k_smem, bars.at[4])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, h, :, pl.ds(start, BS)], v_smem, bars.at[5])
-            plgpu.barrier_wait(bars.at[4])
+            block = _union_entry(union_smem, i)
+            start = _block_row(block, BS)
+            k_bars = tiles.issue([(k_ref.at[b, h, :, pl.ds(start, BS)], k_smem)], bars, 8)
+            v_bars = tiles.issue([(v_ref.at[b, h, :, pl.ds(start, BS)], v_smem)], bars, 10)
+            tiles.wait(bars, k_bars)
             s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
             keys = tiles.iota(tile_shape, 1) + start
-            visible = tiles.rows(_member(sel_smem, start, tiles.load_rows, S), tile_shape) & (keys <= token)
+            visible = tiles.rows(_member(sel_smem, block, tiles.load_rows, S), tile_shape) & (keys <= last_key)
             p, alpha, m, l = tiles.softmax_step(s, visible, m, l)
             tiles.store_parts(p_smem, p, P)
-            plgpu.barrier_wait(bars.at[5])
+            tiles.wait(bars, v_bars)
             pv = tiles.matmul_parts(p_smem, v_smem, (ROWS, dv))
             return acc * tiles.rows(alpha, (ROWS, dv)) + pv, m, l
 
@@ -124,10 +135,10 @@ def _fwd_kernel(shape: Shape):
         tiles.store([(o_smem, o_ref.at[b, hn, rows]), (lse_smem, lse_ref.at[b, hn, rows])])
 
     scratch = [
-        tiles.smem((P, ROWS, dk), ot), tiles.smem((P, BS, dk), ot), tiles.smem((P, BS, dv), ot),
-        tiles.smem((P, ROWS, BS), ot), plgpu.SMEM((ROWS, dv), jnp.float32), plgpu.SMEM((4, ROWS), jnp.int32),
+        tiles.smem((P, ROWS, dk), ot, sw), tiles.smem((P, BS, dk), ot, sw), tiles.smem((P, BS, dv), ot, sw),
+        tiles.smem((P, ROWS, BS), ot, sw), plgpu.SMEM((ROWS, dv), jnp.float32), plgpu.SMEM((4, ROWS), jnp.int32),
         plgpu.SMEM((shape.union // ROWS, ROWS), jnp.int32), plgpu.SMEM((S, ROWS), jnp.int32), plgpu.SMEM((ROWS,), jnp.float32),
-        plgpu.Barrier(num_barriers=6),
+        tiles.barriers(6),
     ]
     return body, scratch
 
@@ -135,6 +146,7 @@ def _fwd_kernel(shape: Shape):
 def _dq_kernel(shape: Shape):
     BS, S, dk, dv, NHC = shape.block_size, shape.num_slots, shape.dk, shape.dv, shape.tiling.head_chunks
     ot, P = shape.operand, shape.parts
+    sw = tiles.swizzle_for(ot, dk, dv, BS)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BS)
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, union_ref, sel_ref, dq_ref,
@@ -145,16 +157,17 @@ def _dq_kernel(shape: Shape):
                      (meta_ref.at[tile], meta_smem), (union_ref.at[b, h, tile], union_smem),
                      (sel_ref.at[b, h, tile], sel_smem), (lse_ref.at[b, hn, rows], lse_smem),
                      (delta_ref.at[b, hn, rows], delta_smem)], bars)
-        token = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_TOKEN]), tile_shape)
+        last_key = tiles.rows(tiles.load_rows(meta_smem.at[META_LAST_KEY]), tile_shape)
         seen, lse, delta = tiles.saved_softmax(lse_smem, delta_smem, tiles.load_rows, tiles.rows, tile_shape)
 
         def step(i, dq):
-            start = _union_entry(union_smem, i)
+            block = _union_entry(union_smem, i)
+            start = _block_row(block, BS)
             tiles.fetch([(k_ref.at[b, h, :, pl.ds(start, BS)], k_smem),
                          (v_ref.at[b, h, :, pl.ds(start, BS)], v_smem)], bars, 7)
             s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
             keys = tiles.iota(tile_shape, 1) + start
-            visible = tiles.rows(_member(sel_smem, start, tiles.load_rows, S), tile_shape) & (keys <= token) & seen
+            visible = tiles.rows(_member(sel_smem, block, tiles.load_rows, S), tile_shape) & (keys <= last_key) & seen
             p = jnp.where(visible, jnp.exp2(s - lse), 0.0)
             dp = tiles.matmul_parts(do_smem, v_smem, tile_shape, transpose_b=True)
             tiles.store_parts(ds_smem, p * (dp - delta), P)
@@ -165,10 +178,10 @@ def _dq_kernel(shape: Shape):
         tiles.store([(dq_smem, dq_ref.at[b, hn, rows])])
 
     scratch = [
-        tiles.smem((P, ROWS, dk), ot), tiles.smem((P, ROWS, dv), ot), tiles.smem((P, BS, dk), ot),
-        tiles.smem((P, BS, dv), ot), tiles.smem((P, ROWS, BS), ot), plgpu.SMEM((ROWS, dk), jnp.float32),
+        tiles.smem((P, ROWS, dk), ot, sw), tiles.smem((P, ROWS, dv), ot, sw), tiles.smem((P, BS, dk), ot, sw),
+        tiles.smem((P, BS, dv), ot, sw), tiles.smem((P, ROWS, BS), ot, sw), plgpu.SMEM((ROWS, dk), jnp.float32),
         plgpu.SMEM((4, ROWS), jnp.int32), plgpu.SMEM((shape.union // ROWS, ROWS), jnp.int32), plgpu.SMEM((S, ROWS), jnp.int32),
-        plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32), plgpu.Barrier(num_barriers=9),
+        plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32), tiles.barriers(9),
     ]
     return body, scratch
 
@@ -177,6 +190,7 @@ def _dkv_kernel(shape: Shape):
     BS, S, dk, dv, NHC, KT = (shape.block_size, shape.num_slots, shape.dk, shape.dv, shape.tiling.head_chunks,
                               shape.key_rows)
     ot, P = shape.operand, shape.parts
+    sw = tiles.swizzle_for(ot, dk, dv, BS)  # one smem tiling for every wgmma operand
     tile_shape = (KT, ROWS)
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, sel_ref, readers_ref, kmeta_ref,
@@ -186,11 +200,12 @@ def _dkv_kernel(shape: Shape):
         kb, bh = lax.axis_index("key_block"), lax.axis_index("bh")
         b, h = tiles.div(bh, k_ref.shape[1]), tiles.rem(bh, k_ref.shape[1])
         tiles.fetch([(kmeta_ref.at[b, h, kb], kmeta_smem)], bars)
-        start, lo, hi = kmeta_smem[0], kmeta_smem[1], kmeta_smem[2]
+        lo, hi = kmeta_smem[0], kmeta_smem[1]
+        start = _block_row(kb, BS)
         tiles.fetch([(k_ref.at[b, h, :, pl.ds(start, KT)], k_smem), (v_ref.at[b, h, :, pl.ds(start, KT)], v_smem)],
                     bars, 1)
+        in_block = tiles.iota(tile_shape, 0) < BS
         keys = tiles.iota(tile_shape, 0) + start
-        in_block = keys < start + BS
 
         def reader(i, carry):
             # The list of reading tiles arrives 64 entries at a time.
@@ -204,9 +219,9 @@ def _dkv_kernel(shape: Shape):
             tile = readers_smem[offset]
             rows = pl.ds(tile * ROWS, ROWS)
             tiles.fetch([(meta_ref.at[tile], meta_smem), (sel_ref.at[b, h, tile], sel_smem)], bars, 4)
-            token = tiles.cols(tiles.load_cols(meta_smem.at[tiles.META_TOKEN]), tile_shape)
-            member = tiles.cols(_member(sel_smem, start, tiles.load_cols, S), tile_shape)
-            visible = member & in_block & (keys <= token)
+            last_key = tiles.cols(tiles.load_cols(meta_smem.at[META_LAST_KEY]), tile_shape)
+            member = tiles.cols(_member(sel_smem, kb, tiles.load_cols, S), tile_shape)
+            visible = member & in_block & (keys <= last_key)
 
             def head_chunk(c, carry):
                 d_k, d_v = carry
@@ -230,11 +245,11 @@ def _dkv_kernel(shape: Shape):
         tiles.store([(dk_smem, dk_ref.at[b, h, kb]), (dv_smem, dv_ref.at[b, h, kb])])
 
     scratch = [
-        tiles.smem((P, KT, dk), ot), tiles.smem((P, KT, dv), ot), tiles.smem((P, ROWS, dk), ot),
-        tiles.smem((P, ROWS, dv), ot), tiles.smem((P, KT, ROWS), ot), tiles.smem((P, KT, ROWS), ot),
+        tiles.smem((P, KT, dk), ot, sw), tiles.smem((P, KT, dv), ot, sw), tiles.smem((P, ROWS, dk), ot, sw),
+        tiles.smem((P, ROWS, dv), ot, sw), tiles.smem((P, KT, ROWS), ot, sw), tiles.smem((P, KT, ROWS), ot, sw),
         plgpu.SMEM((KT, dk), jnp.float32), plgpu.SMEM((KT, dv), jnp.float32), plgpu.SMEM((ROWS,), jnp.int32),
         plgpu.SMEM((ROWS,), jnp.int32), plgpu.SMEM((4, ROWS), jnp.int32), plgpu.SMEM((S, ROWS), jnp.int32),
-        plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32), plgpu.Barrier(num_barriers=10),
+        plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32), tiles.barriers(10),
     ]
     return body, scratch
 
@@ -244,8 +259,9 @@ def _dkv_kernel(shape: Shape):
 # ------------------------------------------------------------------------------------------------
 
 
-def counted_starts(block_indices, block_counts, layout, block_size):
-    """`[B, T, H, S]`: the first key row (on the `T` axis) of every counted slot, -1 elsewhere.
+def counted_blocks(block_indices, block_counts, layout, block_size):
+    """`[B, T, H, S]`: the packed key block (`first_block + index`) of every counted slot, -1
+    elsewhere.
 
     A slot counts when it is within the token's quota, names a block in `[0, pos // BS]`, and
     no earlier slot names the same block (SPEC section 4)."""
@@ -256,17 +272,18 @@ def counted_starts(block_indices, block_counts, layout, block_size):
     same = block_indices[..., :, None] == block_indices[..., None, :]
     earlier = slot[:, None] > slot[None, :]
     repeat = jnp.any(same & earlier & valid[..., None, :], axis=-1)
-    starts = layout.seq_start[None, :, None, None] + block_indices * block_size
-    return jnp.where(valid & ~repeat, starts, NO_BLOCK).astype(jnp.int32)
+    blocks = layout.first_block[None, :, None, None] + block_indices
+    return jnp.where(valid & ~repeat, blocks, NO_BLOCK).astype(jnp.int32)
 
 
-def tile_unions(starts, shape: Shape):
+def tile_unions(blocks, shape: Shape):
     """Per (batch, kv head, row tile): `[U]` with the union's size in entry 0 and its sorted
-    distinct block starts after it; and the per-row selection `[S, 64]` the kernels compare with."""
+    distinct packed key blocks after it; and the per-row selection `[S, 64]` the kernels compare
+    with."""
     tiling = shape.tiling
-    B, T, H, S = starts.shape
+    B, T, H, S = blocks.shape
     BT, GC = tiling.tokens_per_tile, tiling.heads_per_chunk
-    per_tile = tiles.pad_axis(starts.transpose(0, 2, 1, 3), 2, tiling.num_tiles * BT, NO_BLOCK)
+    per_tile = tiles.pad_axis(blocks.transpose(0, 2, 1, 3), 2, tiling.num_tiles * BT, NO_BLOCK)
     per_tile = per_tile.reshape(B, H, tiling.num_tiles, BT, S)
     big = jnp.iinfo(jnp.int32).max
     flat = jnp.sort(jnp.where(per_tile >= 0, per_tile, big).reshape(B, H, tiling.num_tiles, BT * S), axis=-1)
@@ -281,19 +298,14 @@ def tile_unions(starts, shape: Shape):
     return union, rows
 
 
-def inverted_index(union, shape: Shape, num_tokens: int, segments):
+def inverted_index(union, shape: Shape):
     """Per key block (the packed compressed-block axis), the row tiles whose union holds it.
 
     Returns the reading tiles `[B, H, >= NT * (U - 1) + 64]` sorted by key block, and per key block
-    `[B, H, NBK, 64]` int32 with columns (first key row, readers lo, readers hi)."""
-    tiling = shape.tiling
+    `[B, H, NBK, 64]` int32 with columns (readers lo, readers hi)."""
     B, H, NT, U = union.shape
-    blocks = block_layout(num_tokens, shape.block_size, segments)
-    used_start = jnp.where(blocks.count > 0, blocks.start, jnp.iinfo(jnp.int32).max)
-    entries = union[..., 1:]
     valid = jnp.arange(U - 1)[None, None, None, :] < union[..., :1]
-    key_block = jnp.searchsorted(used_start, entries, side="left").astype(jnp.int32)
-    key_block = jnp.where(valid, key_block, shape.num_key_blocks)  # past every real block
+    key_block = jnp.where(valid, union[..., 1:], shape.num_key_blocks)  # past every real block
     tile = jnp.broadcast_to(jnp.arange(NT, dtype=jnp.int32)[:, None], (NT, U - 1))
     key_block = key_block.reshape(B, H, -1)
     order = jnp.argsort(key_block, axis=-1, stable=True)
@@ -302,20 +314,36 @@ def inverted_index(union, shape: Shape, num_tokens: int, segments):
     bounds = jax.vmap(jax.vmap(lambda x: jnp.searchsorted(x, jnp.arange(shape.num_key_blocks + 1), side="left")))(
         sorted_blocks).astype(jnp.int32)
     kmeta = jnp.zeros((B, H, shape.num_key_blocks, ROWS), jnp.int32)
-    # An unused block (the packed axis' tail) reads from row 0: its reader list is empty anyway.
-    kmeta = kmeta.at[..., 0].set(jnp.where(blocks.count > 0, blocks.start, 0)[None, None])
-    kmeta = kmeta.at[..., 1].set(bounds[..., :-1]).at[..., 2].set(bounds[..., 1:])
+    kmeta = kmeta.at[..., 0].set(bounds[..., :-1]).at[..., 1].set(bounds[..., 1:])
     # 64 entries of slack for the last chunk's TMA box, and a length that keeps the row stride
     # a multiple of 16 bytes (TMA's rule for global strides).
     readers = tiles.pad_axis(readers.astype(jnp.int32), 2, (tiles.cdiv(readers.shape[-1], ROWS) + 1) * ROWS)
     return readers, kmeta
 
 
-def key_rows(x, shape: Shape, width: int):
-    """`[B, T, H, D]` -> `[B, H, P, T + KT, width]` 16-bit parts: a block's TMA box never leaves
-    the array."""
-    x = tiles.pad_axis(tiles.pad_axis(x, 3, width), 1, x.shape[1] + shape.key_rows)
-    return tiles.split(x.transpose(0, 2, 1, 3), shape.parts, shape.operand)
+def key_rows(x, shape: Shape, layout, width: int):
+    """`[B, T, H, D]` -> `[B, H, P, NBK * BS + KT - BS, width]` 16-bit parts in the blocked key
+    layout: packed key block `kb` is rows `[kb * BS, kb * BS + BS)` (token `t` at row
+    `kb * BS + pos % BS`, the inverse of `unblock`), zero past a partial block's tokens. Every
+    block's TMA box then starts on a multiple of BS (a multiple of the smem tiling's 8 rows, which
+    Mosaic must prove: a varlen sequence starts at any token), and the last `[KT, D]` box stays
+    inside the array."""
+    BS = shape.block_size
+    rows = (layout.first_block + layout.pos // BS) * BS + layout.pos % BS
+    x = tiles.pad_axis(x, 3, width)
+    blocked = jnp.zeros((x.shape[0], shape.num_key_blocks * BS + shape.key_rows - BS) + x.shape[2:], x.dtype)
+    blocked = blocked.at[:, rows].set(x, unique_indices=True)
+    return tiles.split(blocked.transpose(0, 2, 1, 3), shape.parts, shape.operand)
+
+
+def last_key_meta(meta, block_size: int):
+    """The row table with the token row replaced by the last key row a row may see in the blocked
+    key layout: `first_block * BS + pos` (its own position in its sequence's blocks), -1 for
+    padding rows. A key row `kb * BS + r` of one of the row's own blocks is visible iff it is at
+    most that; rows past a partial block's tokens lie beyond every position of the sequence."""
+    pos, first_block = meta[:, tiles.META_POS], meta[:, tiles.META_FIRST_BLOCK]
+    last = jnp.where(pos >= 0, first_block * block_size + pos, -1)
+    return meta.at[:, META_LAST_KEY].set(last)
 
 
 def unblock(d, shape: Shape, layout, dim: int):
@@ -335,10 +363,10 @@ def _grid(shape: Shape, batch):
     return (shape.tiling.num_tiles, batch * shape.tiling.num_kv_heads * shape.tiling.head_chunks)
 
 
-def _forward(shape: Shape, query, key, value, meta, union, sel):
+def _forward(shape: Shape, query, key, value, meta, union, sel, layout):
     tiling = shape.tiling
     q_rows = tiles.split(tiling.pack(query, shape.dk), shape.parts, shape.operand)
-    k_rows, v_rows = key_rows(key, shape, shape.dk), key_rows(value, shape, shape.dv)
+    k_rows, v_rows = key_rows(key, shape, layout, shape.dk), key_rows(value, shape, layout, shape.dv)
     B, HN = q_rows.shape[:2]
     body, scratch = _fwd_kernel(shape)
     o_rows, lse_rows = tiles.kernel(
@@ -352,11 +380,11 @@ def _forward(shape: Shape, query, key, value, meta, union, sel):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attend(shape: Shape, query, key, value, meta, union, sel, readers, kmeta, layout):
-    return _forward(shape, query, key, value, meta, union, sel)[0]
+    return _forward(shape, query, key, value, meta, union, sel, layout)[0]
 
 
 def _attend_fwd(shape, query, key, value, meta, union, sel, readers, kmeta, layout):
-    out, saved = _forward(shape, query, key, value, meta, union, sel)
+    out, saved = _forward(shape, query, key, value, meta, union, sel, layout)
     return out, (saved, meta, union, sel, readers, kmeta, layout)
 
 
@@ -411,9 +439,9 @@ def run(query, key, value, block_indices, block_counts, *, block_size: int, scal
     if isinstance(block_counts, int):
         block_counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
     layout = token_layout(num_tokens, block_size, segments)
-    starts = counted_starts(block_indices.astype(jnp.int32), block_counts.astype(jnp.int32), layout, block_size)
-    union, sel = tile_unions(starts, shape)
-    readers, kmeta = inverted_index(union, shape, num_tokens, segments)
+    blocks = counted_blocks(block_indices.astype(jnp.int32), block_counts.astype(jnp.int32), layout, block_size)
+    union, sel = tile_unions(blocks, shape)
+    readers, kmeta = inverted_index(union, shape)
     union = union.reshape(*union.shape[:3], shape.union // ROWS, ROWS)
-    meta = tiling.row_meta(layout, block_size)
+    meta = last_key_meta(tiling.row_meta(layout, block_size), block_size)
     return _attend(shape, query, key, value, meta, union, sel, readers, kmeta, layout)

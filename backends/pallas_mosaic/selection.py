@@ -69,6 +69,7 @@ class Shape(tiles.Operands):
 def _kernel(shape: Shape):
     S, dk, NHC = shape.num_slots, shape.dk, shape.tiling.head_chunks
     ot, qp = shape.operand, shape.q_parts
+    sw = tiles.swizzle_for(ot, dk)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BLOCK_TILE)  # rows x blocks, then tokens x blocks
     row = plgpu.Layout.WGMMA.reduce(1)
 
@@ -131,13 +132,13 @@ def _kernel(shape: Shape):
         tiles.store([(out_smem, out_ref.at[b, h, tile])])
 
     scratch = [
-        tiles.smem((qp, ROWS, dk), ot), tiles.smem((2, BLOCK_TILE, dk), ot),
-        tiles.smem((2, ROWS, BLOCK_TILE), jnp.bfloat16), tiles.smem((ROWS, ROWS), jnp.bfloat16),
+        tiles.smem((qp, ROWS, dk), ot, sw), tiles.smem((2, BLOCK_TILE, dk), ot, sw),
+        tiles.smem((2, ROWS, BLOCK_TILE), jnp.bfloat16, sw), tiles.smem((ROWS, ROWS), jnp.bfloat16, sw),
         plgpu.SMEM((5, ROWS), jnp.int32), plgpu.SMEM((2, ROWS), jnp.int32), plgpu.SMEM((ROWS,), jnp.int32),
         plgpu.SMEM((ROWS,), jnp.float32),
         plgpu.SMEM((S, ROWS), jnp.float32), plgpu.SMEM((S, ROWS), jnp.int32),
         plgpu.SMEM((S, ROWS), jnp.float32), plgpu.SMEM((S, ROWS), jnp.int32),
-        plgpu.SMEM((S, ROWS), jnp.int32), plgpu.Barrier(num_barriers=8),
+        plgpu.SMEM((S, ROWS), jnp.int32), tiles.barriers(8),
     ]
     return body, scratch
 
@@ -171,10 +172,12 @@ def _merge(scores, block_ids, run_v, run_i, new_v, new_i, num_slots):
     head = plgpu.layout_cast(jnp.zeros(shape[:1], jnp.int32), plgpu.Layout.WGMMA.reduce(1))
     lax.fori_loop(0, num_slots, round_, (scores, head))
 
+    # The loads name their layout: unannotated, this copy left Mosaic's layout inference a search
+    # it ran out of fuel on (2 minutes, then "Layout inference failed to find a solution").
     @pl.loop(0, num_slots)
     def _(s):
-        run_v[s] = new_v[s]
-        run_i[s] = new_i[s]
+        run_v[s] = tiles.load_rows(new_v.at[s])
+        run_i[s] = tiles.load_rows(new_i.at[s])
 
 
 def token_meta(tiling: tiles.RowTiling, layout, block_size: int):

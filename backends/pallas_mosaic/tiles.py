@@ -65,12 +65,29 @@ def padded_dim(dim: int) -> int:
     return -(-dim // 64) * 64
 
 
-def smem(shape, dtype):
-    """A shared-memory tile with the (8, swizzle) tiling and swizzle wgmma operands require."""
-    minor = shape[-1] * jnp.dtype(dtype).itemsize
-    swizzle = next(s for s in (128, 64, 32) if minor % s == 0)
+def swizzle_for(dtype, *widths) -> int:
+    """The largest swizzle (bytes) whose row of `dtype` elements divides every width: the one
+    swizzle that all of a kernel's wgmma operands can share."""
+    itemsize = jnp.dtype(dtype).itemsize
+    return next(s for s in (128, 64, 32) if all(w * itemsize % s == 0 for w in widths))
+
+
+def smem(shape, dtype, swizzle: int | None = None):
+    """A shared-memory tile with the (8, swizzle) tiling and swizzle wgmma operands require.
+
+    Mosaic's layout inference gives the two smem operands of one wgmma the same tiling, so every
+    operand of a kernel takes one `swizzle` (`swizzle_for` over the last dims of all of them);
+    without it, the largest the tile's own last dim allows."""
+    if swizzle is None:
+        swizzle = swizzle_for(dtype, shape[-1])
     elems = swizzle // jnp.dtype(dtype).itemsize
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)))
+
+
+def barriers(copies: int):
+    """Barriers for a kernel whose copies in flight at once, counted as pairs, take `copies`
+    indices: twice that, since `issue` copies a two-part operand one part at a time."""
+    return plgpu.Barrier(num_barriers=2 * copies)
 
 
 # Shared memory one block may take on an H100 (227 KiB), less a margin for Mosaic's own use
@@ -78,9 +95,16 @@ def smem(shape, dtype):
 SMEM_LIMIT = 220 * 1024
 
 
+# Pallas places each scratch buffer at a multiple of this many bytes (jax 0.11.2,
+# `mosaic_gpu.core.SMEM_ALIGNMENT`).
+SMEM_ALIGNMENT = 1024
+
+
 def smem_bytes(scratch) -> int:
-    """Shared memory a kernel's scratch list takes (its buffers; barriers are a few bytes)."""
-    return sum(math.prod(ref.shape) * jnp.dtype(ref.dtype).itemsize for ref in scratch if hasattr(ref, "shape"))
+    """Shared memory a kernel's scratch list takes: its buffers, each rounded up to Pallas's
+    1 KiB alignment as the lowering places them (barriers are a few bytes)."""
+    return sum(-(-math.prod(ref.shape) * jnp.dtype(ref.dtype).itemsize // SMEM_ALIGNMENT) * SMEM_ALIGNMENT
+               for ref in scratch if hasattr(ref, "shape"))
 
 
 def smem_decline(kernels) -> str | None:
@@ -316,12 +340,34 @@ def rem(a, b):
     return jax.lax.rem(a, jnp.asarray(b, jnp.int32))
 
 
+def _copies(src, dst):
+    """A `[2, R, W]` two-part operand (`split`) goes as one TMA copy per part: with the parts axis,
+    the tiled box of a part `W` > 64 wide would take 6 strided dimensions, and TMA (Mosaic's
+    lowering) takes at most 5."""
+    if len(dst.shape) == 3 and dst.shape[0] == 2:
+        return [(src.at[part], dst.at[part]) for part in range(2)]
+    return [(src, dst)]
+
+
+def issue(pairs, bars, first: int = 0):
+    """Start a TMA copy for each (gmem ref, smem ref) pair, one barrier each from `first` (two for
+    a two-part operand); returns the barrier indices to `wait` on."""
+    used = []
+    for pair in pairs:
+        for src, dst in _copies(*pair):
+            plgpu.copy_gmem_to_smem(src, dst, bars.at[first + len(used)])
+            used.append(first + len(used))
+    return used
+
+
+def wait(bars, used):
+    for n in used:
+        plgpu.barrier_wait(bars.at[n])
+
+
 def fetch(pairs, bars, first: int = 0):
-    """TMA-copy each (gmem ref, smem ref) pair, one barrier each from `first`, and wait for all."""
-    for n, (src, dst) in enumerate(pairs):
-        plgpu.copy_gmem_to_smem(src, dst, bars.at[first + n])
-    for n in range(len(pairs)):
-        plgpu.barrier_wait(bars.at[first + n])
+    """TMA-copy each (gmem ref, smem ref) pair (`issue`) and wait for all."""
+    wait(bars, issue(pairs, bars, first))
 
 
 def store(pairs):
