@@ -18,8 +18,9 @@ from ejkernel_nsa.registry.toolchain import gpu_failure, import_failure
 
 NAME = "pallas_mosaic"
 # Below the XLA fallback (0), so automatic choice never picks these kernels: on an H100 the
-# selected-attention kernel fails in Mosaic GPU's lowering (an AssertionError, 2026-11-25), so
-# they run only when forced until a GPU run passes. Then: 15, below Triton (20), above XLA.
+# selected-attention kernel failed in Mosaic GPU's lowering (2026-11-25). The fix is checked by
+# lowering on CPU only, so they run only when forced until a GPU run passes. Then: 15, below
+# Triton (20), above XLA.
 PRIORITY = -10
 MODULES = ("compression", "compressed_attention", "selection", "selected_attention")
 
