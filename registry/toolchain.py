@@ -30,3 +30,14 @@ def gpu_failure(min_compute_capability: tuple[int, int] | None = None) -> str | 
             wanted = ".".join(map(str, min_compute_capability))
             return f"needs compute capability >= {wanted}, the GPU has {capability}"
     return None
+
+
+def triton_kernel_decline(problem) -> str | None:
+    """The limits every Triton-compiled kernel of ours shares, through jax-triton or Pallas's
+    Triton lowering (the tiles are written for these dtypes and head widths); each piece adds its
+    own. None when the problem is within them, else the reason."""
+    if problem.dtype not in ("float32", "bfloat16", "float16"):
+        return f"dtype {problem.dtype} (the kernels take float32, bfloat16, float16)"
+    if max(problem.head_dim, problem.value_dim) > 256:
+        return f"head dims up to 256, got Dk={problem.head_dim}, Dv={problem.value_dim}"
+    return None

@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ejkernel_nsa.backends.pallas_triton import interpreted
+from ejkernel_nsa.registry.toolchain import triton_kernel_decline
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -59,13 +60,8 @@ def padded_dim(dim: int) -> int:
     return max(16, next_pow2(dim))
 
 
-def common_decline(problem) -> str | None:
-    """What none of the Pallas Triton kernels do; each piece adds its own limits."""
-    if problem.dtype not in ("float32", "bfloat16", "float16"):
-        return f"dtype {problem.dtype} (the kernels take float32, bfloat16, float16)"
-    if max(problem.head_dim, problem.value_dim) > 256:
-        return f"head dims up to 256, got Dk={problem.head_dim}, Dv={problem.value_dim}"
-    return None
+# What none of the kernels do; each piece adds its own limits.
+common_decline = triton_kernel_decline
 
 
 def pallas_call(kernel, *, grid, out_shape, num_warps: int, num_stages: int, name: str, **static):

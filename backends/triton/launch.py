@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ejkernel_nsa.registry.toolchain import triton_kernel_decline
+
 # Hopper: what the kernels are tuned for, and what CI compiles them for.
 TARGET_ARCH = 90
 
@@ -240,10 +242,5 @@ class CompileSpec:
         return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def common_decline(problem) -> str | None:
-    """What none of the Triton kernels do; each piece adds its own limits."""
-    if problem.dtype not in ("float32", "bfloat16", "float16"):
-        return f"dtype {problem.dtype} (the kernels take float32, bfloat16, float16)"
-    if max(problem.head_dim, problem.value_dim) > 256:
-        return f"head dims up to 256, got Dk={problem.head_dim}, Dv={problem.value_dim}"
-    return None
+# What none of the kernels do; each piece adds its own limits.
+common_decline = triton_kernel_decline
