@@ -16,9 +16,27 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 if [[ $stage == tests || $stage == all ]]; then
   ejkernel-nsa info 2>&1 | tee "$OUT/info.txt"
   # Extra arguments replace the default target (all of tests/), e.g. tests/test_backend_triton.py.
-  HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} python3 -m pytest -q -p no:cacheprovider -rfEs "${@:-tests}" 2>&1 \
-    | tee "$OUT/pytest.txt"
-  summary+=("pytest: $(tail -n 1 "$OUT/pytest.txt")")
+  # Kernel compilation, not the GPU, bounds a GPU test run, and it uses one CPU core per process:
+  # TEST_SHARDS=N splits the collected tests round-robin over N pytest processes that share the GPU
+  # (no preallocation, so N fit). TEST_SHARD_TIMEOUT_S stops every shard in time to report.
+  export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
+  shards=${TEST_SHARDS:-1}
+  # Shard logs stay out of $OUT (only 8 files come back from it); pytest.txt joins them.
+  logs=$(mktemp -d)
+  python3 -m pytest -q -p no:cacheprovider --collect-only "${@:-tests}" 2>/dev/null | grep '::' > "$logs/nodeids.txt"
+  for ((i = 0; i < shards; i++)); do
+    mapfile -t ids < <(awk -v n="$shards" -v i="$i" '(NR - 1) % n == i' "$logs/nodeids.txt")
+    ((${#ids[@]})) || continue
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 10 "${TEST_SHARD_TIMEOUT_S:-3000}" \
+      python3 -m pytest -q -p no:cacheprovider -rfEs "${ids[@]}" > "$logs/pytest-$i.txt" 2>&1 &
+  done
+  wait
+  for f in "$logs"/pytest-*.txt; do echo "== $(basename "$f")"; cat "$f"; done > "$OUT/pytest.txt"
+  grep -h -E '^(FAILED|ERROR) ' "$logs"/pytest-*.txt
+  summary+=("tests collected: $(wc -l < "$logs/nodeids.txt"), in $shards pytest processes")
+  for f in "$logs"/pytest-*.txt; do
+    summary+=("$(basename "$f" .txt): $(tail -n 1 "$f")")
+  done
 fi
 
 if [[ $stage == bench || $stage == all ]]; then
