@@ -272,11 +272,18 @@ def split(x, parts: int, dtype):
     """`x` as `parts` 16-bit terms stacked on a new axis -3 (before rows and width): `hi`, and
     with 2 parts also `lo = x - hi`. Two bfloat16 parts carry 16 mantissa bits, so products of
     split operands (all pairs but lo*lo) are float32-accurate to ~1e-5 on 16-bit tensor cores."""
-    high = x.astype(dtype)
     if parts == 1:
-        return high[..., None, :, :]
-    low = (x.astype(jnp.float32) - high.astype(jnp.float32)).astype(dtype)
-    return jnp.stack([high, low], axis=-3)
+        return x.astype(dtype)[..., None, :, :]
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        raise NotImplementedError(f"split into {parts} parts of {jnp.dtype(dtype)}: only bfloat16 parts")
+    x = x.astype(jnp.float32)
+    # `hi` by masking the low 16 bits, not by `x.astype(bf16).astype(f32)`: XLA on GPU removes such
+    # round trips (xla_allow_excess_precision, on by default), which made `lo` zero on the H100
+    # (float32 error 1.3e-3). Masking truncates, so `lo` keeps up to one bfloat16 ulp; `hi` converts
+    # to bfloat16 exactly.
+    high = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000),
+                                        jnp.float32)
+    return jnp.stack([high.astype(dtype), (x - high).astype(dtype)], axis=-3)
 
 
 def store_parts(ref, x, parts: int):
