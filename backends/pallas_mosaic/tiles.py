@@ -274,15 +274,12 @@ def split(x, parts: int, dtype):
     split operands (all pairs but lo*lo) are float32-accurate to ~1e-5 on 16-bit tensor cores."""
     if parts == 1:
         return x.astype(dtype)[..., None, :, :]
-    if jnp.dtype(dtype) != jnp.bfloat16:
-        raise NotImplementedError(f"split into {parts} parts of {jnp.dtype(dtype)}: only bfloat16 parts")
     x = x.astype(jnp.float32)
-    # `hi` by masking the low 16 bits, not by `x.astype(bf16).astype(f32)`: XLA on GPU removes such
-    # round trips (xla_allow_excess_precision, on by default), which made `lo` zero on the H100
-    # (float32 error 1.3e-3). Masking truncates, so `lo` keeps up to one bfloat16 ulp; `hi` converts
-    # to bfloat16 exactly.
-    high = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000),
-                                        jnp.float32)
+    # `hi` rounded by `reduce_precision`, not by `x.astype(dtype).astype(f32)`: XLA on GPU removes
+    # such conversion round trips (xla_allow_excess_precision, on by default), which made `lo`
+    # zero on the H100 (float32 error 1.3e-3). `hi` then converts to `dtype` exactly.
+    info = jnp.finfo(dtype)
+    high = jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
     return jnp.stack([high.astype(dtype), (x - high).astype(dtype)], axis=-3)
 
 
