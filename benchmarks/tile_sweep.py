@@ -19,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from ejkernel_nsa import sparsity
 from ejkernel_nsa.backends.triton import compressed_attention as cmp
 from ejkernel_nsa.problem import token_layout
 
@@ -55,7 +56,7 @@ def main() -> int:
     v_cmp = jax.random.normal(keys[2], (1, NB, H, D), jnp.float32)
     d_out = jax.random.normal(keys[3], (1, T, HQ, D), jnp.bfloat16)
     layout = token_layout(T, BS, None)
-    viewer_lo, viewer_hi = cmp.block_viewers(T, BS, None)
+    viewer_lo, viewer_hi = sparsity.block_viewers(T, BS, None)
     scale = D ** -0.5
     out, lse = jax.jit(lambda *a: cmp._fwd(*a, BS, scale))(q, k_cmp, v_cmp, layout.pos, layout.first_block)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
