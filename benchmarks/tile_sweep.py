@@ -52,8 +52,9 @@ def main() -> int:
     NB = -(-T // BS)
     keys = jax.random.split(jax.random.key(0), 5)
     q = jax.random.normal(keys[0], (1, T, HQ, D), jnp.bfloat16)
-    k_cmp = jax.random.normal(keys[1], (1, NB, H, D), jnp.float32)
-    v_cmp = jax.random.normal(keys[2], (1, NB, H, D), jnp.float32)
+    # bf16 blocks, as `run` casts mean_pool's float32 output to the query's dtype for the kernels.
+    k_cmp = jax.random.normal(keys[1], (1, NB, H, D), jnp.bfloat16)
+    v_cmp = jax.random.normal(keys[2], (1, NB, H, D), jnp.bfloat16)
     d_out = jax.random.normal(keys[3], (1, T, HQ, D), jnp.bfloat16)
     layout = token_layout(T, BS, None)
     viewer_lo, viewer_hi = sparsity.block_viewers(T, BS, None)
