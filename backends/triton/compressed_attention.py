@@ -1,14 +1,19 @@
 """Compressed attention (SPEC section 2) as Triton kernels: forward, and a two-kernel backward.
 
-Queries attend to the mean-pooled blocks `k_cmp`, `v_cmp` (float32, `BS` times fewer rows than
-the keys). A query tile packs `BT` consecutive tokens times the query heads of one kv head (the
-group padded to a power of two, `HP` heads), so each compressed-key tile it loads serves the
-whole group, and small groups still fill the 16-row minimum of a tensor-core dot. The tile walks
-the union of its rows' visible block ranges `[first_block, first_block + (pos + 1) // BS)`; the
-per-row mask does the rest, which also keeps rows of different packed sequences apart.
+Queries attend to the mean-pooled blocks `k_cmp`, `v_cmp` (`BS` times fewer rows than the keys;
+float32 out of `mean_pool`, cast to the query's dtype by `run`). A query tile packs `BT`
+consecutive tokens times the query heads of one kv head (the group padded to a power of two, `HP`
+heads), so each compressed-key tile it loads serves the whole group, and small groups still fill
+the 16-row minimum of a tensor-core dot. The tile walks the union of its rows' visible block
+ranges `[first_block, first_block + (pos + 1) // BS)`; the per-row mask does the rest, which also
+keeps rows of different packed sequences apart.
 
-Queries are cast to float32 and multiplied against the float32 blocks with tf32 (exact for 16-bit
-queries) or, for float32 problems, three tf32 passes.
+Dots take their operands in the problem's dtype. For bf16/fp16 problems: 16-bit q, k, v and do
+straight from memory, with the probabilities `p` and `ds` rounded to 16 bits right before the dots
+they feed (p @ v, ds @ k, p^T @ do, ds^T @ q), as FlashAttention does; the products accumulate in
+float32, and softmax, lse, delta and the dk/dv partial sums stay float32. 16-bit tensor cores run
+at twice the tf32 rate, and 16-bit blocks halve the loads and the shared memory of each stage.
+Float32 problems keep float32 operands and three tf32 passes (`tf32x3`).
 
 Backward: `dq` re-walks the forward's block range per query tile; `dk_cmp, dv_cmp` are owned by
 one program per block tile, which walks the query tokens that can see those blocks (from the
@@ -104,7 +109,6 @@ def compressed_attention_fwd_kernel(
     row = dt * HQ + dh
     q_base = _row_base(q_ptr, b, t0, h, head0, T, HQ, G, DK)
     q = tl.load(q_base + row[:, None] * DK + dk[None, :], mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
-    q = q.to(tl.float32)
     # Scalar 64-bit pointers to the tile's first block, advanced block tile by block tile.
     k_tile = k_ptr + ((b.to(tl.int64) * NB + c_lo) * H + h) * DK
     v_tile = v_ptr + ((b.to(tl.int64) * NB + c_lo) * H + h) * DV
@@ -129,7 +133,9 @@ def compressed_attention_fwd_kernel(
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        # A tensor-core dot takes both operands in one dtype: p in [0, 1] rounds to v's 16-bit
+        # dtype (relative error at most 2^-8 in bf16) and the sum over blocks stays float32.
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0
@@ -171,10 +177,8 @@ def compressed_attention_bwd_kernel_dq(
     row = dt * HQ + dh
     q_base = _row_base(q_ptr, b, t0, h, head0, T, HQ, G, DK)
     q = tl.load(q_base + row[:, None] * DK + dk[None, :], mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
-    q = q.to(tl.float32)
     do = tl.load(_row_base(do_ptr, b, t0, h, head0, T, HQ, G, DV) + row[:, None] * DV + dv[None, :],
                  mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-    do = do.to(tl.float32)
     # Rows without a block have lse = -inf and no visible column; keep their shift finite.
     lse = tl.load(_row_base(lse_ptr, b, t0, h, head0, T, HQ, G, 1) + row, mask=row_ok & seen, other=0.0)
     lse = tl.where(seen, lse * LOG2E, 0.0)
@@ -197,7 +201,7 @@ def compressed_attention_bwd_kernel_dq(
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds, k, input_precision=PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
     tl.store(_row_base(dq_ptr, b, t0, h, head0, T, HQ, G, DK) + row[:, None] * DK + dk[None, :],
              (dq * SCALE).to(dq_ptr.dtype.element_ty),
@@ -254,10 +258,8 @@ def compressed_attention_bwd_kernel_dkv(
             row = dt * HQ + dh
             q = tl.load(_row_base(q_ptr, b, t0, h, head0, T, HQ, G, DK) + row[:, None] * DK + dk[None, :],
                         mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
-            q = q.to(tl.float32)
             do = tl.load(_row_base(do_ptr, b, t0, h, head0, T, HQ, G, DV) + row[:, None] * DV + dv[None, :],
                          mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-            do = do.to(tl.float32)
             seen = hi > lo
             lse = tl.load(_row_base(lse_ptr, b, t0, h, head0, T, HQ, G, 1) + row, mask=row_ok & seen, other=0.0)
             lse = tl.where(seen, lse * LOG2E, 0.0)
@@ -266,10 +268,10 @@ def compressed_attention_bwd_kernel_dkv(
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (SCALE * LOG2E)
             visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
             p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-            dv_acc += tl.dot(tl.trans(p), do, input_precision=PRECISION)
+            dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
-            dk_acc += tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+            dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
     # Each split writes its own partial sums (summed outside): no atomics, deterministic.
     partial = split.to(tl.int64) * (tl.num_programs(1) // H) * NB * H
@@ -283,19 +285,21 @@ def compressed_attention_bwd_kernel_dkv(
 
 
 # (query rows, block tile, warps, pipeline stages) per kernel, by padded head-dim class and by
-# whether the dots run three tf32 passes (float32 problems): chosen so that Hopper compiles them
-# without register spills (float32 with 256-wide heads still spills a few hundred bytes). The
-# 128-wide 16-bit fwd and dq tiles come from benchmarks/tile_sweep.py on an H100 (T=64k, G=16):
+# whether the dots run three tf32 passes (float32 problems) or on 16-bit operands: chosen so that
+# Hopper compiles them without register spills (float32 with 256-wide heads still spills a few
+# hundred bytes). The 128-wide 16-bit fwd and dq tiles come from benchmarks/tile_sweep.py on an
+# H100 (T=64k, G=16), measured while 16-bit problems still ran float32 blocks in one tf32 pass:
 # every query row shares the compressed blocks a tile loads, so more rows per tile means fewer
-# reloads of the float32 blocks (fwd 16.3 -> 11.1 ms, dq 22.9 -> 14.7 ms); dq with 128 rows and
-# 64 blocks, or 256 rows, asks for more than the 227 KB of shared memory. dk/dv: 4 warps beat 8
-# once its token loop is pipelined (54.5 -> 28.6 ms).
+# reloads of the blocks (fwd 16.3 -> 11.1 ms, dq 22.9 -> 14.7 ms); dq with 128 rows and 64
+# float32 blocks, or 256 rows, asked for more than the 227 KB of shared memory. dk/dv: 4 warps beat
+# 8 once its token loop is pipelined (54.5 -> 28.6 ms). 16-bit blocks halve the shared memory of
+# a stage, which leaves room for larger tiles than these; the sweep has not re-timed them yet.
 _TILES = {
-    # 16-bit queries: one tf32 pass.
+    # 16-bit problems: 16-bit operands, float32 accumulation.
     ("fwd", 64, False): (64, 32, 8, 2), ("fwd", 128, False): (256, 32, 8, 2), ("fwd", 256, False): (64, 16, 8, 2),
     ("dq", 64, False): (64, 32, 8, 2), ("dq", 128, False): (128, 32, 8, 2), ("dq", 256, False): (32, 16, 4, 2),
     ("dkv", 64, False): (32, 32, 4, 2), ("dkv", 128, False): (32, 32, 4, 2), ("dkv", 256, False): (16, 16, 8, 2),
-    # float32 queries: tf32x3 splits every operand in two, so tiles shrink.
+    # float32 problems: tf32x3 splits every operand in two, so tiles shrink.
     ("fwd", 64, True): (64, 16, 8, 2), ("fwd", 128, True): (16, 16, 4, 1), ("fwd", 256, True): (16, 16, 8, 1),
     ("dq", 64, True): (64, 16, 8, 2), ("dq", 128, True): (16, 16, 8, 1), ("dq", 256, True): (16, 16, 8, 1),
     ("dkv", 64, True): (16, 32, 4, 2), ("dkv", 128, True): (16, 16, 8, 1), ("dkv", 256, True): (16, 16, 8, 1),
@@ -393,7 +397,9 @@ def _attend_bwd(block_size, scale, residuals, cotangents):
     dq = _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, scale)
     dk, dv = _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
                       block_size, scale)
-    return dq, dk, dv, None, None, None, None
+    # A cotangent takes its primal's dtype: the float32 sums round to the 16-bit blocks' dtype
+    # here, and the cast in `run` widens them back to float32 for mean_pool.
+    return dq, dk.astype(k_cmp.dtype), dv.astype(v_cmp.dtype), None, None, None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -403,8 +409,9 @@ def run(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segment
     num_tokens = query.shape[1]
     layout = token_layout(num_tokens, block_size, segments)
     viewer_lo, viewer_hi = sparsity.block_viewers(num_tokens, block_size, segments)
-    # The kernels read float32 blocks (mean_pool's output); a cast here carries the gradient back.
-    k_cmp, v_cmp = k_cmp.astype(jnp.float32), v_cmp.astype(jnp.float32)
+    # The kernels' dots take both operands in the query's dtype, so mean_pool's float32 blocks are
+    # rounded to it once here, not per tile; the cast carries the gradient back.
+    k_cmp, v_cmp = k_cmp.astype(query.dtype), v_cmp.astype(query.dtype)
     return _attend(query, k_cmp, v_cmp, layout.pos, layout.first_block, viewer_lo, viewer_hi, block_size, float(scale))
 
 
@@ -426,10 +433,11 @@ def compile_specs() -> list[launch.CompileSpec]:
     ]
     ints = {"T": "i32", "NB": "i32"}
     for dtype, group, (head_dim, value_dim), block_size in cases:
+        # run() casts the blocks to the query's dtype; the dk/dv partials stay float32.
         q, f32, i32 = launch.pointer(dtype), "*fp32", "*i32"
         layout = {"pos_ptr": i32, "first_block_ptr": i32}
-        fwd = {"q_ptr": q, "k_ptr": f32, "v_ptr": f32, **layout, **ints, "o_ptr": q, "lse_ptr": f32}
-        grads = {"q_ptr": q, "k_ptr": f32, "v_ptr": f32, "do_ptr": q, "lse_ptr": f32, "delta_ptr": f32, **layout}
+        fwd = {"q_ptr": q, "k_ptr": q, "v_ptr": q, **layout, **ints, "o_ptr": q, "lse_ptr": f32}
+        grads = {"q_ptr": q, "k_ptr": q, "v_ptr": q, "do_ptr": q, "lse_ptr": f32, "delta_ptr": f32, **layout}
         dq = {**grads, **ints, "dq_ptr": q}
         dkv = {**grads, "viewer_lo_ptr": i32, "viewer_hi_ptr": i32, **ints, "SPLIT_TOKENS": "i32",
                "dk_ptr": f32, "dv_ptr": f32}
