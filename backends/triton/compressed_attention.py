@@ -379,14 +379,21 @@ def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo
     return d_k.sum(axis=0), d_v.sum(axis=0)
 
 
+def _blocks_for_dots(query, k_cmp, v_cmp):
+    """The kernels' dots take both operands in the query's dtype: mean_pool's float32 blocks are
+    rounded to it once, not per tile. Inside the custom VJP, so their gradients stay float32."""
+    return k_cmp.astype(query.dtype), v_cmp.astype(query.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _attend(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size: int, scale: float):
-    return _fwd(query, k_cmp, v_cmp, pos, first_block, block_size, scale)
+    return _fwd(query, *_blocks_for_dots(query, k_cmp, v_cmp), pos, first_block, block_size, scale)
 
 
 def _attend_fwd(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size, scale):
-    out, lse = _fwd(query, k_cmp, v_cmp, pos, first_block, block_size, scale)
-    return (out, lse), (query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, out, lse)
+    k_dots, v_dots = _blocks_for_dots(query, k_cmp, v_cmp)
+    out, lse = _fwd(query, k_dots, v_dots, pos, first_block, block_size, scale)
+    return (out, lse), (query, k_dots, v_dots, pos, first_block, viewer_lo, viewer_hi, out, lse)
 
 
 def _attend_bwd(block_size, scale, residuals, cotangents):
@@ -397,9 +404,7 @@ def _attend_bwd(block_size, scale, residuals, cotangents):
     dq = _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, scale)
     dk, dv = _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
                       block_size, scale)
-    # A cotangent takes its primal's dtype: the float32 sums round to the 16-bit blocks' dtype
-    # here, and the cast in `run` widens them back to float32 for mean_pool.
-    return dq, dk.astype(k_cmp.dtype), dv.astype(v_cmp.dtype), None, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -409,9 +414,8 @@ def run(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segment
     num_tokens = query.shape[1]
     layout = token_layout(num_tokens, block_size, segments)
     viewer_lo, viewer_hi = sparsity.block_viewers(num_tokens, block_size, segments)
-    # The kernels' dots take both operands in the query's dtype, so mean_pool's float32 blocks are
-    # rounded to it once here, not per tile; the cast carries the gradient back.
-    k_cmp, v_cmp = k_cmp.astype(query.dtype), v_cmp.astype(query.dtype)
+    # float32 blocks (mean_pool's output) in and float32 gradients out; the cast carries them back.
+    k_cmp, v_cmp = k_cmp.astype(jnp.float32), v_cmp.astype(jnp.float32)
     return _attend(query, k_cmp, v_cmp, layout.pos, layout.first_block, viewer_lo, viewer_hi, block_size, float(scale))
 
 
