@@ -287,18 +287,16 @@ def compressed_attention_bwd_kernel_dkv(
 # (query rows, block tile, warps, pipeline stages) per kernel, by padded head-dim class and by
 # whether the dots run three tf32 passes (float32 problems) or on 16-bit operands: chosen so that
 # Hopper compiles them without register spills (float32 with 256-wide heads still spills a few
-# hundred bytes). The 128-wide 16-bit fwd and dq tiles come from benchmarks/tile_sweep.py on an
-# H100 (T=64k, G=16), measured while 16-bit problems still ran float32 blocks in one tf32 pass:
-# every query row shares the compressed blocks a tile loads, so more rows per tile means fewer
-# reloads of the blocks (fwd 16.3 -> 11.1 ms, dq 22.9 -> 14.7 ms); dq with 128 rows and 64
-# float32 blocks, or 256 rows, asked for more than the 227 KB of shared memory. dk/dv: 4 warps beat
-# 8 once its token loop is pipelined (54.5 -> 28.6 ms). 16-bit blocks halve the shared memory of
-# a stage, which leaves room for larger tiles than these; the sweep has not re-timed them yet.
+# hundred bytes). The 128-wide 16-bit tiles come from benchmarks/tile_sweep.py on an H100 (T=64k,
+# G=16, bf16; in benchmarks/results/, *_tile_sweep_compressed_attention_bf16.txt): every query
+# row shares the compressed blocks a tile loads, so more rows per tile means fewer reloads, and 16-bit blocks
+# leave the shared memory for 64-block tiles and a third stage (fwd 3.55 ms, dq 3.72, dk/dv 9.20;
+# with float32 blocks in one tf32 pass the best were 11.1, 14.7 and 28.6).
 _TILES = {
     # 16-bit problems: 16-bit operands, float32 accumulation.
-    ("fwd", 64, False): (64, 32, 8, 2), ("fwd", 128, False): (256, 32, 8, 2), ("fwd", 256, False): (64, 16, 8, 2),
-    ("dq", 64, False): (64, 32, 8, 2), ("dq", 128, False): (128, 32, 8, 2), ("dq", 256, False): (32, 16, 4, 2),
-    ("dkv", 64, False): (32, 32, 4, 2), ("dkv", 128, False): (32, 32, 4, 2), ("dkv", 256, False): (16, 16, 8, 2),
+    ("fwd", 64, False): (64, 32, 8, 2), ("fwd", 128, False): (256, 64, 8, 3), ("fwd", 256, False): (64, 16, 8, 2),
+    ("dq", 64, False): (64, 32, 8, 2), ("dq", 128, False): (128, 32, 8, 3), ("dq", 256, False): (32, 16, 4, 2),
+    ("dkv", 64, False): (32, 32, 4, 2), ("dkv", 128, False): (64, 64, 4, 2), ("dkv", 256, False): (16, 16, 8, 2),
     # float32 problems: tf32x3 splits every operand in two, so tiles shrink.
     ("fwd", 64, True): (64, 16, 8, 2), ("fwd", 128, True): (16, 16, 4, 1), ("fwd", 256, True): (16, 16, 8, 1),
     ("dq", 64, True): (64, 16, 8, 2), ("dq", 128, True): (16, 16, 8, 1), ("dq", 256, True): (16, 16, 8, 1),
