@@ -161,7 +161,10 @@ def _piece_problem(query, key, value, block_size, segments, num_slots=0, window_
     return NSAProblem(
         batch=key.shape[0], seq_len=key.shape[1] if query is None else query.shape[1],
         num_q_heads=key.shape[2] if query is None else query.shape[2], num_kv_heads=key.shape[2],
-        head_dim=key.shape[3], value_dim=value.shape[3], dtype=str(key.dtype), block_size=block_size,
+        # The query's dtype where there is one: the compressed keys are float32 whatever the
+        # inputs, and a whole call describes the same piece by its inputs' dtype.
+        head_dim=key.shape[3], value_dim=value.shape[3], dtype=str((key if query is None else query).dtype),
+        block_size=block_size,
         num_slots=num_slots, window_size=window_size, num_seqs=None if segments is None else segments.num_seqs,
         per_token_counts=per_token, platform=platform_of(*(x for x in (query, key, value) if x is not None)),
     )
