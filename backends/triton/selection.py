@@ -11,8 +11,13 @@ order like the floats) above the local block index. Sorting keys descending rank
 among equal scores, by the larger block index, which is the contract's tie rule; -1 marks a
 slot with no candidate.
 
-The softmax scale is a constexpr (one compile per scale, as per head dim); the scores use
-`launch.dot_precision` on queries upcast to float32 against the float32 compressed keys.
+The softmax scale is a constexpr (one compile per scale, as per head dim). The scores are dots
+in the problem's dtype: for bf16/fp16 problems `run` rounds the float32 compressed keys to the
+query's dtype once, and the kernel multiplies the 16-bit queries and keys with float32
+accumulation, at twice the tf32 rate and with half the key loads. Compressed attention rounds
+its blocks the same way, so the scores and the lse they are normalized by come from the same
+keys. Everything after the dot (exp against the lse, the group sum, the top-k) is float32.
+Float32 problems keep float32 operands and three tf32 passes (`launch.dot_precision`).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ _MAX_SLOTS = 256
 @triton.jit
 def block_selection_fwd_kernel(
     q_ptr,  # [B, T, HQ, DK]
-    k_ptr,  # [B, NB, H, DK] float32, packed compressed keys
+    k_ptr,  # [B, NB, H, DK] in the query's dtype, packed compressed keys
     lse_ptr,  # [B, T, HQ] float32, the compressed branch's log-sum-exp
     counts_ptr,  # [B, T, H] int32, blocks to choose
     pos_ptr,  # [T] int32, position in the token's sequence
@@ -85,7 +90,6 @@ def block_selection_fwd_kernel(
     dims = tl.arange(0, DC)
     if DC == BD:
         q = tl.load(q_ptr + row_q[:, None] * DK + dims[None, :], mask=row_ok[:, None] & (dims < DK)[None, :], other=0.0)
-        q = q.to(tl.float32)
     lse = tl.load(lse_ptr + row_q, mask=row_ok, other=0.0)
     # -inf: the token sees no complete block, so every probability below is masked anyway.
     lse = tl.where(lse > float("-inf"), lse, 0.0)
@@ -122,7 +126,7 @@ def block_selection_fwd_kernel(
                 d = d0 + dims
                 q = tl.load(q_ptr + row_q[:, None] * DK + d[None, :], mask=row_ok[:, None] & (d < DK)[None, :], other=0.0)
                 k = tl.load(k_ptr + k_rows[None, :] + d[:, None], mask=(blocks < NB)[None, :] & (d < DK)[:, None], other=0.0)
-                s = tl.dot(q.to(tl.float32), k, s, input_precision=PRECISION)
+                s = tl.dot(q, k, s, input_precision=PRECISION)
         visible = row_ok[:, None] & (blocks[None, :] >= row_first[:, None]) & (blocks[None, :] < row_visible_end[:, None])
         p = tl.where(visible, tl.exp(s * SCALE - lse[:, None]), 0.0)
         score = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)
@@ -214,8 +218,10 @@ def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, sca
     else:
         counts = jnp.asarray(block_counts).astype(jnp.int32)
     num_out = _num_out(num_slots, num_blocks)
+    # One dtype for both dot operands: 16-bit keys for 16-bit queries (as compressed attention
+    # rounds them for the lse), float32 for float32 problems. No gradient flows through here.
     chosen = _block_selection_fwd(
-        query, k_cmp.astype(jnp.float32), lse.astype(jnp.float32), counts, layout.pos, layout.first_block,
+        query, k_cmp.astype(query.dtype), lse.astype(jnp.float32), counts, layout.pos, layout.first_block,
         num_out=num_out, block_size=block_size, scale=scale,
     )
     if num_out < num_slots:
@@ -241,7 +247,7 @@ def compile_specs() -> list[launch.CompileSpec]:
     for dtype, group, head_dim, block_size, slots in cases:
         config = _fwd_config(group, head_dim, slots, dtype)
         signature = {
-            "q_ptr": launch.pointer(dtype), "k_ptr": "*fp32", "lse_ptr": "*fp32", "counts_ptr": "*i32",
+            "q_ptr": launch.pointer(dtype), "k_ptr": launch.pointer(dtype), "lse_ptr": "*fp32", "counts_ptr": "*i32",
             "pos_ptr": "*i32", "first_block_ptr": "*i32", "T": "i32", "NB": "i32",
             "out_ptr": "*i32",
         }
