@@ -174,8 +174,9 @@ def mean_pool(key, value, block_size: int = 64, cu_seqlens=None, *, backend: str
     """Compress `key` `[B, T, H, Dk]` and `value` `[B, T, H, Dv]` into block means (SPEC section 1).
 
     Returns `(key_cmp, value_cmp)`, `[B, NB, H, D]` float32, NB = ceil(T / block_size). They stay
-    float32 whatever the inputs' dtype: they are `block_size` times smaller than the keys, and
-    rounding them to bf16 would move the top-k selection.
+    float32 whatever the inputs' dtype (SPEC section 1 accumulates in float32; they are
+    `block_size` times smaller than the keys). A backend may round them to the query's dtype for
+    its tensor-core dots (the Triton kernels do for 16-bit problems), within SPEC's tolerances.
     With `cu_seqlens`, the blocks of all sequences are packed on one axis of static length
     `T // block_size + N`: sequence n's blocks start at `sum(ceil(L_m / block_size), m < n)`, and
     the unused tail is zero.
