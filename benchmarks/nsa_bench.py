@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", type=names, default=["paper", "g1", "g4"],
                         help=f"shape sets, of {sorted(impls.SHAPES)} (default paper,g1,g4)")
-    parser.add_argument("--seq-lens", type=ints, default=[4096, 8192, 16384, 32768, 65536],
+    parser.add_argument("--seq-lens", type=ints, default=[4096, 8192, 16384, 32768, 65536, 131072],
                         help="T for the paper setting (and any shape set but g1/g4)")
     parser.add_argument("--group-seq-lens", type=ints, default=[8192, 32768], help="T for the g1 and g4 sets")
     parser.add_argument("--modes", type=names, default=["fwd", "fwd_bwd"])
