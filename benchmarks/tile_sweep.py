@@ -58,7 +58,7 @@ def main() -> int:
     NB = -(-T // BS)
     keys = jax.random.split(jax.random.key(0), 5)
     q = jax.random.normal(keys[0], (1, T, HQ, D), jnp.bfloat16)
-    # bf16 blocks, as `run` casts mean_pool's float32 output to the query's dtype for the kernels.
+    # bf16 blocks: the kernels get mean_pool's float32 output in the query's dtype (`_blocks_for_dots`).
     k_cmp = jax.random.normal(keys[1], (1, NB, H, D), jnp.bfloat16)
     v_cmp = jax.random.normal(keys[2], (1, NB, H, D), jnp.bfloat16)
     d_out = jax.random.normal(keys[3], (1, T, HQ, D), jnp.bfloat16)

@@ -1,7 +1,7 @@
 """Compressed attention (SPEC section 2) as Triton kernels: forward, and a two-kernel backward.
 
 Queries attend to the mean-pooled blocks `k_cmp`, `v_cmp` (`BS` times fewer rows than the keys;
-float32 out of `mean_pool`, cast to the query's dtype by `run`). A query tile packs `BT`
+float32 out of `mean_pool`, cast to the query's dtype inside the custom VJP). A query tile packs `BT`
 consecutive tokens times the query heads of one kv head (the group padded to a power of two, `HP`
 heads), so each compressed-key tile it loads serves the whole group, and small groups still fill
 the 16-row minimum of a tensor-core dot. The tile walks the union of its rows' visible block
@@ -289,9 +289,9 @@ def compressed_attention_bwd_kernel_dkv(
 # Hopper compiles them without register spills (float32 with 256-wide heads still spills a few
 # hundred bytes). The 128-wide 16-bit tiles come from benchmarks/tile_sweep.py on an H100 (T=64k,
 # G=16, bf16; in benchmarks/results/, *_tile_sweep_compressed_attention_bf16.txt): every query
-# row shares the compressed blocks a tile loads, so more rows per tile means fewer reloads, and 16-bit blocks
-# leave the shared memory for 64-block tiles and a third stage (fwd 3.55 ms, dq 3.72, dk/dv 9.20;
-# with float32 blocks in one tf32 pass the best were 11.1, 14.7 and 28.6).
+# row shares the compressed blocks a tile loads, so more rows per tile means fewer reloads, and
+# 16-bit blocks leave the shared memory for 64-block tiles and a third stage (fwd 3.55 ms, dq
+# 3.72, dk/dv 9.20; with float32 blocks in one tf32 pass the best were 11.1, 14.7 and 28.6).
 _TILES = {
     # 16-bit problems: 16-bit operands, float32 accumulation.
     ("fwd", 64, False): (64, 32, 8, 2), ("fwd", 128, False): (256, 64, 8, 3), ("fwd", 256, False): (64, 16, 8, 2),
@@ -435,7 +435,7 @@ def compile_specs() -> list[launch.CompileSpec]:
     ]
     ints = {"T": "i32", "NB": "i32"}
     for dtype, group, (head_dim, value_dim), block_size in cases:
-        # run() casts the blocks to the query's dtype; the dk/dv partials stay float32.
+        # The kernels get the blocks in the query's dtype (`_blocks_for_dots`); dk/dv partials stay float32.
         q, f32, i32 = launch.pointer(dtype), "*fp32", "*i32"
         layout = {"pos_ptr": i32, "first_block_ptr": i32}
         fwd = {"q_ptr": q, "k_ptr": q, "v_ptr": q, **layout, **ints, "o_ptr": q, "lse_ptr": f32}
