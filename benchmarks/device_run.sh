@@ -23,7 +23,10 @@ if [[ $stage == tests || $stage == all ]]; then
   shards=${TEST_SHARDS:-1}
   # Shard logs stay out of $OUT (only 8 files come back from it); pytest.txt joins them.
   logs=$(mktemp -d)
-  python3 -m pytest -q -p no:cacheprovider --collect-only "${@:-tests}" 2>/dev/null | grep '::' > "$logs/nodeids.txt"
+  python3 -m pytest -q -p no:cacheprovider --collect-only "${@:-tests}" > "$logs/collect.txt" 2>&1
+  grep '::' "$logs/collect.txt" > "$logs/nodeids.txt"
+  # A collection error (or no test) must show, not pass as an empty run.
+  [[ -s $logs/nodeids.txt ]] || { grep -v "^\s*$" "$logs/collect.txt" | tail -n 30 | tee "$logs/pytest-collect.txt"; }
   for ((i = 0; i < shards; i++)); do
     mapfile -t ids < <(awk -v n="$shards" -v i="$i" '(NR - 1) % n == i' "$logs/nodeids.txt")
     ((${#ids[@]})) || continue
