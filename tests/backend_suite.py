@@ -47,6 +47,10 @@ class BackendSuite:
     backend: str
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     groups: tuple[int, ...] = (1, 2, 3, 4, 8, 16)
+    # Relative L2 bound on compressed attention's lse for 16-bit problems (SPEC 8 bounds only the
+    # output, gradients and selection): scores whose compressed keys are float32 or tf32 (10
+    # mantissa bits) stay within 1e-3.
+    lse_tolerance_16bit: float = 1e-3
 
     @pytest.fixture(autouse=True)
     def backend_runs_here(self):
@@ -92,8 +96,7 @@ class BackendSuite:
         assert_close("compressed output", o_cmp, expected["o_cmp"], out_tol)
         seen = np.isfinite(expected["lse"])
         assert np.array_equal(np.isfinite(np.asarray(lse)), seen), "lse must be -inf exactly where no block is seen"
-        # 16-bit problems may score in tf32 (SPEC 8 allows it for the output); lse follows suit.
-        lse_tol = 1e-5 if case.dtype == "float32" else 1e-3
+        lse_tol = 1e-5 if case.dtype == "float32" else self.lse_tolerance_16bit
         assert_close("lse", np.asarray(lse)[seen], expected["lse"][seen], lse_tol)
         indices = nsa.select_blocks(
             args["query"], k_cmp, lse, args["block_counts"], max_block_counts=args.get("max_block_counts"), **common

@@ -14,6 +14,10 @@ from ejkernel_nsa.registry import implementations
 class TestTriton(BackendSuite):
     backend = "triton"
     groups = (1, 2, 3, 4, 8, 16, 32)
+    # 16-bit problems score on compressed keys rounded to bf16 (docs/triton.md): 7 mantissa bits
+    # instead of tf32's 10, so the suite's tf32 lse bound scales by 2^3. A fresh-clone CI draw
+    # (T=128, G=1, varlen) measured 1.64e-3. Outputs, gradients and selections keep SPEC's bounds.
+    lse_tolerance_16bit = 8e-3
 
 
 @pytest.mark.gpu
