@@ -4,7 +4,9 @@ passes share, in plain `jnp` with static shapes (jit-safe, traced `cu_seqlens` i
 - `SelectedBlocks`: a selection with its quotas and the token and block layouts, the integer
   (non-differentiable) input of a selected-attention `custom_vjp`;
 - `counted_slots`: which slots of a selection count (SPEC section 4);
-- `readers_by_key_block`: the selection inverted, the tokens that read each key block;
+- `reader_pairs_by_key_block` / `readers_by_key_block`: the selection inverted, the (token,
+  slot) pairs (or the tokens) that read each key block;
+- `reader_tiles`: that inverted list cut into load-balanced work tiles of one key block each;
 - `block_viewers`: the tokens that can see each compressed block (SPEC section 2).
 """
 
@@ -39,12 +41,12 @@ def counted_slots(sel: SelectedBlocks, block_size: int) -> jax.Array:
     return valid & ~repeat
 
 
-def readers_by_key_block(sel: SelectedBlocks, block_size: int) -> tuple[jax.Array, jax.Array]:
-    """Per (batch row, kv head): the tokens that read each key block, grouped by block.
+def reader_pairs_by_key_block(sel: SelectedBlocks, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """Per (batch row, kv head): the counted (token, slot) pairs that read each key block.
 
-    Returns `tokens` `[B*H, T*S]` (the counted (token, slot) pairs sorted by packed key block,
-    tokens ascending within a block, uncounted pairs last) and `offsets` `[B*H, NB+1]`: block n's
-    readers are `tokens[offsets[n]:offsets[n+1]]`."""
+    Returns `pairs` `[B*H, T*S]` (`token * S + slot`, sorted by packed key block, ascending within
+    a block, uncounted pairs last) and `offsets` `[B*H, NB+1]`: block n's readers are
+    `pairs[offsets[n]:offsets[n+1]]`."""
     batch, num_tokens, num_kv_heads, num_slots = sel.indices.shape
     num_blocks = sel.block_start.shape[0]
     keep = counted_slots(sel, block_size)
@@ -54,7 +56,52 @@ def readers_by_key_block(sel: SelectedBlocks, block_size: int) -> tuple[jax.Arra
     block, pair = jax.lax.sort((block, pair), dimension=1, is_stable=True, num_keys=1)
     edges = jnp.arange(num_blocks + 1, dtype=jnp.int32)
     offsets = jax.vmap(lambda row: jnp.searchsorted(row, edges, side="left"))(block)
-    return (pair // num_slots).astype(jnp.int32), offsets.astype(jnp.int32)
+    return pair.astype(jnp.int32), offsets.astype(jnp.int32)
+
+
+def readers_by_key_block(sel: SelectedBlocks, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """`reader_pairs_by_key_block` with each pair replaced by its token: `tokens` `[B*H, T*S]`
+    and `offsets` `[B*H, NB+1]`."""
+    pairs, offsets = reader_pairs_by_key_block(sel, block_size)
+    return pairs // sel.indices.shape[-1], offsets
+
+
+class ReaderTiles(NamedTuple):
+    """Work tiles over an inverted selection, `[B*H, NT]` int32 each: the packed key block a
+    tile works on (-1: an unused tile of the static grid) and its first chunk of `rows`
+    (reader, query head) rows in that block's list. A tile covers up to `chunks` chunks."""
+
+    block: jax.Array
+    chunk: jax.Array
+
+
+def num_reader_tiles(num_tokens: int, num_slots: int, num_blocks: int, group: int, rows: int, chunks: int) -> int:
+    """A static bound on the tiles `reader_tiles` makes: every block may end in a partial chunk
+    and a partial tile."""
+    total_chunks = -(-num_tokens * num_slots * group // rows) + num_blocks
+    return -(-total_chunks // chunks) + num_blocks
+
+
+def reader_tiles(offsets: jax.Array, *, num_tokens: int, num_slots: int, group: int, rows: int,
+                 chunks: int) -> ReaderTiles:
+    """Cut each key block's reader list into tiles of at most `chunks` chunks of `rows` rows.
+
+    A key block read by many tokens (block 0 is read by every token of its sequence) becomes many
+    tiles and a rarely read one a single tile, so the programs of a launch get similar work
+    whatever the selection; a block nobody reads gets none."""
+    num_blocks = offsets.shape[1] - 1
+    num_tiles = num_reader_tiles(num_tokens, num_slots, num_blocks, group, rows, chunks)
+    readers = offsets[:, 1:] - offsets[:, :-1]
+    block_chunks = (readers * group + rows - 1) // rows
+    block_tiles = (block_chunks + chunks - 1) // chunks
+    ends = jnp.cumsum(block_tiles, axis=1)
+    tiles = jnp.arange(num_tiles, dtype=jnp.int32)
+    block = jax.vmap(lambda row: jnp.searchsorted(row, tiles, side="right"))(ends).astype(jnp.int32)
+    used = tiles[None, :] < ends[:, -1:]
+    block = jnp.minimum(block, num_blocks - 1)
+    starts = jnp.take_along_axis(ends - block_tiles, block, axis=1)
+    chunk = (tiles[None, :] - starts) * chunks
+    return ReaderTiles(jnp.where(used, block, -1).astype(jnp.int32), jnp.where(used, chunk, 0).astype(jnp.int32))
 
 
 def block_viewers(num_tokens: int, block_size: int, segments: Segments | None) -> tuple[jax.Array, jax.Array]:

@@ -1,23 +1,28 @@
 """Attention over the selected blocks (SPEC section 4) in Triton, forward and backward.
 
-Forward and dq: one program per (token, kv head). Each token selects its own key blocks, so tokens
-cannot share a K/V tile; what is shared is the group: the program's rows are the token's `G`
-query heads, and every K/V block tile is loaded once for all of them. Which slots count (within
-the quota, not in the future, not a repeat of an earlier slot) is decided in registers from the
-token's `S` indices, and the loop runs over the counted blocks only.
+Each token selects its own key blocks, so the natural loop (one program per token, over its `S`
+blocks) puts only the token's `G` query heads in a tensor-core tile and reads `S * BS` keys per
+token: at small `G` the tile is mostly padding and the loop is bound by re-reading keys. The
+kernels here turn the loop around (docs/triton.md, "Selected attention"):
 
-dk/dv: the selection is inverted first (plain jnp, static sizes): for each (batch row, kv head)
-the counted (token, block) pairs are sorted by key block, giving every key block the list of
-tokens that read it. A program owns one key block and walks its list, packing consecutive
-(token, query head) pairs densely into the rows of a tile, so a small group still fills a tensor
-core tile. No atomics contend inside the loop; only the long lists (block 0 is read by every
-token of its sequence) are split across `SPLIT` programs, which add their partial sums once.
+- the selection is inverted once (`sparsity.reader_pairs_by_key_block`): for each key block, the
+  (token, slot) pairs that read it, and cut into load-balanced work tiles (`sparsity.reader_tiles`);
+- **block-major forward**: a program owns a key block, loads its keys and values once, and walks
+  its readers in chunks of `ROWS` (reader, query head) rows packed densely, so the tile is full for
+  any `G`. Each row's attention over this one block is a partial result (normalized output and
+  log-sum-exp), written to a `[B, T, H, S, G]` buffer; a **combine** kernel merges a row's `S`
+  partials by their log-sum-exps, exactly as split-K attention does;
+- **block-major backward**: the same tiles; dk/dv accumulate in registers (one add per tile when a
+  block spans several), and dq, which a row receives from each of its `S` blocks, is added with
+  float32 atomics, so one kernel computes all three gradients with no second pass;
+- the **token-major forward** (one program per token and kv head) is kept: it needs no partials,
+  and with `G >= 16` its tile is already full; `forward_loop_order` picks between the two.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +40,9 @@ PIECE = Piece.SELECTED_ATTENTION
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-# The dedup compares every pair of slots in registers ([SP, SP]); beyond this it would spill.
+# The token-major dedup compares every pair of slots in registers ([SP, SP]); beyond this it
+# would spill.
 MAX_SLOTS = 128
-# dk/dv: fewer chunks than this per program are not worth another program and its atomic add.
-MIN_CHUNKS_PER_PROGRAM = 2
-MAX_SPLIT = 8
 
 
 def supports(problem: NSAProblem) -> str | None:
@@ -51,7 +54,7 @@ def supports(problem: NSAProblem) -> str | None:
     return None
 
 
-# ---- kernels ------------------------------------------------------------------------------------
+# ---- kernels: token-major forward ------------------------------------------------------------
 
 
 @triton.jit
@@ -136,206 +139,306 @@ def selected_attention_fwd_kernel(
     tl.store(lse_ptr + q_rows, lse, mask=head_ok)
 
 
+# ---- kernels: block-major forward, combine and backward ----------------------------------------
+
+
 @triton.jit
-def selected_attention_bwd_kernel_dq(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, indices_ptr, counts_ptr, pos_ptr, seq_start_ptr,
-    num_tokens,
-    dq_ptr, delta_ptr,
-    H: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
-    S: tl.constexpr, SP: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, SUBS: tl.constexpr,
-    SCALE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(1)
-    b = (pid // (H * HEAD_CHUNKS)).to(tl.int64)
-    h = (pid // HEAD_CHUNKS) % H
-    heads = (pid % HEAD_CHUNKS) * ROWS + tl.arange(0, ROWS)
-    head_ok = heads < G
-    token = b * num_tokens + t
-    q_rows = token * (H * G) + h * G + heads
+def _reader_tile(tile_block_ptr, tile_chunk_ptr, offsets_ptr, bh, tile, num_tiles, num_blocks,
+                 G: tl.constexpr, ROWS: tl.constexpr, CHUNKS: tl.constexpr):
+    """A work tile: its key block (-1 for an unused tile), the first entry of the block's reader
+    list, the list's length in rows, and the tile's chunk range."""
+    at = bh.to(tl.int64) * num_tiles + tile
+    block = tl.load(tile_block_ptr + at)
+    offsets = offsets_ptr + bh.to(tl.int64) * (num_blocks + 1) + tl.maximum(block, 0)
+    first = tl.load(offsets)
+    num_rows = (tl.load(offsets + 1) - first) * G
+    chunk_lo = tl.load(tile_chunk_ptr + at)
+    chunk_hi = tl.minimum(chunk_lo + CHUNKS, tl.cdiv(num_rows, ROWS))
+    return block, first, num_rows, chunk_lo, chunk_hi
+
+
+@triton.jit
+def _chunk_rows(pairs_ptr, list_base, chunk, num_rows, num_tokens, b, h,
+                H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr):
+    """The rows of one chunk: consecutive (reader, query head) pairs of a key block's list (the G
+    heads of a reader, then the next reader). Returns the row mask, each row's token (its row in
+    the batch row), its slot, and its query row and partial-result row in memory."""
+    at = chunk * ROWS + tl.arange(0, ROWS)
+    row_ok = at < num_rows
+    pair = tl.load(pairs_ptr + list_base + at // G, mask=row_ok, other=0)
+    token = pair // S
+    slot = pair % S
+    head = at % G
+    token_row = b * num_tokens + token
+    q_row = token_row * (H * G) + h * G + head
+    part_row = ((token_row * H + h) * S + slot) * G + head
+    return row_ok, token, q_row, part_row
+
+
+@triton.jit
+def _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block, sub, b, h, num_tokens,
+              H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+              BK: tl.constexpr):
+    """Sub-tile `sub` of a packed key block: keys [BK, DKP], values [BK, DVP], the keys' rows in
+    the batch row, and which of them exist (a sequence's last block may be partial)."""
+    in_tile = tl.arange(0, BK)
+    key_token = tl.load(block_start_ptr + block) + sub * BK + in_tile
+    key_ok = sub * BK + in_tile < tl.load(block_len_ptr + block)
+    key_rows = (b * num_tokens + key_token) * H + h
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
-    dk_ok = head_ok[:, None] & (dk[None, :] < DK)
-    dv_ok = head_ok[:, None] & (dv[None, :] < DV)
-    q = tl.load(q_ptr + q_rows[:, None] * DK + dk[None, :], mask=dk_ok, other=0.0)
-    do = tl.load(do_ptr + q_rows[:, None] * DV + dv[None, :], mask=dv_ok, other=0.0)
-    o = tl.load(o_ptr + q_rows[:, None] * DV + dv[None, :], mask=dv_ok, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    tl.store(delta_ptr + q_rows, delta, mask=head_ok)
-    lse2 = tl.load(lse_ptr + q_rows, mask=head_ok, other=0.0) * LOG2E
-
-    pos = tl.load(pos_ptr + t)
-    first_key = b * num_tokens + tl.load(seq_start_ptr + t)
-    index, keep, rank, num = _counted_blocks(indices_ptr, counts_ptr, token * H + h, pos, S, SP, BS)
-
-    qk_scale = SCALE * LOG2E
-    acc = tl.zeros([ROWS, DKP], tl.float32)
-    in_tile = tl.arange(0, BK)
-    # A token with no counted block has lse = -inf and runs no step: its dq stays 0.
-    for step in range(0, num * SUBS):
-        block = _block_of_step(index, keep, rank, step, SUBS)
-        in_block = (step % SUBS) * BK + in_tile
-        local = block * BS + in_block
-        visible = (in_block < BS) & (local <= pos)
-        rows = (first_key + local) * H + h
-        k = tl.load(k_ptr + rows[:, None] * DK + dk[None, :], mask=visible[:, None] & (dk[None, :] < DK), other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * DV + dv[None, :], mask=visible[:, None] & (dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where(visible[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(dq_ptr + q_rows[:, None] * DK + dk[None, :], (acc * SCALE).to(dq_ptr.dtype.element_ty), mask=dk_ok)
+    k = tl.load(k_ptr + key_rows[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    v = tl.load(v_ptr + key_rows[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    return k, v, key_token, key_ok, key_rows
 
 
 @triton.jit
-def selected_attention_bwd_kernel_dkv(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, tokens_ptr, offsets_ptr, block_start_ptr, block_len_ptr,
-    num_tokens, num_blocks,
-    dk_ptr, dv_ptr,
-    H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr,
+def selected_attention_fwd_kernel_by_block(
+    q_ptr, k_ptr, v_ptr, pairs_ptr, offsets_ptr, tile_block_ptr, tile_chunk_ptr, block_start_ptr, block_len_ptr,
+    num_tokens, num_blocks, num_tiles,
+    o_part_ptr, lse_part_ptr,
+    H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, CHUNKS: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
-    BK: tl.constexpr, SUBS: tl.constexpr, SPLIT: tl.constexpr, MIN_CHUNKS: tl.constexpr,
-    SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    BK: tl.constexpr, SUBS: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    block = tl.program_id(0) // SUBS
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    block, first, num_rows, chunk_lo, chunk_hi = _reader_tile(
+        tile_block_ptr, tile_chunk_ptr, offsets_ptr, bh, tile, num_tiles, num_blocks, G, ROWS, CHUNKS)
+    if block < 0:
+        return
+    list_base = bh.to(tl.int64) * num_tokens * S + first
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    if SUBS == 1:
+        # The whole block in one tile: its keys and values are read once for every chunk.
+        k, v, key_token, key_ok, _ = _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block, 0, b, h,
+                                               num_tokens, H, DK, DV, DKP, DVP, BK)
+    qk_scale = SCALE * LOG2E
+    for chunk in range(chunk_lo, chunk_hi):
+        row_ok, token, q_row, part_row = _chunk_rows(pairs_ptr, list_base, chunk, num_rows, num_tokens, b, h,
+                                                     H, G, S, ROWS)
+        q = tl.load(q_ptr + q_row[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        l = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, DVP], tl.float32)
+        for sub in tl.static_range(SUBS):
+            if SUBS > 1:
+                k, v, key_token, key_ok, _ = _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block, sub, b,
+                                                       h, num_tokens, H, DK, DV, DKP, DVP, BK)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            # A block and its readers share one sequence: causality compares rows of the batch row.
+            visible = row_ok[:, None] & key_ok[None, :] & (key_token[None, :] <= token[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        # A counted block starts at or before its reader, so every real row saw a key (l > 0).
+        safe_l = tl.where(l > 0.0, l, 1.0)
+        tl.store(o_part_ptr + part_row[:, None] * DV + dv[None, :], (acc / safe_l[:, None]).to(o_part_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv[None, :] < DV))
+        tl.store(lse_part_ptr + part_row, m + tl.log2(safe_l), mask=row_ok)
+
+
+@triton.jit
+def selected_attention_combine_kernel(
+    o_part_ptr, lse_part_ptr, keep_ptr,
+    num_tokens,
+    o_ptr, lse_ptr,
+    H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+):
+    """Merge each (token, query head) row's partial results over its counted slots: a softmax
+    over the blocks' log-sum-exps (base 2) weighs their normalized outputs."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    at = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    token = at // G
+    head = at % G
+    row_ok = token < num_tokens
+    token_row = b * num_tokens + token
+    dv = tl.arange(0, DVP)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, DVP], tl.float32)
+    for slot in range(S):
+        counted = tl.load(keep_ptr + (token_row * H + h) * S + slot, mask=row_ok, other=0) != 0
+        part_row = ((token_row * H + h) * S + slot) * G + head
+        # Uncounted slots were never written: nothing of theirs is read.
+        lse2 = tl.load(lse_part_ptr + part_row, mask=counted, other=float("-inf"))
+        o = tl.load(o_part_ptr + part_row[:, None] * DV + dv[None, :], mask=counted[:, None] & (dv[None, :] < DV),
+                    other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, lse2)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        weight = tl.where(counted, tl.exp2(lse2 - m_safe), 0.0)
+        l = l * alpha + weight
+        acc = acc * alpha[:, None] + weight[:, None] * o
+        m = m_new
+    seen = l > 0.0
+    safe_l = tl.where(seen, l, 1.0)
+    q_row = token_row * (H * G) + h * G + head
+    tl.store(o_ptr + q_row[:, None] * DV + dv[None, :], (acc / safe_l[:, None]).to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (dv[None, :] < DV))
+    tl.store(lse_ptr + q_row, tl.where(seen, (m + tl.log2(safe_l)) * LN2, float("-inf")), mask=row_ok)
+
+
+@triton.jit
+def selected_attention_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, pairs_ptr, offsets_ptr, tile_block_ptr, tile_chunk_ptr,
+    block_start_ptr, block_len_ptr,
+    num_tokens, num_blocks, num_tiles,
+    dq_ptr, dk_ptr, dv_ptr,
+    H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, CHUNKS: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+    BK: tl.constexpr, SUBS: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq, dk, dv of one work tile (one key sub-tile): dq, dk, dv are float32 and zeroed before
+    the launch."""
+    tile = tl.program_id(0) // SUBS
     sub = tl.program_id(0) % SUBS
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    part = tl.program_id(2)
-
-    # This block's readers: tokens[first:last) of the (batch row, kv head) list, ascending.
-    offsets = offsets_ptr + bh.to(tl.int64) * (num_blocks + 1) + block
-    first = tl.load(offsets)
-    pairs = (tl.load(offsets + 1) - first) * G
-    chunks = tl.cdiv(pairs, ROWS)
-    per_part = tl.maximum(tl.cdiv(chunks, SPLIT), MIN_CHUNKS)
-    chunk_lo = part * per_part
-    chunk_hi = tl.minimum(chunk_lo + per_part, chunks)
-    tokens = tokens_ptr + bh.to(tl.int64) * num_tokens * S + first
-
-    in_tile = tl.arange(0, BK)
-    key_token = tl.load(block_start_ptr + block) + sub * BK + in_tile
-    key_ok = in_tile < tl.load(block_len_ptr + block) - sub * BK
-    key_rows = (b * num_tokens + key_token) * H + h
+    block, first, num_rows, chunk_lo, chunk_hi = _reader_tile(
+        tile_block_ptr, tile_chunk_ptr, offsets_ptr, bh, tile, num_tiles, num_blocks, G, ROWS, CHUNKS)
+    if block < 0:
+        return
+    list_base = bh.to(tl.int64) * num_tokens * S + first
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
-    dk_out = key_ok[:, None] & (dk[None, :] < DK)
-    dv_out = key_ok[:, None] & (dv[None, :] < DV)
-    # A part with nothing to do touches no memory.
-    has_work = chunk_hi > chunk_lo
-    k = tl.load(k_ptr + key_rows[:, None] * DK + dk[None, :], mask=dk_out & has_work, other=0.0)
-    v = tl.load(v_ptr + key_rows[:, None] * DV + dv[None, :], mask=dv_out & has_work, other=0.0)
-
+    k, v, key_token, key_ok, key_rows = _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block, sub, b, h,
+                                                  num_tokens, H, DK, DV, DKP, DVP, BK)
     qk_scale = SCALE * LOG2E
     dk_acc = tl.zeros([BK, DKP], tl.float32)
     dv_acc = tl.zeros([BK, DVP], tl.float32)
     for chunk in range(chunk_lo, chunk_hi):
-        # Rows are consecutive (token, query head) pairs of the list: G heads of a token, then the next token.
-        pair = chunk * ROWS + tl.arange(0, ROWS)
-        row_ok = pair < pairs
-        token = tl.load(tokens + pair // G, mask=row_ok, other=0)
-        q_rows = (b * num_tokens + token) * (H * G) + h * G + pair % G
-        q = tl.load(q_ptr + q_rows[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        do = tl.load(do_ptr + q_rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV),
-                     other=0.0)
-        lse2 = tl.load(lse_ptr + q_rows, mask=row_ok, other=0.0) * LOG2E
-        delta = tl.load(delta_ptr + q_rows, mask=row_ok, other=0.0)
+        row_ok, token, q_row, _ = _chunk_rows(pairs_ptr, list_base, chunk, num_rows, num_tokens, b, h, H, G, S, ROWS)
+        dk_ok = row_ok[:, None] & (dk[None, :] < DK)
+        q = tl.load(q_ptr + q_row[:, None] * DK + dk[None, :], mask=dk_ok, other=0.0)
+        do = tl.load(do_ptr + q_row[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        lse2 = tl.load(lse_ptr + q_row, mask=row_ok, other=0.0) * LOG2E
+        delta = tl.load(delta_ptr + q_row, mask=row_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        # The block and its readers share one sequence, so causality compares global rows.
         visible = row_ok[:, None] & key_ok[None, :] & (key_token[None, :] <= token[:, None])
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
         dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    dk_acc = dk_acc * SCALE
-
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk_acc += tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+        # A row gets dq from each of its S blocks, in different programs: add it.
+        dq = tl.dot(ds, k, input_precision=PRECISION) * SCALE
+        tl.atomic_add(dq_ptr + q_row[:, None] * DK + dk[None, :], dq, mask=dk_ok, sem="relaxed")
     dk_at = dk_ptr + key_rows[:, None] * DK + dk[None, :]
     dv_at = dv_ptr + key_rows[:, None] * DV + dv[None, :]
-    if SPLIT > 1:
-        # Float32 buffers, zeroed before the launch; one add per part, none inside the loop.
-        tl.atomic_add(dk_at, dk_acc, mask=dk_out & has_work, sem="relaxed")
-        tl.atomic_add(dv_at, dv_acc, mask=dv_out & has_work, sem="relaxed")
+    dk_out = key_ok[:, None] & (dk[None, :] < DK)
+    dv_out = key_ok[:, None] & (dv[None, :] < DV)
+    if (chunk_lo == 0) & (chunk_hi == tl.cdiv(num_rows, ROWS)):
+        # The block's only tile: nobody else writes these rows.
+        tl.store(dk_at, dk_acc * SCALE, mask=dk_out)
+        tl.store(dv_at, dv_acc, mask=dv_out)
     else:
-        # The only program of its block: it writes every row of the block, zeros included.
-        tl.store(dk_at, dk_acc.to(dk_ptr.dtype.element_ty), mask=dk_out)
-        tl.store(dv_at, dv_acc.to(dv_ptr.dtype.element_ty), mask=dv_out)
+        tl.atomic_add(dk_at, dk_acc * SCALE, mask=dk_out, sem="relaxed")
+        tl.atomic_add(dv_at, dv_acc, mask=dv_out, sem="relaxed")
 
 
 # ---- launch configuration (shared by the launches and compile_specs) ---------------------------
 
 
-class _TokenConfig(NamedTuple):
-    """Forward and dq: one program per (token, kv head, chunk of query heads)."""
+@dataclasses.dataclass(frozen=True)
+class TokenConfig:
+    """Token-major forward: one program per (token, kv head, chunk of query heads)."""
 
     rows: int  # query heads per program, padded for tl.dot
     head_chunks: int
-    block_tile: int  # keys per inner step (a selected block is SUBS steps)
+    block_tile: int  # keys per inner step (a selected block is `subs` steps)
     subs: int
-    dkp: int
-    dvp: int
-    slots_padded: int
     num_warps: int
-    num_stages: int
+    num_stages: int = 2
 
 
-def _token_config(group: int, block_size: int, head_dim: int, value_dim: int, num_slots: int,
-                  itemsize: int = 2) -> _TokenConfig:
+def token_config(group: int, block_size: int, head_dim: int, value_dim: int, itemsize: int = 2) -> TokenConfig:
     rows = min(max(16, next_pow2(group)), 64)
-    dkp, dvp = max(16, next_pow2(head_dim)), max(16, next_pow2(value_dim))
+    dkp, dvp = _padded(head_dim), _padded(value_dim)
     block_padded = max(16, next_pow2(block_size))
     # K and V tiles [tile, D] are held whole; float32 tiles take twice the registers.
     block_tile = min(block_padded, (64 if max(dkp, dvp) <= 128 else 32) * 2 // itemsize)
     big = rows * max(dkp, dvp) * itemsize >= 64 * 128 * 2
-    return _TokenConfig(
-        rows=rows, head_chunks=cdiv(group, rows), block_tile=block_tile, subs=block_padded // block_tile,
-        dkp=dkp, dvp=dvp, slots_padded=max(2, next_pow2(num_slots)), num_warps=8 if big else 4, num_stages=2,
-    )
+    return TokenConfig(rows=rows, head_chunks=cdiv(group, rows), block_tile=block_tile,
+                       subs=block_padded // block_tile, num_warps=8 if big else 4)
 
 
-class _BlockConfig(NamedTuple):
-    """dk/dv: one program per (key block sub-tile, batch row x kv head, part of the block's list)."""
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Block-major kernels: one program per work tile (a key block, `chunks` chunks of `rows`
+    reader rows) and batch row x kv head; a block of more than `block_tile` keys is `subs`
+    sub-tiles (an inner loop in the forward, programs in the backward)."""
 
-    rows: int  # (token, query head) pairs per chunk
+    rows: int
+    chunks: int
     block_tile: int
     subs: int
-    dkp: int
-    dvp: int
-    split: int
     num_warps: int
-    num_stages: int
+    num_stages: int = 2
 
 
-def _block_config(num_tokens: int, block_size: int, head_dim: int, value_dim: int, num_slots: int,
-                  itemsize: int = 2) -> _BlockConfig:
-    dkp, dvp = max(16, next_pow2(head_dim)), max(16, next_pow2(value_dim))
+def block_config(block_size: int, head_dim: int, value_dim: int, itemsize: int = 2, *,
+                 backward: bool = False) -> BlockConfig:
+    dkp, dvp = _padded(head_dim), _padded(value_dim)
     block_padded = max(16, next_pow2(block_size))
-    # Two float32 accumulators [tile, D] live in registers for the whole program.
-    block_tile = max(16, min(block_padded, next_pow2(16384 * 2 // itemsize // (dkp + dvp) + 1) // 2))
-    # The chunk's q and do tiles [rows, D] too.
+    # Register budget, in 16-bit elements: the forward holds K, V [tile, D] and a chunk's q, s/p
+    # and float32 accumulator; the backward adds float32 dk/dv [tile, D] accumulators and dq.
+    budget = (8192 if backward else 16384) * 2 // itemsize
+    block_tile = max(16, min(block_padded, 64, next_pow2(budget // (dkp + dvp) + 1) // 2))
+    # A warpgroup's wgmma tile is 64 rows; wide or float32 heads halve it.
     rows = max(16, (64 if dkp + dvp <= 256 else 32) * 2 // itemsize)
-    # Block 0 is read by every token of its sequence, a typical block by about S * BS tokens: the
-    # longest list is about T / (S * BS) times the typical one, and is split that many ways.
-    split = min(MAX_SPLIT, next_pow2(max(1, num_tokens // max(1, num_slots * block_size))))
-    return _BlockConfig(
-        rows=rows, block_tile=block_tile, subs=block_padded // block_tile, dkp=dkp, dvp=dvp, split=split,
-        # Measured on an H100 (G 1 and 16, D 128, BS 64): 4 warps beat 8 by 25-40% here, even
-        # with a few spilled registers; a third stage did not help.
-        num_warps=4, num_stages=2,
-    )
+    return BlockConfig(rows=rows, chunks=4, block_tile=block_tile, subs=block_padded // block_tile,
+                       num_warps=8 if backward or dkp + dvp > 256 else 4)
+
+
+# The measured crossover (docs/triton.md): below this group size the block-major forward wins.
+BLOCK_MAJOR_BELOW_GROUP = 16
+# The block-major forward's partial results take S times the output's memory; past this it runs
+# token-major instead, whatever the group.
+MAX_PARTIAL_BYTES = 16 << 30
+
+
+def forward_loop_order(group: int, num_slots: int, rows: int, value_dim: int, itemsize: int) -> str:
+    """`"block"` (block-major, with partial results) or `"token"` (one program per token)."""
+    partial_bytes = rows * num_slots * group * value_dim * max(itemsize, 2)
+    return "block" if group < BLOCK_MAJOR_BELOW_GROUP and partial_bytes <= MAX_PARTIAL_BYTES else "token"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """The piece's launch configuration: the forward's loop order and each kernel's tiles. None
+    fields are derived from the shapes (`forward_loop_order`, `token_config`, `block_config`);
+    benchmarks pass explicit ones. Tiles never change the result beyond rounding."""
+
+    loop_order: str | None = None
+    token: TokenConfig | None = None
+    forward: BlockConfig | None = None
+    backward: BlockConfig | None = None
+
+
+def _padded(dim: int) -> int:
+    return max(16, next_pow2(dim))
 
 
 # ---- one Python wrapper per kernel ---------------------------------------------------------------
 
 
-def _forward(q, k, v, sel: SelectedBlocks, block_size: int, scale: float):
+def _forward_by_token(q, k, v, sel: SelectedBlocks, block_size: int, scale: float, cfg: TokenConfig | None = None):
     batch, num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
     group = num_q_heads // num_kv_heads
-    cfg = _token_config(group, block_size, head_dim, value_dim, num_slots, q.dtype.itemsize)
+    cfg = cfg or token_config(group, block_size, head_dim, value_dim, q.dtype.itemsize)
     return launch.triton_call(
         q, k, v, sel.indices, sel.counts, sel.pos, sel.seq_start, num_tokens,
         kernel=selected_attention_fwd_kernel,
@@ -349,89 +452,137 @@ def _forward(q, k, v, sel: SelectedBlocks, block_size: int, scale: float):
     )
 
 
-def _token_constexprs(cfg: _TokenConfig, num_kv_heads, group, head_dim, value_dim, num_slots, block_size, dtype,
+def _token_constexprs(cfg: TokenConfig, num_kv_heads, group, head_dim, value_dim, num_slots, block_size, dtype,
                       scale):
     # The scale is a compile-time constant: it is fixed per model (and a float kernel argument
     # would reach the kernel as float64 through jax_triton).
     return dict(
         H=num_kv_heads, G=group, ROWS=cfg.rows, HEAD_CHUNKS=cfg.head_chunks, DK=head_dim, DV=value_dim,
-        DKP=cfg.dkp, DVP=cfg.dvp, S=num_slots, SP=cfg.slots_padded, BS=block_size, BK=cfg.block_tile,
-        SUBS=cfg.subs, SCALE=float(scale), PRECISION=launch.dot_precision(dtype),
+        DKP=_padded(head_dim), DVP=_padded(value_dim), S=num_slots, SP=max(2, next_pow2(num_slots)), BS=block_size,
+        BK=cfg.block_tile, SUBS=cfg.subs, SCALE=float(scale), PRECISION=launch.dot_precision(dtype),
     )
 
 
-def _backward_dq(q, k, v, o, do, lse, sel: SelectedBlocks, block_size: int, scale: float):
-    batch, num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
-    group = num_q_heads // num_kv_heads
-    cfg = _token_config(group, block_size, head_dim, value_dim, num_slots, q.dtype.itemsize)
-    return launch.triton_call(
-        q, k, v, o, do, lse, sel.indices, sel.counts, sel.pos, sel.seq_start, num_tokens,
-        kernel=selected_attention_bwd_kernel_dq,
-        out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((batch, num_tokens, num_q_heads), jnp.float32),
-        ],
-        grid=(num_tokens, batch * num_kv_heads * cfg.head_chunks),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_token_constexprs(cfg, num_kv_heads, group, head_dim, value_dim, num_slots, block_size, q.dtype, scale),
+def _block_constexprs(cfg: BlockConfig, num_kv_heads, group, num_slots, head_dim, value_dim, dtype, scale):
+    return dict(
+        H=num_kv_heads, G=group, S=num_slots, ROWS=cfg.rows, CHUNKS=cfg.chunks, DK=head_dim, DV=value_dim,
+        DKP=_padded(head_dim), DVP=_padded(value_dim), BK=cfg.block_tile, SUBS=cfg.subs, SCALE=float(scale),
+        PRECISION=launch.dot_precision(dtype),
     )
 
 
-def _backward_dkv(q, k, v, do, lse, delta, sel: SelectedBlocks, block_size: int, scale: float):
+class _Readers:
+    """The inverted selection and its work tiles for one block config (built once per call and
+    shared by the forward and the backward when their configs agree)."""
+
+    def __init__(self, sel: SelectedBlocks, block_size: int, group: int, cfg: BlockConfig):
+        num_tokens, num_slots = sel.indices.shape[1], sel.indices.shape[3]
+        self.pairs, self.offsets = sparsity.reader_pairs_by_key_block(sel, block_size)
+        self.tiles = sparsity.reader_tiles(self.offsets, num_tokens=num_tokens, num_slots=num_slots, group=group,
+                                           rows=cfg.rows, chunks=cfg.chunks)
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tiles.block.shape[1]
+
+
+def _forward_by_block(q, k, v, sel: SelectedBlocks, block_size: int, scale: float, cfg: BlockConfig | None = None):
     batch, num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
     num_blocks = sel.block_start.shape[0]
-    cfg = _block_config(num_tokens, block_size, head_dim, value_dim, num_slots, q.dtype.itemsize)
-    tokens, offsets = sparsity.readers_by_key_block(sel, block_size)
-    # Split parts add into float32; a lone part writes the key dtype directly.
-    acc_k, acc_v = (jnp.float32, jnp.float32) if cfg.split > 1 else (k.dtype, v.dtype)
-    dk, dv = launch.triton_call(
-        q, k, v, do, lse, delta, tokens, offsets, sel.block_start, sel.block_len, num_tokens, num_blocks,
-        kernel=selected_attention_bwd_kernel_dkv,
-        out_shape=[jax.ShapeDtypeStruct(k.shape, acc_k), jax.ShapeDtypeStruct(v.shape, acc_v)],
-        grid=(num_blocks * cfg.subs, batch * num_kv_heads, cfg.split),
-        zeroed_outputs=(0, 1) if cfg.split > 1 else (),
+    group = num_q_heads // num_kv_heads
+    cfg = cfg or block_config(block_size, head_dim, value_dim, q.dtype.itemsize)
+    readers = _Readers(sel, block_size, group, cfg)
+    # 16-bit problems keep their partial outputs in 16 bits (the merge is in float32).
+    part_dtype = q.dtype if q.dtype.itemsize == 2 else jnp.float32
+    num_parts = batch * num_tokens * num_kv_heads * num_slots * group
+    o_part, lse_part = launch.triton_call(
+        q, k, v, readers.pairs, readers.offsets, readers.tiles.block, readers.tiles.chunk, sel.block_start,
+        sel.block_len, num_tokens, num_blocks, readers.num_tiles,
+        kernel=selected_attention_fwd_kernel_by_block,
+        out_shape=[jax.ShapeDtypeStruct((num_parts, value_dim), part_dtype),
+                   jax.ShapeDtypeStruct((num_parts,), jnp.float32)],
+        grid=(readers.num_tiles, batch * num_kv_heads),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_dkv_constexprs(cfg, num_kv_heads, num_q_heads // num_kv_heads, num_slots, head_dim, value_dim, q.dtype,
-                          scale),
+        **_block_constexprs(cfg, num_kv_heads, group, num_slots, head_dim, value_dim, q.dtype, scale),
     )
-    return dk.astype(k.dtype), dv.astype(v.dtype)
+    keep = sparsity.counted_slots(sel, block_size).astype(jnp.int8)
+    rows = _combine_rows(value_dim)
+    return launch.triton_call(
+        o_part, lse_part, keep, num_tokens,
+        kernel=selected_attention_combine_kernel,
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, num_tokens, num_q_heads, value_dim), q.dtype),
+            jax.ShapeDtypeStruct((batch, num_tokens, num_q_heads), jnp.float32),
+        ],
+        grid=(cdiv(num_tokens * group, rows), batch * num_kv_heads),
+        num_warps=4, num_stages=2,
+        H=num_kv_heads, G=group, S=num_slots, ROWS=rows, DV=value_dim, DVP=_padded(value_dim),
+    )
 
 
-def _dkv_constexprs(cfg: _BlockConfig, num_kv_heads, group, num_slots, head_dim, value_dim, dtype, scale):
-    return dict(
-        H=num_kv_heads, G=group, S=num_slots, ROWS=cfg.rows, DK=head_dim, DV=value_dim,
-        DKP=cfg.dkp, DVP=cfg.dvp, BK=cfg.block_tile, SUBS=cfg.subs, SPLIT=cfg.split,
-        MIN_CHUNKS=MIN_CHUNKS_PER_PROGRAM, SCALE=float(scale), PRECISION=launch.dot_precision(dtype),
+def _combine_rows(value_dim: int) -> int:
+    # A float32 accumulator and one partial [rows, Dv] per step: 32 rows of 128 stay in registers.
+    return max(16, min(64, 4096 // _padded(value_dim)))
+
+
+def _backward(q, k, v, out, d_out, lse, sel: SelectedBlocks, block_size: int, scale: float,
+              cfg: BlockConfig | None = None):
+    batch, num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
+    num_blocks = sel.block_start.shape[0]
+    group = num_q_heads // num_kv_heads
+    cfg = cfg or block_config(block_size, head_dim, value_dim, q.dtype.itemsize, backward=True)
+    readers = _Readers(sel, block_size, group, cfg)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    dq, dk, dv = launch.triton_call(
+        q, k, v, d_out, lse, delta, readers.pairs, readers.offsets, readers.tiles.block, readers.tiles.chunk,
+        sel.block_start, sel.block_len, num_tokens, num_blocks, readers.num_tiles,
+        kernel=selected_attention_bwd_kernel,
+        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
+                   jax.ShapeDtypeStruct(v.shape, jnp.float32)],
+        grid=(readers.num_tiles * cfg.subs, batch * num_kv_heads),
+        zeroed_outputs=(0, 1, 2),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_block_constexprs(cfg, num_kv_heads, group, num_slots, head_dim, value_dim, q.dtype, scale),
     )
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _forward(q, k, v, sel: SelectedBlocks, block_size: int, scale: float, tiles: Tiles):
+    batch, num_tokens, num_q_heads, _ = q.shape
+    group = num_q_heads // k.shape[2]
+    loop_order = tiles.loop_order or forward_loop_order(group, sel.indices.shape[3], batch * num_tokens * k.shape[2],
+                                                        v.shape[3], q.dtype.itemsize)
+    if loop_order == "block":
+        return _forward_by_block(q, k, v, sel, block_size, scale, tiles.forward)
+    return _forward_by_token(q, k, v, sel, block_size, scale, tiles.token)
 
 
 # ---- the differentiable piece --------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _selected_attention(q, k, v, sel: SelectedBlocks, block_size: int, scale: float):
-    return _forward(q, k, v, sel, block_size, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _selected_attention(q, k, v, sel: SelectedBlocks, block_size: int, scale: float, tiles: Tiles):
+    return _forward(q, k, v, sel, block_size, scale, tiles)[0]
 
 
-def _selected_attention_fwd(q, k, v, sel, block_size, scale):
-    out, lse = _forward(q, k, v, sel, block_size, scale)
+def _selected_attention_fwd(q, k, v, sel, block_size, scale, tiles):
+    out, lse = _forward(q, k, v, sel, block_size, scale, tiles)
     return out, (q, k, v, sel, out, lse)
 
 
-def _selected_attention_bwd(block_size, scale, residuals, d_out):
+def _selected_attention_bwd(block_size, scale, tiles, residuals, d_out):
     q, k, v, sel, out, lse = residuals
-    d_out = d_out.astype(q.dtype)
-    dq, delta = _backward_dq(q, k, v, out, d_out, lse, sel, block_size, scale)
-    dk, dv = _backward_dkv(q, k, v, d_out, lse, delta, sel, block_size, scale)
+    dq, dk, dv = _backward(q, k, v, out, d_out.astype(q.dtype), lse, sel, block_size, scale, tiles.backward)
     return dq, dk, dv, None
 
 
 _selected_attention.defvjp(_selected_attention_fwd, _selected_attention_bwd)
 
 
-def run(query, key, value, block_indices, block_counts, *, block_size: int, scale: float, segments: Segments | None):
+def run(query, key, value, block_indices, block_counts, *, block_size: int, scale: float, segments: Segments | None,
+        tiles: Tiles | None = None):
     batch, num_tokens, num_q_heads, _ = query.shape
     num_kv_heads, value_dim = key.shape[2], value.shape[3]
     num_slots = block_indices.shape[-1]
@@ -439,48 +590,56 @@ def run(query, key, value, block_indices, block_counts, *, block_size: int, scal
         return jnp.zeros((batch, num_tokens, num_q_heads, value_dim), query.dtype)
     sel = sparsity.selected_blocks(block_indices, block_counts, num_kv_heads=num_kv_heads, block_size=block_size,
                                    segments=segments)
-    return _selected_attention(query, key, value, sel, int(block_size), float(scale))
+    return _selected_attention(query, key, value, sel, int(block_size), float(scale), tiles or Tiles())
 
 
 # ---- ahead-of-time compiles for CI ---------------------------------------------------------------
 
 
 def compile_specs() -> list[CompileSpec]:
-    # (dtype, Dk, Dv, block size, G, S, T): the constexprs come from the launches' own configs.
+    # (dtype, Dk, Dv, block size, G, S): the constexprs come from the launches' own configs.
     cases = [
-        ("bfloat16", 128, 128, 64, 16, 16, 65536),
-        ("bfloat16", 64, 64, 16, 1, 16, 4096),
-        ("float16", 192, 128, 128, 3, 8, 8192),
-        ("float32", 256, 256, 64, 32, 16, 2048),
-        ("bfloat16", 256, 256, 128, 1, 16, 65536),
+        ("bfloat16", 128, 128, 64, 16, 16),
+        ("bfloat16", 128, 128, 64, 1, 16),
+        ("bfloat16", 64, 64, 16, 1, 16),
+        ("float16", 192, 128, 128, 3, 8),
+        ("float32", 256, 256, 64, 32, 16),
+        ("bfloat16", 256, 256, 128, 1, 16),
     ]
     specs = []
-    for dtype, head_dim, value_dim, block_size, group, num_slots, num_tokens in cases:
+    for dtype, head_dim, value_dim, block_size, group, num_slots in cases:
         num_kv_heads = 2
-        ptr, f32, i32 = pointer(dtype), "*fp32", "*i32"
+        ptr, f32, i32, i8 = pointer(dtype), "*fp32", "*i32", "*i8"
         tag = f"{dtype}-d{head_dim}x{value_dim}-bs{block_size}-g{group}"
         itemsize = jnp.dtype(dtype).itemsize
-        token_cfg = _token_config(group, block_size, head_dim, value_dim, num_slots, itemsize)
         scale = head_dim**-0.5
+        token_cfg = token_config(group, block_size, head_dim, value_dim, itemsize)
         token_meta = _token_constexprs(token_cfg, num_kv_heads, group, head_dim, value_dim, num_slots, block_size,
                                        dtype, scale)
-        scalars = {"num_tokens": "i32"}
         fwd_sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, indices_ptr=i32, counts_ptr=i32, pos_ptr=i32,
-                       seq_start_ptr=i32, **scalars, o_ptr=ptr, lse_ptr=f32)
-        dq_sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, o_ptr=ptr, do_ptr=ptr, lse_ptr=f32, indices_ptr=i32,
-                      counts_ptr=i32, pos_ptr=i32, seq_start_ptr=i32, **scalars, dq_ptr=ptr, delta_ptr=f32)
-        block_cfg = _block_config(num_tokens, block_size, head_dim, value_dim, num_slots, itemsize)
-        out = f32 if block_cfg.split > 1 else ptr
-        dkv_sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr=f32, delta_ptr=f32, tokens_ptr=i32,
-                       offsets_ptr=i32, block_start_ptr=i32, block_len_ptr=i32, **scalars, num_blocks="i32",
-                       dk_ptr=out, dv_ptr=out)
-        dkv_meta = _dkv_constexprs(block_cfg, num_kv_heads, group, num_slots, head_dim, value_dim, dtype, scale)
+                       seq_start_ptr=i32, num_tokens="i32", o_ptr=ptr, lse_ptr=f32)
+        tiles = dict(pairs_ptr=i32, offsets_ptr=i32, tile_block_ptr=i32, tile_chunk_ptr=i32, block_start_ptr=i32,
+                     block_len_ptr=i32, num_tokens="i32", num_blocks="i32", num_tiles="i32")
+        part = ptr if itemsize == 2 else f32
+        fwd_cfg = block_config(block_size, head_dim, value_dim, itemsize)
+        by_block_sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, **tiles, o_part_ptr=part, lse_part_ptr=f32)
+        combine_sig = dict(o_part_ptr=part, lse_part_ptr=f32, keep_ptr=i8, num_tokens="i32", o_ptr=ptr, lse_ptr=f32)
+        combine_meta = dict(H=num_kv_heads, G=group, S=num_slots, ROWS=_combine_rows(value_dim), DV=value_dim,
+                            DVP=_padded(value_dim))
+        bwd_cfg = block_config(block_size, head_dim, value_dim, itemsize, backward=True)
+        bwd_sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr=f32, delta_ptr=f32, **tiles,
+                       dq_ptr=f32, dk_ptr=f32, dv_ptr=f32)
         specs += [
             CompileSpec(f"selected_attention_fwd[{tag}]", selected_attention_fwd_kernel, fwd_sig, token_meta,
                         token_cfg.num_warps, token_cfg.num_stages),
-            CompileSpec(f"selected_attention_bwd_dq[{tag}]", selected_attention_bwd_kernel_dq, dq_sig, token_meta,
-                        token_cfg.num_warps, token_cfg.num_stages),
-            CompileSpec(f"selected_attention_bwd_dkv[{tag}]", selected_attention_bwd_kernel_dkv, dkv_sig, dkv_meta,
-                        block_cfg.num_warps, block_cfg.num_stages),
+            CompileSpec(f"selected_attention_fwd_by_block[{tag}]", selected_attention_fwd_kernel_by_block,
+                        by_block_sig,
+                        _block_constexprs(fwd_cfg, num_kv_heads, group, num_slots, head_dim, value_dim, dtype, scale),
+                        fwd_cfg.num_warps, fwd_cfg.num_stages),
+            CompileSpec(f"selected_attention_combine[{tag}]", selected_attention_combine_kernel, combine_sig,
+                        combine_meta, 4, 2),
+            CompileSpec(f"selected_attention_bwd[{tag}]", selected_attention_bwd_kernel, bwd_sig,
+                        _block_constexprs(bwd_cfg, num_kv_heads, group, num_slots, head_dim, value_dim, dtype, scale),
+                        bwd_cfg.num_warps, bwd_cfg.num_stages),
         ]
     return specs

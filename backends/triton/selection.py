@@ -22,6 +22,8 @@ Float32 problems keep float32 operands and three tf32 passes (`launch.dot_precis
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import triton
@@ -161,36 +163,60 @@ def block_selection_fwd_kernel(
     tl.store(out_ptr + out[:, None] + slots[None, :], index, mask=token_ok[:, None] & (slots < NUM_OUT)[None, :])
 
 
-def _fwd_config(group: int, head_dim: int, num_out: int, dtype) -> dict[str, int]:
-    """Tile constexprs of `block_selection_fwd_kernel` (everything but shapes and precision)."""
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """`block_selection_fwd_kernel`'s tiles: `tokens` x `group_padded` rows, `blocks` compressed
+    blocks per step, head dims padded to `dim_padded` and taken `dim_chunk` at a time, a running
+    top-`topk`. Benchmarks pass explicit ones; tiles never change which blocks are chosen."""
+
+    group_padded: int
+    tokens: int
+    blocks: int
+    dim_padded: int
+    dim_chunk: int
+    topk: int
+    num_warps: int = _NUM_WARPS
+    num_stages: int = 2
+
+    def constexprs(self) -> dict[str, int]:
+        return dict(GP=self.group_padded, BT=self.tokens, BC=self.blocks, BD=self.dim_padded, DC=self.dim_chunk,
+                    TOPK=self.topk)
+
+
+def default_tiles(group: int, head_dim: int, num_out: int, dtype, *, rows: int = _ROWS, blocks: int = _BLOCKS,
+                  num_warps: int = _NUM_WARPS) -> Tiles:
+    """The tiles for a shape: `rows` query rows (tokens x padded group) and `blocks` compressed
+    blocks a step (halved for head dims above 128)."""
     padded_dim = launch.next_pow2(max(head_dim, 16))
     # Float32 dots run as three tf32 passes over split operands: half the chunk for the same
     # registers.
     chunk = min(padded_dim, 128 if jnp.dtype(dtype).itemsize < 4 else 64)
     topk = launch.next_pow2(num_out)
-    blocks = max(topk, _BLOCKS if padded_dim <= 128 else _BLOCKS // 2)
+    step = max(topk, blocks if padded_dim <= 128 else blocks // 2)
     group_padded = launch.next_pow2(group)
-    tokens = max(1, _ROWS // group_padded)
+    tokens = max(1, rows // group_padded)
     # The per-step keys, [tokens, blocks] int64, stay within _KEYS elements...
-    tokens = max(1, min(tokens, _KEYS // blocks))
+    tokens = max(1, min(tokens, _KEYS // step))
     # ...and `tl.dot` gets at least 16 rows, the group padded with masked heads if need be.
     group_padded = max(group_padded, 16 // tokens)
-    return dict(GP=group_padded, BT=tokens, BC=blocks, BD=padded_dim, DC=chunk, TOPK=topk)
+    return Tiles(group_padded=group_padded, tokens=tokens, blocks=step, dim_padded=padded_dim, dim_chunk=chunk,
+                 topk=topk, num_warps=num_warps)
 
 
-def _block_selection_fwd(query, k_cmp, lse, counts, pos, first_block, *, num_out: int, block_size: int, scale: float):
+def _block_selection_fwd(query, k_cmp, lse, counts, pos, first_block, *, num_out: int, block_size: int, scale: float,
+                         tiles: Tiles | None = None):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads = k_cmp.shape[1:3]
     group = num_q_heads // num_kv_heads
-    config = _fwd_config(group, head_dim, num_out, query.dtype)
+    tiles = tiles or default_tiles(group, head_dim, num_out, query.dtype)
     return launch.triton_call(
         query, k_cmp, lse, counts, pos, first_block, num_tokens, num_blocks,
         kernel=block_selection_fwd_kernel,
         out_shape=jax.ShapeDtypeStruct((batch, num_tokens, num_kv_heads, num_out), jnp.int32),
-        grid=(launch.cdiv(num_tokens, config["BT"]), batch * num_kv_heads),
+        grid=(launch.cdiv(num_tokens, tiles.tokens), batch * num_kv_heads),
         H=num_kv_heads, G=group, DK=head_dim, SCALE=float(scale), BLOCK_SIZE=block_size, NUM_OUT=num_out,
-        PRECISION=launch.dot_precision(query.dtype), **config,
-        num_warps=_NUM_WARPS, num_stages=2,
+        PRECISION=launch.dot_precision(query.dtype), **tiles.constexprs(),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
 
@@ -209,7 +235,8 @@ def supports(problem: NSAProblem) -> str | None:
     return None
 
 
-def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, scale: float, segments: Segments | None):
+def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, scale: float, segments: Segments | None,
+        tiles: Tiles | None = None):
     batch, num_tokens = query.shape[:2]
     num_blocks, num_kv_heads = k_cmp.shape[1:3]
     layout = token_layout(num_tokens, block_size, segments)
@@ -222,7 +249,7 @@ def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, sca
     # rounds them for the lse), float32 for float32 problems. No gradient flows through here.
     chosen = _block_selection_fwd(
         query, k_cmp.astype(query.dtype), lse.astype(jnp.float32), counts, layout.pos, layout.first_block,
-        num_out=num_out, block_size=block_size, scale=scale,
+        num_out=num_out, block_size=block_size, scale=scale, tiles=tiles,
     )
     if num_out < num_slots:
         chosen = jnp.pad(chosen, ((0, 0), (0, 0), (0, 0), (0, num_slots - num_out)), constant_values=NO_BLOCK)
@@ -245,16 +272,16 @@ def compile_specs() -> list[launch.CompileSpec]:
         ("bfloat16", 64, 128, 64, 1),
     ]
     for dtype, group, head_dim, block_size, slots in cases:
-        config = _fwd_config(group, head_dim, slots, dtype)
+        tiles = default_tiles(group, head_dim, slots, dtype)
         signature = {
             "q_ptr": launch.pointer(dtype), "k_ptr": launch.pointer(dtype), "lse_ptr": "*fp32", "counts_ptr": "*i32",
             "pos_ptr": "*i32", "first_block_ptr": "*i32", "T": "i32", "NB": "i32",
             "out_ptr": "*i32",
         }
         constexprs = dict(H=4, G=group, DK=head_dim, SCALE=head_dim**-0.5, BLOCK_SIZE=block_size, NUM_OUT=slots,
-                          PRECISION=launch.dot_precision(dtype), **config)
+                          PRECISION=launch.dot_precision(dtype), **tiles.constexprs())
         specs.append(launch.CompileSpec(
             f"fwd_{dtype}_g{group}_d{head_dim}_bs{block_size}_s{slots}", block_selection_fwd_kernel,
-            signature, constexprs, num_warps=_NUM_WARPS, num_stages=2,
+            signature, constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         ))
     return specs

@@ -1,0 +1,256 @@
+"""Time design variants of the Triton pieces on one GPU: loop orders and tiles, each piece alone.
+
+Where `nsa_bench.py` compares our automatic choice with the peers, this script answers "which
+design, which tiles" (benchmarks/NOTES.md records what it printed). Every variant is checked
+against the default one first (same inputs; relative L2), then timed: median of `--repeats`
+synchronised runs after a warm-up. Tiles are passed explicitly to each piece's `run(tiles=...)`.
+
+  python benchmarks/variants.py --groups 1,4,16 --seq-len 65536 --json $OUT/variants.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ejkernel_nsa as nsa
+from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.triton import selected_attention as slc
+from ejkernel_nsa.backends.triton import selection as sel_kernel
+from ejkernel_nsa.problem import token_layout
+
+SHAPES = {1: (32, 32), 2: (32, 16), 4: (32, 8), 8: (64, 8), 16: (64, 4)}  # G -> (HQ, H)
+
+
+def timed(fn, *args, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def inputs(group: int, seq_len: int, head_dim: int, block_size: int, num_slots: int, dtype, seed: int = 0):
+    num_q_heads, num_kv_heads = SHAPES[group]
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(keys[0], (1, seq_len, num_q_heads, head_dim), dtype)
+    k = jax.random.normal(keys[1], (1, seq_len, num_kv_heads, head_dim), dtype)
+    v = jax.random.normal(keys[2], (1, seq_len, num_kv_heads, head_dim), dtype)
+    d_out = jax.random.normal(keys[3], (1, seq_len, num_q_heads, head_dim), dtype)
+    k_cmp, v_cmp = nsa.mean_pool(k, v, block_size)
+    _, lse = nsa.compressed_attention(q, k_cmp, v_cmp, block_size)
+    indices = nsa.select_blocks(q, k_cmp, lse, num_slots, block_size)
+    return dict(q=q, k=k, v=v, d_out=d_out, k_cmp=k_cmp, lse=lse, indices=jax.block_until_ready(indices))
+
+
+def record(rows, **fields):
+    rows.append(fields)
+    print(json.dumps(fields), flush=True)
+
+
+def selected_variants(args, group, x, rows):
+    scale = args.head_dim**-0.5
+    bs, itemsize = args.block_size, jnp.dtype(args.dtype).itemsize
+
+    def fwd(tiles):
+        return jax.jit(lambda q, k, v, i: slc.run(q, k, v, i, args.num_slots, block_size=bs, scale=scale,
+                                                   segments=None, tiles=tiles))
+
+    def fwd_bwd(tiles):
+        def loss(q, k, v, i, do):
+            out = slc.run(q, k, v, i, args.num_slots, block_size=bs, scale=scale, segments=None, tiles=tiles)
+            return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    operands = (x["q"], x["k"], x["v"], x["indices"])
+    base_fwd = np.asarray(fwd(slc.Tiles(loop_order="token"))(*operands), np.float32)
+    fwd_block = slc.block_config(bs, args.head_dim, args.head_dim, itemsize)
+    bwd_block = slc.block_config(bs, args.head_dim, args.head_dim, itemsize, backward=True)
+    forward_variants = [("token", slc.Tiles(loop_order="token")), ("block", slc.Tiles(loop_order="block"))]
+    for chunks in (8,):
+        forward_variants.append((f"block chunks={chunks}",
+                                 slc.Tiles(loop_order="block", forward=dataclasses.replace(fwd_block, chunks=chunks))))
+    forward_variants.append(("block warps=8", slc.Tiles(loop_order="block",
+                                                        forward=dataclasses.replace(fwd_block, num_warps=8))))
+    for name, tiles in forward_variants:
+        try:
+            fn = fwd(tiles)
+            err = rel(fn(*operands), base_fwd)
+            ms = timed(fn, *operands, repeats=args.repeats)
+            record(rows, piece="selected_attention", mode="fwd", G=group, T=args.seq_len, variant=name,
+                   median_ms=ms, rel_err_vs_token=err)
+        except Exception as error:  # noqa: BLE001  (a variant that fails is a result, not the end)
+            record(rows, piece="selected_attention", mode="fwd", G=group, T=args.seq_len, variant=name,
+                   error=f"{type(error).__name__}: {str(error)[:300]}")
+    grads_base = None
+    backward_variants = [
+        ("block fwd + bwd default", slc.Tiles(loop_order="block")),
+        ("token fwd + bwd default", slc.Tiles(loop_order="token")),
+        ("bwd tile=64 warps=8", slc.Tiles(loop_order="block", backward=dataclasses.replace(
+            bwd_block, block_tile=64, subs=max(1, bs // 64)))),
+        ("bwd chunks=8", slc.Tiles(loop_order="block", backward=dataclasses.replace(bwd_block, chunks=8))),
+    ]
+    for name, tiles in backward_variants:
+        try:
+            fn = fwd_bwd(tiles)
+            grads = fn(*operands, x["d_out"])
+            if grads_base is None:
+                grads_base = [np.asarray(g, np.float32) for g in grads]
+            err = max(rel(g, b) for g, b in zip(grads, grads_base))
+            ms = timed(fn, *operands, x["d_out"], repeats=args.repeats)
+            record(rows, piece="selected_attention", mode="fwd_bwd", G=group, T=args.seq_len, variant=name,
+                   median_ms=ms, rel_err_vs_first=err)
+        except Exception as error:  # noqa: BLE001
+            record(rows, piece="selected_attention", mode="fwd_bwd", G=group, T=args.seq_len, variant=name,
+                   error=f"{type(error).__name__}: {str(error)[:300]}")
+
+    # The index alone: what the block-major kernels pay before they start.
+    def index(i):
+        sb = sparsity.selected_blocks(i, args.num_slots, num_kv_heads=x["k"].shape[2], block_size=bs, segments=None)
+        pairs, offsets = sparsity.reader_pairs_by_key_block(sb, bs)
+        tiles = sparsity.reader_tiles(offsets, num_tokens=args.seq_len, num_slots=args.num_slots, group=group,
+                                      rows=fwd_block.rows, chunks=fwd_block.chunks)
+        return pairs, offsets, tiles
+    ms = timed(jax.jit(index), x["indices"], repeats=args.repeats)
+    record(rows, piece="selected_attention", mode="index", G=group, T=args.seq_len, variant="reader pairs + tiles",
+           median_ms=ms)
+
+
+def selection_variants(args, group, x, rows):
+    scale = args.head_dim**-0.5
+    bs = args.block_size
+    layout_counts = args.num_slots
+
+    def select(tiles):
+        return jax.jit(lambda q, kc, lse: sel_kernel.run(q, kc, lse, block_counts=layout_counts,
+                                                          num_slots=args.num_slots, block_size=bs, scale=scale,
+                                                          segments=None, tiles=tiles))
+
+    operands = (x["q"], x["k_cmp"], x["lse"])
+    base = np.asarray(select(None)(*operands))
+    num_out = args.num_slots
+    variants = [("default", None)]
+    for rows_, blocks, warps in ((128, 32, 8), (256, 32, 8), (64, 16, 4), (64, 32, 8)):
+        variants.append((f"rows={rows_} blocks={blocks} warps={warps}",
+                         sel_kernel.default_tiles(group, args.head_dim, num_out, args.dtype, rows=rows_,
+                                                  blocks=blocks, num_warps=warps)))
+    for name, tiles in variants:
+        try:
+            fn = select(tiles)
+            got = np.asarray(fn(*operands))
+            agree = float(np.mean(np.sort(got, -1) == np.sort(base, -1)))
+            ms = timed(fn, *operands, repeats=args.repeats)
+            record(rows, piece="selection", mode="fwd", G=group, T=args.seq_len, variant=name, median_ms=ms,
+                   slot_agreement=agree, tiles=dataclasses.asdict(tiles) if tiles else None)
+        except Exception as error:  # noqa: BLE001
+            record(rows, piece="selection", mode="fwd", G=group, T=args.seq_len, variant=name,
+                   error=f"{type(error).__name__}: {str(error)[:300]}")
+
+
+def whole_call(args, group, x, rows):
+    num_q_heads = x["q"].shape[2]
+    gates = jax.nn.sigmoid(jax.random.normal(jax.random.key(9), (3, 1, args.seq_len, num_q_heads), jnp.float32))
+    gates = gates.astype(args.dtype)
+    for window in (512, 0):
+        opts = dict(block_counts=args.num_slots, block_size=args.block_size, window_size=window)
+
+        def call(q, k, v, g):
+            return nsa.native_sparse_attention(q, k, v, g[0], g[1], g_swa=g[2] if window else None, **opts)
+
+        def loss(q, k, v, g, do):
+            return jnp.sum(call(q, k, v, g).astype(jnp.float32) * do.astype(jnp.float32))
+
+        fwd = jax.jit(call)
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+        for mode, fn, operands in (("fwd", fwd, (x["q"], x["k"], x["v"], gates)),
+                                   ("fwd_bwd", grad, (x["q"], x["k"], x["v"], gates, x["d_out"]))):
+            try:
+                ms = timed(fn, *operands, repeats=args.repeats)
+                record(rows, piece=None, mode=mode, G=group, T=args.seq_len, variant=f"automatic W={window}",
+                       median_ms=ms)
+            except Exception as error:  # noqa: BLE001
+                record(rows, piece=None, mode=mode, G=group, T=args.seq_len, variant=f"automatic W={window}",
+                       error=f"{type(error).__name__}: {str(error)[:300]}")
+
+
+def check_against_xla(args, rows):
+    """The new kernels against the XLA backend on the GPU, at a size the tests do not reach."""
+    for dtype, group in (("bfloat16", 1), ("bfloat16", 4), ("float32", 2), ("bfloat16", 16)):
+        x = inputs(group, 4096, 128, 64, 16, dtype, seed=3)
+        operands = (x["q"], x["k"], x["v"], x["indices"])
+        want = nsa.apply_native_sparse_attention(*operands, 16, 64, backend="xla")
+
+        def loss(backend, q, k, v, i, do):
+            out = nsa.apply_native_sparse_attention(q, k, v, i, 16, 64, backend=backend)
+            return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
+
+        grads_want = jax.grad(loss, argnums=(1, 2, 3))("xla", *operands, x["d_out"])
+        for order in ("block", "token"):
+            got = slc.run(*operands, 16, block_size=64, scale=128**-0.5, segments=None,
+                          tiles=slc.Tiles(loop_order=order))
+            grads = jax.grad(lambda q, k, v: jnp.sum(slc.run(q, k, v, x["indices"], 16, block_size=64,
+                                                             scale=128**-0.5, segments=None,
+                                                             tiles=slc.Tiles(loop_order=order)).astype(jnp.float32)
+                                                     * x["d_out"].astype(jnp.float32)), argnums=(0, 1, 2))(
+                x["q"], x["k"], x["v"])
+            record(rows, piece="selected_attention", mode="check", G=group, dtype=dtype, variant=order,
+                   out_rel_err=rel(got, want), grad_rel_err=[rel(g, w) for g, w in zip(grads, grads_want)],
+                   finite=bool(jnp.all(jnp.isfinite(got))))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--groups", default="1,4,16")
+    parser.add_argument("--seq-len", type=int, default=65536)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--num-slots", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--parts", default="check,selected,selection,whole")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    rows: list[dict] = []
+    print("device:", jax.devices()[0].device_kind, flush=True)
+    try:
+        if "check" in parts:
+            check_against_xla(args, rows)
+        for group in (int(g) for g in args.groups.split(",")):
+            x = inputs(group, args.seq_len, args.head_dim, args.block_size, args.num_slots, args.dtype)
+            if "selected" in parts:
+                selected_variants(args, group, x, rows)
+            if "selection" in parts:
+                selection_variants(args, group, x, rows)
+            if "whole" in parts:
+                whole_call(args, group, x, rows)
+            del x
+    finally:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        for r in rows:
+            if "median_ms" in r:
+                print(f"{r['piece'] or 'whole'}\t{r['mode']}\tG={r['G']}\t{r['variant']:36s}\t{r['median_ms']:9.3f} ms")
+            elif "error" in r:
+                print(f"{r['piece'] or 'whole'}\t{r['mode']}\tG={r.get('G')}\t{r['variant']:36s}\tERROR {r['error'][:120]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
