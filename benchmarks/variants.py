@@ -82,11 +82,11 @@ def selected_variants(args, group, x, rows):
     fwd_block = slc.block_config(bs, args.head_dim, args.head_dim, itemsize)
     bwd_block = slc.block_config(bs, args.head_dim, args.head_dim, itemsize, backward=True)
     forward_variants = [("token", slc.Tiles(loop_order="token")), ("block", slc.Tiles(loop_order="block"))]
-    for chunks in (8,):
+    for chunks in (4, 16):
         forward_variants.append((f"block chunks={chunks}",
                                  slc.Tiles(loop_order="block", forward=dataclasses.replace(fwd_block, chunks=chunks))))
-    forward_variants.append(("block warps=8", slc.Tiles(loop_order="block",
-                                                        forward=dataclasses.replace(fwd_block, num_warps=8))))
+    if group >= 8:  # the crossover region: the other variants were measured at G = 1, 4, 16
+        forward_variants = forward_variants[:2]
     for name, tiles in forward_variants:
         try:
             fn = fwd(tiles)
@@ -99,11 +99,15 @@ def selected_variants(args, group, x, rows):
                    error=f"{type(error).__name__}: {str(error)[:300]}")
     grads_base = None
     backward_variants = [
-        ("block fwd + bwd default", slc.Tiles(loop_order="block")),
-        ("token fwd + bwd default", slc.Tiles(loop_order="token")),
-        ("bwd tile=64 warps=8", slc.Tiles(loop_order="block", backward=dataclasses.replace(
-            bwd_block, block_tile=64, subs=max(1, bs // 64)))),
-        ("bwd chunks=8", slc.Tiles(loop_order="block", backward=dataclasses.replace(bwd_block, chunks=8))),
+        ("block fwd + fused bwd", slc.Tiles(loop_order="block", backward_order="fused")),
+        ("token fwd + split bwd", slc.Tiles(loop_order="token", backward_order="split")),
+        ("block fwd + split bwd", slc.Tiles(loop_order="block", backward_order="split")),
+        ("token fwd + fused bwd", slc.Tiles(loop_order="token", backward_order="fused")),
+        ("block fwd + fused bwd tile=32", slc.Tiles(loop_order="block", backward_order="fused",
+                                                    backward=dataclasses.replace(bwd_block, block_tile=32,
+                                                                                 subs=max(1, bs // 32)))),
+        ("block fwd + fused bwd chunks=8", slc.Tiles(loop_order="block", backward_order="fused",
+                                                     backward=dataclasses.replace(bwd_block, chunks=8))),
     ]
     for name, tiles in backward_variants:
         try:
@@ -144,8 +148,9 @@ def selection_variants(args, group, x, rows):
     operands = (x["q"], x["k_cmp"], x["lse"])
     base = np.asarray(select(None)(*operands))
     num_out = args.num_slots
-    variants = [("default", None)]
-    for rows_, blocks, warps in ((128, 32, 8), (256, 32, 8), (64, 16, 4), (64, 32, 8)):
+    default = sel_kernel.default_tiles(group, args.head_dim, num_out, args.dtype)
+    variants = [("default (narrow keys)", None), ("64-bit keys", dataclasses.replace(default, narrow_keys=False))]
+    for rows_, blocks, warps in ((128, 32, 8), (64, 64, 4), (64, 16, 4)):
         variants.append((f"rows={rows_} blocks={blocks} warps={warps}",
                          sel_kernel.default_tiles(group, args.head_dim, num_out, args.dtype, rows=rows_,
                                                   blocks=blocks, num_warps=warps)))

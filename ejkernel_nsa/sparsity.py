@@ -49,9 +49,23 @@ def reader_pairs_by_key_block(sel: SelectedBlocks, block_size: int) -> tuple[jax
     `pairs[offsets[n]:offsets[n+1]]`."""
     batch, num_tokens, num_kv_heads, num_slots = sel.indices.shape
     num_blocks = sel.block_start.shape[0]
+    rows, per_row = batch * num_kv_heads, num_tokens * num_slots
     keep = counted_slots(sel, block_size)
     block = jnp.where(keep, sel.first_block[None, :, None, None] + sel.indices, num_blocks)
-    block = block.transpose(0, 2, 1, 3).reshape(batch * num_kv_heads, num_tokens * num_slots)
+    block = block.transpose(0, 2, 1, 3).reshape(rows, per_row)
+    if rows * per_row < 2**31 and rows * (num_blocks + 1) < 2**32:
+        # One flat sort of (row, block) keys: unsigned keys with an index payload are what XLA
+        # hands to CUB's radix sort on GPUs (a signed or batched sort takes its much slower
+        # comparison sort: 6.3 ms against well under 1 at T=64k, S=16, 32 kv heads, on an H200).
+        row = jnp.arange(rows, dtype=jnp.uint32)[:, None]
+        key = (row * jnp.uint32(num_blocks + 1) + block.astype(jnp.uint32)).reshape(-1)
+        flat = jnp.arange(rows * per_row, dtype=jnp.int32)
+        key, flat = jax.lax.sort((key, flat), dimension=0, is_stable=True, num_keys=1)
+        first = (jnp.arange(rows, dtype=jnp.int32) * per_row)[:, None]
+        pair = flat.reshape(rows, per_row) - first
+        edges = (row * jnp.uint32(num_blocks + 1) + jnp.arange(num_blocks + 1, dtype=jnp.uint32)).reshape(-1)
+        offsets = jnp.searchsorted(key, edges, side="left").astype(jnp.int32).reshape(rows, num_blocks + 1) - first
+        return pair.astype(jnp.int32), offsets.astype(jnp.int32)
     pair = jax.lax.broadcasted_iota(jnp.int32, block.shape, 1)
     block, pair = jax.lax.sort((block, pair), dimension=1, is_stable=True, num_keys=1)
     edges = jnp.arange(num_blocks + 1, dtype=jnp.int32)

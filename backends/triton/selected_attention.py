@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,36 @@ def _block_of_step(index, keep, rank, step, SUBS: tl.constexpr):
 
 
 @triton.jit
+def _token_rows(num_tokens, H: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, HEAD_CHUNKS: tl.constexpr):
+    """A token-major program's rows: one token, a chunk of the query heads of one kv head."""
+    t = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    b = (pid // (H * HEAD_CHUNKS)).to(tl.int64)
+    h = (pid // HEAD_CHUNKS) % H
+    heads = (pid % HEAD_CHUNKS) * ROWS + tl.arange(0, ROWS)
+    token = b * num_tokens + t
+    return t, b, h, heads < G, token, token * (H * G) + h * G + heads
+
+
+@triton.jit
+def _token_step(k_ptr, v_ptr, index, keep, rank, step, pos, first_key, h, H: tl.constexpr, DK: tl.constexpr,
+                DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+                SUBS: tl.constexpr):
+    """Loop step `step` of a token's counted blocks: its key and value tile, and which keys the
+    token sees (loads past the token are masked, so nothing of its future is read)."""
+    block = _block_of_step(index, keep, rank, step, SUBS)
+    in_block = (step % SUBS) * BK + tl.arange(0, BK)
+    local = block * BS + in_block
+    visible = (in_block < BS) & (local <= pos)
+    rows = (first_key + local) * H + h
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    k = tl.load(k_ptr + rows[:, None] * DK + dk[None, :], mask=visible[:, None] & (dk[None, :] < DK), other=0.0)
+    v = tl.load(v_ptr + rows[:, None] * DV + dv[None, :], mask=visible[:, None] & (dv[None, :] < DV), other=0.0)
+    return k, v, visible
+
+
+@triton.jit
 def selected_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, indices_ptr, counts_ptr, pos_ptr, seq_start_ptr,
     num_tokens,
@@ -90,18 +121,10 @@ def selected_attention_fwd_kernel(
     S: tl.constexpr, SP: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, SUBS: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(1)
-    b = (pid // (H * HEAD_CHUNKS)).to(tl.int64)
-    h = (pid // HEAD_CHUNKS) % H
-    heads = (pid % HEAD_CHUNKS) * ROWS + tl.arange(0, ROWS)
-    head_ok = heads < G
-    token = b * num_tokens + t
-    q_rows = token * (H * G) + h * G + heads
+    t, b, h, head_ok, token, q_rows = _token_rows(num_tokens, H, G, ROWS, HEAD_CHUNKS)
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
     q = tl.load(q_ptr + q_rows[:, None] * DK + dk[None, :], mask=head_ok[:, None] & (dk[None, :] < DK), other=0.0)
-
     pos = tl.load(pos_ptr + t)
     first_key = b * num_tokens + tl.load(seq_start_ptr + t)
     index, keep, rank, num = _counted_blocks(indices_ptr, counts_ptr, token * H + h, pos, S, SP, BS)
@@ -110,15 +133,9 @@ def selected_attention_fwd_kernel(
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, DVP], tl.float32)
-    in_tile = tl.arange(0, BK)
     for step in range(0, num * SUBS):
-        block = _block_of_step(index, keep, rank, step, SUBS)
-        in_block = (step % SUBS) * BK + in_tile
-        local = block * BS + in_block
-        visible = (in_block < BS) & (local <= pos)
-        rows = (first_key + local) * H + h
-        k = tl.load(k_ptr + rows[:, None] * DK + dk[None, :], mask=visible[:, None] & (dk[None, :] < DK), other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * DV + dv[None, :], mask=visible[:, None] & (dv[None, :] < DV), other=0.0)
+        k, v, visible = _token_step(k_ptr, v_ptr, index, keep, rank, step, pos, first_key, h, H, DK, DV, DKP, DVP,
+                                    BS, BK, SUBS)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(visible[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -137,6 +154,44 @@ def selected_attention_fwd_kernel(
     tl.store(o_ptr + q_rows[:, None] * DV + dv[None, :], out.to(o_ptr.dtype.element_ty),
              mask=head_ok[:, None] & (dv[None, :] < DV))
     tl.store(lse_ptr + q_rows, lse, mask=head_ok)
+
+
+@triton.jit
+def selected_attention_bwd_kernel_dq(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, indices_ptr, counts_ptr, pos_ptr, seq_start_ptr,
+    num_tokens,
+    dq_ptr,
+    H: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+    S: tl.constexpr, SP: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, SUBS: tl.constexpr,
+    SCALE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq, token-major (the split backward: `selected_attention_bwd_kernel` without COMPUTE_DQ
+    gives dk and dv). No atomics: a token's program owns its rows."""
+    t, b, h, head_ok, token, q_rows = _token_rows(num_tokens, H, G, ROWS, HEAD_CHUNKS)
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    dk_ok = head_ok[:, None] & (dk[None, :] < DK)
+    q = tl.load(q_ptr + q_rows[:, None] * DK + dk[None, :], mask=dk_ok, other=0.0)
+    do = tl.load(do_ptr + q_rows[:, None] * DV + dv[None, :], mask=head_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    delta = tl.load(delta_ptr + q_rows, mask=head_ok, other=0.0)
+    lse2 = tl.load(lse_ptr + q_rows, mask=head_ok, other=0.0) * LOG2E
+    pos = tl.load(pos_ptr + t)
+    first_key = b * num_tokens + tl.load(seq_start_ptr + t)
+    index, keep, rank, num = _counted_blocks(indices_ptr, counts_ptr, token * H + h, pos, S, SP, BS)
+
+    qk_scale = SCALE * LOG2E
+    acc = tl.zeros([ROWS, DKP], tl.float32)
+    # A token with no counted block runs no step: its dq stays 0.
+    for step in range(0, num * SUBS):
+        k, v, visible = _token_step(k_ptr, v_ptr, index, keep, rank, step, pos, first_key, h, H, DK, DV, DKP, DVP,
+                                    BS, BK, SUBS)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.where(visible[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(dq_ptr + q_rows[:, None] * DK + dk[None, :], (acc * SCALE).to(dq_ptr.dtype.element_ty), mask=dk_ok)
 
 
 # ---- kernels: block-major forward, combine and backward ----------------------------------------
@@ -297,10 +352,10 @@ def selected_attention_bwd_kernel(
     dq_ptr, dk_ptr, dv_ptr,
     H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, CHUNKS: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
-    BK: tl.constexpr, SUBS: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    BK: tl.constexpr, SUBS: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_DQ: tl.constexpr,
 ):
-    """dq, dk, dv of one work tile (one key sub-tile): dq, dk, dv are float32 and zeroed before
-    the launch."""
+    """dk, dv (and, with COMPUTE_DQ, dq) of one work tile (one key sub-tile), into float32
+    buffers zeroed before the launch."""
     tile = tl.program_id(0) // SUBS
     sub = tl.program_id(0) % SUBS
     bh = tl.program_id(1)
@@ -332,9 +387,10 @@ def selected_attention_bwd_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = (p * (dp - delta[:, None])).to(q.dtype)
         dk_acc += tl.dot(tl.trans(ds), q, input_precision=PRECISION)
-        # A row gets dq from each of its S blocks, in different programs: add it.
-        dq = tl.dot(ds, k, input_precision=PRECISION) * SCALE
-        tl.atomic_add(dq_ptr + q_row[:, None] * DK + dk[None, :], dq, mask=dk_ok, sem="relaxed")
+        if COMPUTE_DQ:
+            # A row gets dq from each of its S blocks, in different programs: add it.
+            dq = tl.dot(ds, k, input_precision=PRECISION) * SCALE
+            tl.atomic_add(dq_ptr + q_row[:, None] * DK + dk[None, :], dq, mask=dk_ok, sem="relaxed")
     dk_at = dk_ptr + key_rows[:, None] * DK + dk[None, :]
     dv_at = dv_ptr + key_rows[:, None] * DV + dv[None, :]
     dk_out = key_ok[:, None] & (dk[None, :] < DK)
@@ -392,18 +448,22 @@ def block_config(block_size: int, head_dim: int, value_dim: int, itemsize: int =
                  backward: bool = False) -> BlockConfig:
     dkp, dvp = _padded(head_dim), _padded(value_dim)
     block_padded = max(16, next_pow2(block_size))
-    # Register budget, in 16-bit elements: the forward holds K, V [tile, D] and a chunk's q, s/p
-    # and float32 accumulator; the backward adds float32 dk/dv [tile, D] accumulators and dq.
-    budget = (8192 if backward else 16384) * 2 // itemsize
+    # Register budget, in 16-bit elements, for K and V [tile, D] (the backward adds float32 dk/dv
+    # accumulators of the same shape). Measured on an H200 (G 1/4/16, D 128, BS 64): 64-key tiles
+    # and 8 warps beat 32-key tiles in the backward by 20-30%, despite ~140 bytes of spills.
+    budget = 16384 * 2 // itemsize
     block_tile = max(16, min(block_padded, 64, next_pow2(budget // (dkp + dvp) + 1) // 2))
     # A warpgroup's wgmma tile is 64 rows; wide or float32 heads halve it.
     rows = max(16, (64 if dkp + dvp <= 256 else 32) * 2 // itemsize)
-    return BlockConfig(rows=rows, chunks=4, block_tile=block_tile, subs=block_padded // block_tile,
+    # Chunks per tile: measured on an H200, 8 beat 4 by 3-4% in the forward and the backward.
+    return BlockConfig(rows=rows, chunks=8, block_tile=block_tile, subs=block_padded // block_tile,
                        num_warps=8 if backward or dkp + dvp > 256 else 4)
 
 
-# The measured crossover (docs/triton.md): below this group size the block-major forward wins.
+# The measured crossovers (docs/triton.md): below these group sizes the block-major forward and
+# the fused backward win.
 BLOCK_MAJOR_BELOW_GROUP = 16
+FUSED_BACKWARD_BELOW_GROUP = 16
 # The block-major forward's partial results take S times the output's memory; past this it runs
 # token-major instead, whatever the group.
 MAX_PARTIAL_BYTES = 16 << 30
@@ -415,6 +475,12 @@ def forward_loop_order(group: int, num_slots: int, rows: int, value_dim: int, it
     return "block" if group < BLOCK_MAJOR_BELOW_GROUP and partial_bytes <= MAX_PARTIAL_BYTES else "token"
 
 
+def backward_loop_order(group: int) -> str:
+    """`"fused"` (dq, dk, dv in one block-major kernel, dq by atomics) or `"split"` (dk, dv
+    block-major, dq token-major)."""
+    return "fused" if group < FUSED_BACKWARD_BELOW_GROUP else "split"
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """The piece's launch configuration: the forward's loop order and each kernel's tiles. None
@@ -422,6 +488,7 @@ class Tiles:
     benchmarks pass explicit ones. Tiles never change the result beyond rounding."""
 
     loop_order: str | None = None
+    backward_order: str | None = None
     token: TokenConfig | None = None
     forward: BlockConfig | None = None
     backward: BlockConfig | None = None
@@ -471,38 +538,37 @@ def _block_constexprs(cfg: BlockConfig, num_kv_heads, group, num_slots, head_dim
     )
 
 
-class _Readers:
-    """The inverted selection and its work tiles for one block config (built once per call and
-    shared by the forward and the backward when their configs agree)."""
+class Readers(NamedTuple):
+    """The selection inverted (`sparsity.reader_pairs_by_key_block`): built once per call and
+    shared by the forward and the backward."""
 
-    def __init__(self, sel: SelectedBlocks, block_size: int, group: int, cfg: BlockConfig):
-        num_tokens, num_slots = sel.indices.shape[1], sel.indices.shape[3]
-        self.pairs, self.offsets = sparsity.reader_pairs_by_key_block(sel, block_size)
-        self.tiles = sparsity.reader_tiles(self.offsets, num_tokens=num_tokens, num_slots=num_slots, group=group,
-                                           rows=cfg.rows, chunks=cfg.chunks)
-
-    @property
-    def num_tiles(self) -> int:
-        return self.tiles.block.shape[1]
+    pairs: jax.Array
+    offsets: jax.Array
 
 
-def _forward_by_block(q, k, v, sel: SelectedBlocks, block_size: int, scale: float, cfg: BlockConfig | None = None):
+def _tiles_of(readers: Readers, sel: SelectedBlocks, group: int, cfg: BlockConfig) -> sparsity.ReaderTiles:
+    return sparsity.reader_tiles(readers.offsets, num_tokens=sel.indices.shape[1], num_slots=sel.indices.shape[3],
+                                 group=group, rows=cfg.rows, chunks=cfg.chunks)
+
+
+def _forward_by_block(q, k, v, sel: SelectedBlocks, readers: Readers, block_size: int, scale: float,
+                      cfg: BlockConfig | None = None):
     batch, num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
     num_blocks = sel.block_start.shape[0]
     group = num_q_heads // num_kv_heads
     cfg = cfg or block_config(block_size, head_dim, value_dim, q.dtype.itemsize)
-    readers = _Readers(sel, block_size, group, cfg)
+    tiles = _tiles_of(readers, sel, group, cfg)
     # 16-bit problems keep their partial outputs in 16 bits (the merge is in float32).
     part_dtype = q.dtype if q.dtype.itemsize == 2 else jnp.float32
     num_parts = batch * num_tokens * num_kv_heads * num_slots * group
     o_part, lse_part = launch.triton_call(
-        q, k, v, readers.pairs, readers.offsets, readers.tiles.block, readers.tiles.chunk, sel.block_start,
-        sel.block_len, num_tokens, num_blocks, readers.num_tiles,
+        q, k, v, readers.pairs, readers.offsets, tiles.block, tiles.chunk, sel.block_start, sel.block_len,
+        num_tokens, num_blocks, tiles.block.shape[1],
         kernel=selected_attention_fwd_kernel_by_block,
         out_shape=[jax.ShapeDtypeStruct((num_parts, value_dim), part_dtype),
                    jax.ShapeDtypeStruct((num_parts,), jnp.float32)],
-        grid=(readers.num_tiles, batch * num_kv_heads),
+        grid=(tiles.block.shape[1], batch * num_kv_heads),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_block_constexprs(cfg, num_kv_heads, group, num_slots, head_dim, value_dim, q.dtype, scale),
     )
@@ -526,56 +592,71 @@ def _combine_rows(value_dim: int) -> int:
     return max(16, min(64, 4096 // _padded(value_dim)))
 
 
-def _backward(q, k, v, out, d_out, lse, sel: SelectedBlocks, block_size: int, scale: float,
-              cfg: BlockConfig | None = None):
+def _backward(q, k, v, out, d_out, lse, sel: SelectedBlocks, readers: Readers, block_size: int, scale: float,
+              tiles: Tiles):
     batch, num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
     num_blocks = sel.block_start.shape[0]
     group = num_q_heads // num_kv_heads
-    cfg = cfg or block_config(block_size, head_dim, value_dim, q.dtype.itemsize, backward=True)
-    readers = _Readers(sel, block_size, group, cfg)
+    order = tiles.backward_order or backward_loop_order(group)
+    cfg = tiles.backward or block_config(block_size, head_dim, value_dim, q.dtype.itemsize, backward=True)
+    work = _tiles_of(readers, sel, group, cfg)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    fused = order == "fused"
     dq, dk, dv = launch.triton_call(
-        q, k, v, d_out, lse, delta, readers.pairs, readers.offsets, readers.tiles.block, readers.tiles.chunk,
-        sel.block_start, sel.block_len, num_tokens, num_blocks, readers.num_tiles,
+        q, k, v, d_out, lse, delta, readers.pairs, readers.offsets, work.block, work.chunk,
+        sel.block_start, sel.block_len, num_tokens, num_blocks, work.block.shape[1],
         kernel=selected_attention_bwd_kernel,
-        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
-                   jax.ShapeDtypeStruct(v.shape, jnp.float32)],
-        grid=(readers.num_tiles * cfg.subs, batch * num_kv_heads),
+        # Split: the dq buffer is not written; a one-element stand-in keeps one kernel signature.
+        out_shape=[jax.ShapeDtypeStruct(q.shape if fused else (1,), jnp.float32),
+                   jax.ShapeDtypeStruct(k.shape, jnp.float32), jax.ShapeDtypeStruct(v.shape, jnp.float32)],
+        grid=(work.block.shape[1] * cfg.subs, batch * num_kv_heads),
         zeroed_outputs=(0, 1, 2),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_block_constexprs(cfg, num_kv_heads, group, num_slots, head_dim, value_dim, q.dtype, scale),
+        COMPUTE_DQ=fused,
     )
+    if not fused:
+        token_cfg = tiles.token or token_config(group, block_size, head_dim, value_dim, q.dtype.itemsize)
+        dq = launch.triton_call(
+            q, k, v, d_out, lse, delta, sel.indices, sel.counts, sel.pos, sel.seq_start, num_tokens,
+            kernel=selected_attention_bwd_kernel_dq,
+            out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+            grid=(num_tokens, batch * num_kv_heads * token_cfg.head_chunks),
+            num_warps=token_cfg.num_warps, num_stages=token_cfg.num_stages,
+            **_token_constexprs(token_cfg, num_kv_heads, group, head_dim, value_dim, num_slots, block_size, q.dtype,
+                                scale),
+        )
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def _forward(q, k, v, sel: SelectedBlocks, block_size: int, scale: float, tiles: Tiles):
+def _forward(q, k, v, sel: SelectedBlocks, readers: Readers, block_size: int, scale: float, tiles: Tiles):
     batch, num_tokens, num_q_heads, _ = q.shape
     group = num_q_heads // k.shape[2]
     loop_order = tiles.loop_order or forward_loop_order(group, sel.indices.shape[3], batch * num_tokens * k.shape[2],
                                                         v.shape[3], q.dtype.itemsize)
     if loop_order == "block":
-        return _forward_by_block(q, k, v, sel, block_size, scale, tiles.forward)
+        return _forward_by_block(q, k, v, sel, readers, block_size, scale, tiles.forward)
     return _forward_by_token(q, k, v, sel, block_size, scale, tiles.token)
 
 
 # ---- the differentiable piece --------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _selected_attention(q, k, v, sel: SelectedBlocks, block_size: int, scale: float, tiles: Tiles):
-    return _forward(q, k, v, sel, block_size, scale, tiles)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _selected_attention(q, k, v, sel: SelectedBlocks, readers: Readers, block_size: int, scale: float, tiles: Tiles):
+    return _forward(q, k, v, sel, readers, block_size, scale, tiles)[0]
 
 
-def _selected_attention_fwd(q, k, v, sel, block_size, scale, tiles):
-    out, lse = _forward(q, k, v, sel, block_size, scale, tiles)
-    return out, (q, k, v, sel, out, lse)
+def _selected_attention_fwd(q, k, v, sel, readers, block_size, scale, tiles):
+    out, lse = _forward(q, k, v, sel, readers, block_size, scale, tiles)
+    return out, (q, k, v, sel, readers, out, lse)
 
 
 def _selected_attention_bwd(block_size, scale, tiles, residuals, d_out):
-    q, k, v, sel, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, out, d_out.astype(q.dtype), lse, sel, block_size, scale, tiles.backward)
-    return dq, dk, dv, None
+    q, k, v, sel, readers, out, lse = residuals
+    dq, dk, dv = _backward(q, k, v, out, d_out.astype(q.dtype), lse, sel, readers, block_size, scale, tiles)
+    return dq, dk, dv, None, None
 
 
 _selected_attention.defvjp(_selected_attention_fwd, _selected_attention_bwd)
@@ -590,7 +671,9 @@ def run(query, key, value, block_indices, block_counts, *, block_size: int, scal
         return jnp.zeros((batch, num_tokens, num_q_heads, value_dim), query.dtype)
     sel = sparsity.selected_blocks(block_indices, block_counts, num_kv_heads=num_kv_heads, block_size=block_size,
                                    segments=segments)
-    return _selected_attention(query, key, value, sel, int(block_size), float(scale), tiles or Tiles())
+    # Under jit, a token-major forward that is not differentiated drops this (dead code).
+    readers = Readers(*sparsity.reader_pairs_by_key_block(sel, block_size))
+    return _selected_attention(query, key, value, sel, readers, int(block_size), float(scale), tiles or Tiles())
 
 
 # ---- ahead-of-time compiles for CI ---------------------------------------------------------------
@@ -627,6 +710,8 @@ def compile_specs() -> list[CompileSpec]:
         combine_meta = dict(H=num_kv_heads, G=group, S=num_slots, ROWS=_combine_rows(value_dim), DV=value_dim,
                             DVP=_padded(value_dim))
         bwd_cfg = block_config(block_size, head_dim, value_dim, itemsize, backward=True)
+        dq_sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr=f32, delta_ptr=f32, indices_ptr=i32,
+                      counts_ptr=i32, pos_ptr=i32, seq_start_ptr=i32, num_tokens="i32", dq_ptr=ptr)
         bwd_sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr=f32, delta_ptr=f32, **tiles,
                        dq_ptr=f32, dk_ptr=f32, dv_ptr=f32)
         specs += [
@@ -639,7 +724,10 @@ def compile_specs() -> list[CompileSpec]:
             CompileSpec(f"selected_attention_combine[{tag}]", selected_attention_combine_kernel, combine_sig,
                         combine_meta, 4, 2),
             CompileSpec(f"selected_attention_bwd[{tag}]", selected_attention_bwd_kernel, bwd_sig,
-                        _block_constexprs(bwd_cfg, num_kv_heads, group, num_slots, head_dim, value_dim, dtype, scale),
+                        dict(_block_constexprs(bwd_cfg, num_kv_heads, group, num_slots, head_dim, value_dim, dtype,
+                                               scale), COMPUTE_DQ=backward_loop_order(group) == "fused"),
                         bwd_cfg.num_warps, bwd_cfg.num_stages),
+            CompileSpec(f"selected_attention_bwd_dq[{tag}]", selected_attention_bwd_kernel_dq, dq_sig, token_meta,
+                        token_cfg.num_warps, token_cfg.num_stages),
         ]
     return specs
