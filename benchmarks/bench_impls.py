@@ -48,12 +48,14 @@ class Shape:
                 f"W={self.W} {self.dtype}")
 
 
-# The paper's setting (arXiv 2502.11089, section 4) and two group sizes the peers cannot run;
-# `tiny` is for checking the harness itself on a CPU.
+# The paper's setting (arXiv 2502.11089, section 4: G = 16) and the group sizes real models use,
+# G = 1, 2, 4 (32 query heads) and 8 (64); `tiny` is for checking the harness itself on a CPU.
 SHAPES = {
     "paper": Shape("paper", B=1, HQ=64, H=4, D=128, S=16, BS=64, W=512),
     "g1": Shape("g1", B=1, HQ=32, H=32, D=128, S=16, BS=64, W=512),
+    "g2": Shape("g2", B=1, HQ=32, H=16, D=128, S=16, BS=64, W=512),
     "g4": Shape("g4", B=1, HQ=32, H=8, D=128, S=16, BS=64, W=512),
+    "g8": Shape("g8", B=1, HQ=64, H=8, D=128, S=16, BS=64, W=512),
     "tiny": Shape("tiny", B=1, HQ=16, H=1, D=32, S=4, BS=16, W=32),
 }
 
@@ -478,4 +480,112 @@ class CudnnDense(Implementation):
         return alternating(step, arg_sets)
 
 
-PEERS = {"fla": FlaParallelNSA, "ejkernel": EjkernelNSA, "cudnn": CudnnDense}
+class FlashNSA(Implementation):
+    """mdy666's flash_nsa (github mdy666/Scalable-Flash-Native-Sparse-Attention, MIT; PyTorch +
+    Triton), `HFNSACore` with our geometry (mean pooling, kernel_size = stride = block_size = BS,
+    top_n = S, the first and two local blocks forced, as ours). Its window branch needs flash-attn,
+    which is not installed here: the window is replaced by zeros (0.2 ms at 64k by the issue's
+    measurement), so it computes cmp + slc and its gated combine, and compares with ours at W=0.
+    Its source is read from `.device/peers/flash_nsa` (../shared/device/prepare.sh copies it
+    there) or `$FLASH_NSA_PATH`; it is never a dependency."""
+
+    name = "flash_nsa"
+    framework = "torch"
+
+    @staticmethod
+    def _source() -> str | None:
+        import os
+        from pathlib import Path
+
+        # The folder that holds the `flash_nsa` package (prepare.sh copies the peer's checkout,
+        # package inside, to .device/peers/flash_nsa).
+        for folder in (os.environ.get("FLASH_NSA_PATH"), Path(__file__).resolve().parents[1] / ".device" / "peers"
+                       / "flash_nsa"):
+            if folder and (Path(folder) / "flash_nsa" / "__init__.py").is_file():
+                return str(folder)
+        return None
+
+    def missing(self) -> str | None:
+        reason = _installed("torch", "PyTorch, needed by flash_nsa")
+        if reason:
+            return reason
+        if self._source() is None:
+            return "not installed (flash_nsa source: run ../shared/device/prepare.sh, or set FLASH_NSA_PATH)"
+        import torch
+
+        return None if torch.cuda.is_available() else "unavailable: PyTorch sees no CUDA device"
+
+    def computes(self, shape: Shape) -> str:
+        return "cmp+slc (window replaced by zeros: no flash-attn)"
+
+    def forward_flops(self, case: Case) -> float:
+        s = case.shape
+        return flops.nsa_flops(case.T, s.HQ, s.D, s.S, s.BS, 0, s.B)
+
+    def declines(self, case: Case) -> str | None:
+        if case.piece:
+            return "pieces are timed for ours only"
+        if case.shape.B != 1:
+            return "the harness packs one sequence (cu_seqlens [0, T]); B must be 1"
+        if case.shape.BS & (case.shape.BS - 1):
+            return f"flash_nsa needs a power-of-2 stride (flash_nsa/config.py:52), here BS={case.shape.BS}"
+        return None
+
+    @functools.cached_property
+    def module(self):
+        import sys
+        import types
+
+        source = self._source()
+        if source not in sys.path:
+            sys.path.insert(0, source)
+        try:
+            import pkg_resources  # noqa: F401
+        except ImportError:
+            # flash_nsa/utils.py compares Triton versions with pkg_resources, absent from newer setuptools.
+            from packaging.version import parse
+
+            sys.modules["pkg_resources"] = types.SimpleNamespace(parse_version=parse)
+        import flash_nsa
+        import flash_nsa.modules.hf_level_nsa as hf
+
+        hf.swa_varlen_func = lambda q, k, v, scale: __import__("torch").zeros_like(q)
+        return flash_nsa
+
+    def build(self, case: Case, seed: int) -> Callable[[int], Any]:
+        import torch
+
+        flash_nsa = self.module
+        s, T = case.shape, case.T
+        dtype = getattr(torch, s.dtype)
+        config = flash_nsa.NSAConfig(head_dim=s.D, num_heads=s.HQ, num_kv_heads=s.H, kernel_size=s.BS, stride=s.BS,
+                                     block_size=s.BS, top_n=s.S, window_size=s.W)
+        core = flash_nsa.HFNSACore(config).cuda().to(dtype)
+        cu_seqlens = torch.tensor([0, T], device="cuda", dtype=torch.int32)
+        generator = torch.Generator(device="cuda").manual_seed(seed)
+        training = case.mode == "fwd_bwd"
+
+        def normal(*size):
+            return torch.randn(*size, device="cuda", dtype=torch.float32, generator=generator).to(dtype)
+
+        sets = []
+        for _ in range(2):
+            inputs = [normal(T, s.HQ, s.D), normal(T, s.H, s.D), normal(T, s.H, s.D), normal(T, s.HQ, 3)]
+            inputs = [x.requires_grad_(training) for x in inputs]
+            sets.append((inputs, normal(T, s.HQ, s.D)))
+
+        def run(i):
+            inputs, d_out = sets[i % 2]
+            if not training:
+                with torch.no_grad():
+                    return core(*inputs, cu_seqlens)
+            for x in inputs:
+                x.grad = None
+            out = core(*inputs, cu_seqlens)
+            out.backward(d_out)
+            return out
+
+        return run
+
+
+PEERS = {"fla": FlaParallelNSA, "flash_nsa": FlashNSA, "ejkernel": EjkernelNSA, "cudnn": CudnnDense}

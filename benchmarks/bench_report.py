@@ -10,7 +10,7 @@ from pathlib import Path
 import bench_flops as flops
 import bench_reference as reference
 
-PEER_ORDER = ("fla", "ejkernel", "cudnn_dense")
+PEER_ORDER = ("flash_nsa", "fla", "ejkernel", "cudnn_dense")
 OURS = "ejkernel_nsa"
 
 
@@ -37,7 +37,7 @@ def print_report(records: list[dict], device_kind: str) -> None:
             if rows:
                 print_times(rows, device_kind)
                 print_ratios(rows, device_kind)
-    print_targets(whole, device_kind)
+    print_targets(records, device_kind)
 
 
 def print_not_measured(records: list[dict]) -> None:
@@ -60,14 +60,20 @@ def print_pieces(records: list[dict]) -> None:
         return
     print("\n== our pieces alone, median ms per backend (valid TFLOP/s); inputs made by the automatic choice")
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    backends = sorted({r["implementation"].split(":", 1)[1] for r in records})
+    backends = sorted({piece_backend(r) for r in records}, key=lambda b: (b != "auto", b))
     for r in records:
-        groups[(r["shape"], r["T"], r["mode"], r["piece"])][r["implementation"].split(":", 1)[1]] = r
+        groups[(r["shape"], r["T"], r["mode"], r["piece"])][piece_backend(r)] = r
     print(f"  {'shape':<6} {'T':>6} {'mode':<7} {'piece':<21} " + " ".join(f"{b:>20}" for b in backends))
     for (shape, T, mode, piece), by_backend in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1],
                                                                                         item[0][2], item[0][3])):
         cells = [cell(by_backend.get(b)) for b in backends]
         print(f"  {shape:<6} {T:>6} {mode:<7} {piece:<21} " + " ".join(f"{c:>20}" for c in cells))
+
+
+def piece_backend(record: dict) -> str:
+    """The forced backend a piece was timed on, or "auto" for the automatic choice."""
+    _, _, backend = record["implementation"].partition(":")
+    return backend or "auto"
 
 
 def cell(record: dict | None, with_rate: bool = True) -> str:
@@ -163,48 +169,68 @@ def print_ratios(rows: list[dict], device_kind: str) -> None:
         print(f"  ref: {reference.LABEL}")
 
 
-def print_targets(whole: list[dict], device_kind: str) -> None:
-    """The issue's targets for the paper setting, judged on what was measured here."""
-    paper = [r for r in whole if r["shape"] == "paper"]
-    if not paper:
+def print_targets(records: list[dict], device_kind: str) -> None:
+    """The speed issue's targets (issue 10), judged on what this run measured: live peers only."""
+    whole = [r for r in records if not r.get("piece")]
+    shapes = list(dict.fromkeys(r["shape"] for r in whole if r["shape"] != "tiny")) or \
+        list(dict.fromkeys(r["shape"] for r in whole))
+    if not shapes:
         return
-    print(f"\n== the issue's targets (paper setting, {device_kind}; live peers, else the issue's reference "
-          "measurement; ours with the window)")
-    for mode in ("fwd", "fwd_bwd"):
-        rows = [r for r in paper if r["mode"] == mode]
-        main = ours_main(rows)
-        fla = {r["T"]: r for r in rows if r["implementation"] == "fla" and r["status"] == "ok"}
-        dense = {r["T"]: r for r in rows if r["implementation"] == "cudnn_dense" and r["status"] == "ok"}
-        ours65 = main.get(65536)
-        if ours65 and ours65["status"] == "ok":
-            fla_ms, source = ((fla[65536]["median_ms"], "live") if 65536 in fla
-                              else (reference.reference_ms("fla", "paper", 65536, mode), "reference"))
-            if fla_ms:
-                ratio = fla_ms / ours65["median_ms"]
-                print(f"  {mode}: >= 3x faster than fla at T=65536: {ratio:.2f}x ({source}): "
-                      f"{'met' if ratio >= 3 else 'NOT met'}")
-        else:
-            print(f"  {mode}: >= 3x faster than fla at T=65536: not measured")
-        slower = [T for T, r in main.items() if r["status"] == "ok" and T in fla and fla[T]["median_ms"] < r["median_ms"]]
-        compared = [T for T, r in main.items() if r["status"] == "ok" and T in fla]
-        if compared:
-            print(f"  {mode}: never slower than fla (live, T in {sorted(compared)}): "
-                  + ("met" if not slower else f"NOT met at T={sorted(slower)}"))
-        if mode == "fwd_bwd":
-            long = [T for T, r in main.items() if T >= 8192 and r["status"] == "ok" and T in dense]
-            behind = [T for T in long if dense[T]["median_ms"] < main[T]["median_ms"]]
-            if long:
-                print(f"  fwd_bwd: faster than cuDNN dense from T=8192 (T in {sorted(long)}): "
-                      + ("met" if not behind else f"NOT met at T={sorted(behind)}"))
-    fwd65 = ours_main([r for r in paper if r["mode"] == "fwd"]).get(65536)
-    if fwd65 is not None:
-        peak = flops.peak_flops(device_kind, fwd65["dtype"])
-        line = f"  fwd T=65536: {fwd65['flops'] / 1e12:.2f} TFLOP of valid work"
-        if peak:
-            line += f", floor {fwd65['flops'] / peak * 1e3:.2f} ms at {peak / 1e12:.0f} TFLOP/s"
-        if fwd65["status"] == "ok" and fwd65.get("peak_fraction"):
-            line += f"; measured {fwd65['median_ms']:.2f} ms = {fwd65['peak_fraction']:.1%} of peak"
-        print(line)
+    print(f"\n== targets ({device_kind}; ours = automatic choice; '=' like for like, ours W=0)")
+
+    def ok_by_T(rows: list[dict], **match) -> dict[int, dict]:
+        return {r["T"]: r for r in rows if r["status"] == "ok" and all(r[k] == v for k, v in match.items())}
+
+    def verdict(failures: list) -> str:
+        return "met" if not failures else f"NOT met at {failures}"
+
+    for shape in shapes:
+        rows = [r for r in whole if r["shape"] == shape]
+        G = rows[0]["G"]
+        for mode in ("fwd", "fwd_bwd"):
+            in_mode = [r for r in rows if r["mode"] == mode]
+            ours = ours_main(in_mode)
+            ours = {T: r for T, r in ours.items() if r["status"] == "ok"}
+            bare = ok_by_T(in_mode, implementation=OURS, W=0)
+            dense = ok_by_T(in_mode, implementation="cudnn_dense")
+            flash = ok_by_T(in_mode, implementation="flash_nsa")
+            fla = ok_by_T(in_mode, implementation="fla")
+            label = f"  {shape} (G={G}) {mode}:"
+            compared = sorted(T for T in ours if T in dense and T >= 16384)
+            if compared:
+                behind = [T for T in compared if dense[T]["median_ms"] <= ours[T]["median_ms"]]
+                print(f"{label} faster than cuDNN dense from T=16k (T in {compared}): {verdict(behind)}")
+            if mode == "fwd_bwd" and 65536 in ours and 65536 in dense:
+                ratio = dense[65536]["median_ms"] / ours[65536]["median_ms"]
+                print(f"{label} >= 4x faster than cuDNN dense at 64k: {ratio:.2f}x: "
+                      f"{'met' if ratio >= 4 else 'NOT met'}")
+            compared = sorted(T for T in bare if T in flash)
+            if compared:
+                behind = [T for T in compared if flash[T]["median_ms"] <= bare[T]["median_ms"]]
+                print(f"{label} faster than flash_nsa '=' (T in {compared}): {verdict(behind)}")
+            if 65536 in bare and 65536 in flash and G in (1, 4, 16):
+                ratio = flash[65536]["median_ms"] / bare[65536]["median_ms"]
+                print(f"{label} >= 1.5x faster than flash_nsa '=' at 64k: {ratio:.2f}x: "
+                      f"{'met' if ratio >= 1.5 else 'NOT met'}")
+            if G == 16 and 65536 in bare and 65536 in fla:
+                ratio = fla[65536]["median_ms"] / bare[65536]["median_ms"]
+                print(f"{label} >= 3x faster than fla '=' at 64k: {ratio:.2f}x: {'met' if ratio >= 3 else 'NOT met'}")
+            if G in (1, 4, 16) and 65536 in ours:
+                limit = 12.0 if mode == "fwd" else 40.0
+                ms = ours[65536]["median_ms"]
+                print(f"{label} <= {limit:g} ms at 64k: {ms:.2f} ms: {'met' if ms <= limit else 'NOT met'}")
+    selected = {(r["G"], r["T"]): r for r in records if r.get("piece") == "selected_attention"
+                and r["implementation"] == OURS and r["mode"] == "fwd" and r["status"] == "ok" and r.get("tflops")}
+    for T in sorted({T for _, T in selected}):
+        if (1, T) in selected and (16, T) in selected:
+            ratio = selected[(16, T)]["tflops"] / selected[(1, T)]["tflops"]
+            print(f"  selected attention fwd at T={T}: G=1 {selected[(1, T)]['tflops']:.3g} TFLOP/s, G=16 "
+                  f"{selected[(16, T)]['tflops']:.3g}: G=16/G=1 = {ratio:.2f} (target <= 1.5): "
+                  f"{'met' if ratio <= 1.5 else 'NOT met'}")
+    memory = [r for r in whole if r["mode"] == "fwd_bwd" and r["implementation"] == OURS and r["status"] == "ok"
+              and r.get("peak_bytes") and r["T"] > 65536]
+    for r in memory:
+        print(f"  peak device memory, ours fwd+bwd {r['shape']} W={r['W']} T={r['T']}: {r['peak_bytes'] / 2**30:.2f} GiB")
 
 
 def plot(records: list[dict], path: Path) -> str | None:

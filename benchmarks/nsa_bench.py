@@ -52,21 +52,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     names = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", type=names, default=["paper", "g1", "g4"],
-                        help=f"shape sets, of {sorted(impls.SHAPES)} (default paper,g1,g4)")
-    parser.add_argument("--seq-lens", type=ints, default=[4096, 8192, 16384, 32768, 65536, 131072],
-                        help="T for the paper setting (and any shape set but g1/g4)")
-    parser.add_argument("--group-seq-lens", type=ints, default=[8192, 32768], help="T for the g1 and g4 sets")
+    parser.add_argument("--shapes", type=names, default=["g1", "g2", "g4", "g8", "paper"],
+                        help=f"shape sets, of {sorted(impls.SHAPES)} (default g1,g2,g4,g8,paper)")
+    parser.add_argument("--seq-lens", type=ints, default=[8192, 16384, 65536], help="T for every shape set")
+    parser.add_argument("--long-seq-lens", type=ints, default=[131072],
+                        help="T for the --long-shapes, run after everything else (default 131072)")
+    parser.add_argument("--long-shapes", type=names, default=["paper"])
     parser.add_argument("--modes", type=names, default=["fwd", "fwd_bwd"])
-    parser.add_argument("--impls", type=names, default=["auto", "backends", "fla", "ejkernel", "cudnn"],
+    parser.add_argument("--impls", type=names, default=["auto", "fla", "flash_nsa", "cudnn"],
                         help="auto (our automatic choice), backends (each of ours that is available, forced), "
-                             "a backend name (xla, triton, ...), fla, ejkernel, cudnn")
+                             "a backend name (xla, triton, ...), fla, flash_nsa, ejkernel, cudnn")
     parser.add_argument("--like-peers", action=argparse.BooleanOptionalAction, default=True,
                         help="also time our automatic choice without the window (cmp+slc, what the NSA peers "
-                             "compute) in the paper setting, after the main runs (default on)")
-    parser.add_argument("--pieces-at", type=ints, default=[16384, 65536],
-                        help="T at which each of our pieces is timed alone per backend (paper setting; "
-                             "with --write-tuning, every shape set)")
+                             "compute) beside the rest (default on)")
+    parser.add_argument("--pieces-at", type=ints, default=[65536],
+                        help="T at which each of our pieces is timed alone: the automatic choice for every shape "
+                             "set (where the time goes); with --write-tuning, also each backend forced")
     parser.add_argument("--max-seq-len", action="append", default=[], metavar="IMPL=T",
                         help="skip IMPL above T, e.g. ejkernel_nsa:xla=16384 (repeatable)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -141,35 +142,36 @@ def implementations(names: list[str]) -> tuple[list[impls.Implementation], list[
 
 def plan_cases(args, whole: list[impls.Implementation], backends: list[str]) -> list[impls.Case]:
     """Cases in the order they run: what matters most first, so that a budget cut drops the rest.
-    1. each shape set's T up to 64k, fwd then fwd+bwd, every implementation;
-    2. each piece alone per backend, paper setting;  3. ours without the window (like the peers);
-    4. the pieces of the other shape sets (with --write-tuning);  5. T above 64k;
-    6. the modes an implementation is reported to fail in (`risky_modes`)."""
+    1. every shape set at --seq-lens, fwd then fwd+bwd: every implementation, and ours without the
+       window (what the NSA peers compute);  2. each piece alone, automatic choice, at --pieces-at;
+    3. the --long-seq-lens of the --long-shapes;  4. each piece per backend (with --write-tuning);
+    5. the modes an implementation is reported to fail in (`risky_modes`)."""
     sections: list[tuple[int, int, impls.Case]] = []
 
     def add(section: int, case: impls.Case) -> None:
         sections.append((section, len(sections), case))
 
+    ours_too = args.like_peers and any(i.name == "ejkernel_nsa" for i in whole)
     for shape_name in args.shapes:
         shape = impls.SHAPES[shape_name]
-        seq_lens = args.group_seq_lens if shape_name in ("g1", "g4") else args.seq_lens
-        for T in seq_lens:
-            long = T > 65536
+        long = args.long_seq_lens if shape_name in args.long_shapes else []
+        for T in [*args.seq_lens, *long]:
+            section = 3 if T in long and T not in args.seq_lens else 1
             for mode in args.modes:
                 for impl in whole:
-                    add(6 if mode in impl.risky_modes else 5 if long else 1, impls.Case(impl, shape, T, mode))
-                if args.like_peers and shape_name in ("paper", "tiny") and any(i.name == "ejkernel_nsa" for i in whole):
-                    add(5 if long else 3, impls.Case(impls.Ours(window=False), shape, T, mode))
-    piece_shapes = args.shapes if args.write_tuning else [s for s in args.shapes if s in ("paper", "tiny")]
-    for shape_name in piece_shapes:
+                    add(5 if mode in impl.risky_modes else section, impls.Case(impl, shape, T, mode))
+                if ours_too:
+                    add(section, impls.Case(impls.Ours(window=False), shape, T, mode))
+    for shape_name in args.shapes:
         for T in args.pieces_at:
             for mode in args.modes:
                 for piece in impls.PIECES:
                     if mode not in impls.PIECE_MODES[piece]:
                         continue
-                    for backend in backends:
-                        case = impls.Case(impls.Ours(backend), impls.SHAPES[shape_name], T, mode, piece)
-                        add(2 if shape_name in ("paper", "tiny") else 4, case)
+                    add(2, impls.Case(impls.Ours(), impls.SHAPES[shape_name], T, mode, piece))
+                    if args.write_tuning:
+                        for backend in backends:
+                            add(4, impls.Case(impls.Ours(backend), impls.SHAPES[shape_name], T, mode, piece))
     return [case for _, _, case in sorted(sections, key=lambda item: (item[0], item[1]))]
 
 

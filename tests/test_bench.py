@@ -131,16 +131,21 @@ def test_an_error_that_breaks_the_gpu_context_ends_the_process_for_a_resume(tmp_
 
 
 def test_cases_run_in_order_of_importance(tmp_path):
-    args = harness_args(tmp_path, "--shapes", "paper,g4", "--seq-lens", "4096,131072", "--group-seq-lens", "8192",
-                        "--pieces-at", "16384")
+    args = harness_args(tmp_path, "--shapes", "paper,g4", "--seq-lens", "4096", "--long-seq-lens", "131072",
+                        "--pieces-at", "16384", "--write-tuning", str(tmp_path / "tuning.json"))
     whole = [bench_impls.Ours(), bench_impls.EjkernelNSA()]
     cases = nsa_bench.plan_cases(args, whole, ["xla"])
     labels = [case.label() for case in cases]
     first_piece = next(i for i, c in enumerate(cases) if c.piece)
     assert all(c.T <= 65536 and not c.piece for c in cases[:first_piece])
     assert {c.shape.name for c in cases[:first_piece]} == {"paper", "g4"}
-    assert labels.index("ejkernel_nsa paper W=0 T=4096 fwd") > first_piece  # like the peers, after the pieces
-    assert labels.index("ejkernel_nsa paper T=131072 fwd") > labels.index("ejkernel_nsa paper W=0 T=4096 fwd")
+    # Ours without the window (like the peers) beside the rest, for every shape set.
+    assert labels.index("ejkernel_nsa g4 W=0 T=4096 fwd") < first_piece
+    # The automatic choice's pieces, then the long sequence (paper only), then the per-backend pieces.
+    long = labels.index("ejkernel_nsa paper T=131072 fwd")
+    assert long > labels.index("ejkernel_nsa selected_attention g4 T=16384 fwd")
+    assert "ejkernel_nsa g4 T=131072 fwd" not in labels
+    assert long < labels.index("ejkernel_nsa:xla selected_attention paper T=16384 fwd")
     # ejkernel's reported fwd+bwd failure runs last, so it can cost no other measurement.
     assert all(c.implementation == "ejkernel" and c.mode == "fwd_bwd" for c in cases[-3:])
     assert not any(c.implementation == "ejkernel" and c.mode == "fwd_bwd" for c in cases[:-3])
@@ -198,15 +203,22 @@ def record(implementation, T, mode, ms, W=0, shape="paper", status="ok"):
 
 def test_the_report_judges_the_targets_on_what_was_measured(capsys):
     records = [record("ejkernel_nsa", 65536, "fwd", 10.0, W=512), record("fla", 65536, "fwd", 40.0),
-               record("ejkernel_nsa", 65536, "fwd", 8.0, W=0),
-               record("ejkernel_nsa", 65536, "fwd_bwd", 100.0, W=512), record("cudnn_dense", 65536, "fwd_bwd", 90.0)]
+               record("ejkernel_nsa", 65536, "fwd", 8.0, W=0), record("flash_nsa", 65536, "fwd", 20.0),
+               record("ejkernel_nsa", 16384, "fwd_bwd", 10.0, W=512), record("cudnn_dense", 16384, "fwd_bwd", 9.0),
+               record("ejkernel_nsa", 65536, "fwd_bwd", 100.0, W=512), record("cudnn_dense", 65536, "fwd_bwd", 300.0),
+               {**record("ejkernel_nsa", 65536, "fwd", 4.0), "piece": "selected_attention", "G": 1, "tflops": 50.0},
+               {**record("ejkernel_nsa", 65536, "fwd", 4.0), "piece": "selected_attention", "G": 16, "tflops": 100.0}]
     bench_report.print_report(records, "NVIDIA H100 80GB HBM3")
     out = capsys.readouterr().out
-    assert "fwd: >= 3x faster than fla at T=65536: 4.00x (live): met" in out
-    # No live fla fwd+bwd: the reference measurement (213 ms) stands in, and says so.
-    assert "fwd_bwd: >= 3x faster than fla at T=65536: 2.13x (reference): NOT met" in out
-    assert "faster than cuDNN dense from T=8192 (T in [65536]): NOT met at T=[65536]" in out
-    assert "5.00x =" in out  # like for like: ours without the window against fla
+    assert "paper (G=16) fwd: >= 3x faster than fla '=' at 64k: 5.00x: met" in out
+    assert "paper (G=16) fwd: >= 1.5x faster than flash_nsa '=' at 64k: 2.50x: met" in out
+    assert "paper (G=16) fwd: <= 12 ms at 64k: 10.00 ms: met" in out
+    assert "paper (G=16) fwd_bwd: <= 40 ms at 64k: 100.00 ms: NOT met" in out
+    # 16k is behind dense (10 > 9 ms), 64k ahead; 3x at 64k is short of the 4x target.
+    assert "faster than cuDNN dense from T=16k (T in [16384, 65536]): NOT met at [16384]" in out
+    assert ">= 4x faster than cuDNN dense at 64k: 3.00x: NOT met" in out
+    assert "G=16/G=1 = 2.00 (target <= 1.5): NOT met" in out
+    assert "5.00x =" in out  # the ratio table: ours without the window against fla
     # The reference measurement at 64k fwd: ejkernel 64.8 ms, cuDNN 116 ms, against ours 10 ms.
     assert "6.48x" in out and "11.60x" in out
 
