@@ -135,6 +135,54 @@ def selected_variants(args, group, x, rows):
            median_ms=ms)
 
 
+def token_variants(args, group, x, rows):
+    """The token-major kernels' launch: warps, key tile and pipeline stages, forward (token
+    loop order) and the split backward's token-major dq (its dk/dv kernel at its default)."""
+    scale = args.head_dim**-0.5
+    bs, itemsize = args.block_size, jnp.dtype(args.dtype).itemsize
+    base_cfg = slc.token_config(group, bs, args.head_dim, args.head_dim, itemsize)
+
+    def cfg(warps, tile, stages):
+        tile = min(tile, base_cfg.block_tile * base_cfg.subs)
+        return dataclasses.replace(base_cfg, num_warps=warps, block_tile=tile,
+                                   subs=base_cfg.block_tile * base_cfg.subs // tile, num_stages=stages)
+
+    operands = (x["q"], x["k"], x["v"], x["indices"])
+    fwd = lambda tiles: jax.jit(lambda q, k, v, i: slc.run(q, k, v, i, args.num_slots, block_size=bs, scale=scale,
+                                                           segments=None, tiles=tiles))
+
+    def fwd_bwd(tiles):
+        def loss(q, k, v, i, do):
+            out = slc.run(q, k, v, i, args.num_slots, block_size=bs, scale=scale, segments=None, tiles=tiles)
+            return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    base = np.asarray(fwd(slc.Tiles(loop_order="token"))(*operands), np.float32)
+    grads_base = None
+    for warps, tile, stages in ((4, 64, 2), (1, 64, 2), (2, 64, 2), (8, 64, 2), (1, 64, 3), (2, 64, 3),
+                                (1, 32, 2), (2, 32, 3), (4, 32, 3)):
+        name = f"token warps={warps} tile={tile} stages={stages}"
+        tiles = slc.Tiles(loop_order="token", backward_order="split", token=cfg(warps, tile, stages))
+        for mode in ("fwd", "fwd_bwd"):
+            try:
+                if mode == "fwd":
+                    fn = fwd(tiles)
+                    err = rel(fn(*operands), base)
+                    ms = timed(fn, *operands, repeats=args.repeats)
+                else:
+                    fn = fwd_bwd(tiles)
+                    grads = fn(*operands, x["d_out"])
+                    if grads_base is None:
+                        grads_base = [np.asarray(g, np.float32) for g in grads]
+                    err = max(rel(g, b) for g, b in zip(grads, grads_base))
+                    ms = timed(fn, *operands, x["d_out"], repeats=args.repeats)
+                record(rows, piece="selected_attention", mode=mode, G=group, T=args.seq_len, variant=name,
+                       median_ms=ms, rel_err_vs_first=err)
+            except Exception as error:  # noqa: BLE001
+                record(rows, piece="selected_attention", mode=mode, G=group, T=args.seq_len, variant=name,
+                       error=f"{type(error).__name__}: {str(error)[:300]}")
+
+
 def selection_variants(args, group, x, rows):
     scale = args.head_dim**-0.5
     bs = args.block_size
@@ -240,6 +288,8 @@ def main(argv=None) -> int:
             x = inputs(group, args.seq_len, args.head_dim, args.block_size, args.num_slots, args.dtype)
             if "selected" in parts:
                 selected_variants(args, group, x, rows)
+            if "token" in parts:
+                token_variants(args, group, x, rows)
             if "selection" in parts:
                 selection_variants(args, group, x, rows)
             if "whole" in parts:
