@@ -58,9 +58,16 @@ def inputs(group: int, seq_len: int, head_dim: int, block_size: int, num_slots: 
     return dict(q=q, k=k, v=v, d_out=d_out, k_cmp=k_cmp, lse=lse, indices=jax.block_until_ready(indices))
 
 
+JSON_PATH: str | None = None
+
+
 def record(rows, **fields):
     rows.append(fields)
     print(json.dumps(fields), flush=True)
+    # Written after every record: a run cut by a time limit keeps what it measured.
+    if JSON_PATH:
+        with open(JSON_PATH, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 def selected_variants(args, group, x, rows):
@@ -278,6 +285,8 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default="check,selected,selection,whole")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    global JSON_PATH
+    JSON_PATH = args.json
     parts = set(args.parts.split(","))
     rows: list[dict] = []
     print("device:", jax.devices()[0].device_kind, flush=True)
