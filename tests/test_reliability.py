@@ -156,3 +156,59 @@ def test_block_counts_kinds():
     # A concrete integer scalar is the int it holds.
     as_scalar = nsa.native_sparse_attention(q, k, v, g, block_counts=np.int64(2), **call)
     np.testing.assert_array_equal(as_scalar, nsa.native_sparse_attention(q, k, v, g, block_counts=2, **call))
+
+
+# ---- 3. interpret mode is decided in one place, and leaving the block undoes it -----------------
+
+# Run in a fresh process: the first registry load must happen inside `interpret_mode(True)`.
+FIRST_LOAD_INSIDE_INTERPRET_MODE = r"""
+import json, os
+import numpy as np
+import ejkernel_nsa as nsa
+import oracle
+from ejkernel_nsa import config
+
+rng = np.random.default_rng(3)
+k, v = rng.standard_normal((1, 40, 2, 16), np.float32), rng.standard_normal((1, 40, 2, 8), np.float32)
+report = {}
+with config.interpret_mode(True):
+    inside = nsa.backend_status()
+    report["inside"] = {name: reason is None for name, reason in inside.items()}
+    report["env_inside"] = os.environ.get("TRITON_INTERPRET")
+    if inside["pallas_mosaic"] is None:  # says available: then forcing it must run, and be right
+        k_cmp, v_cmp = nsa.mean_pool(k, v, 16, backend="pallas_mosaic")
+        expected = oracle.mean_pool(k, v, 16)
+        report["mosaic_error"] = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip((k_cmp, v_cmp), expected))
+after = nsa.backend_status()
+report["after"] = {name: reason is None for name, reason in after.items()}
+report["env_after"] = os.environ.get("TRITON_INTERPRET")
+try:
+    nsa.mean_pool(k, v, 16, backend="pallas_mosaic")
+    report["forced_after"] = "ran"
+except nsa.BackendError as error:
+    report["forced_after"] = str(error)
+print("REPORT" + json.dumps(report))
+"""
+
+
+def test_interpret_mode_leaves_no_process_state():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("EJKERNEL_NSA_INTERPRET", "TRITON_INTERPRET")}
+    tests = Path(__file__).parent
+    env["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", FIRST_LOAD_INSIDE_INTERPRET_MODE], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.split("REPORT", 1)[1])
+    if nsa.backend_status()["triton"] is not None:  # no GPU toolchain: Triton is never switched by the block
+        assert not report["inside"]["triton"] and not report["after"]["triton"]
+    assert report["env_inside"] is None and report["env_after"] is None
+    assert report["inside"]["pallas_triton"] and report["inside"]["pallas_mosaic"]
+    assert report["mosaic_error"] < 1e-5
+    if nsa.backend_status()["pallas_mosaic"] is not None:  # no Hopper here: unavailable again after the block
+        assert not report["after"]["pallas_mosaic"] and not report["after"]["pallas_triton"]
+        assert "pallas_mosaic" in report["forced_after"]
