@@ -30,6 +30,9 @@ from ejkernel_nsa.backends.xla.layout import (
 from ejkernel_nsa.problem import Segments, token_layout
 
 _NO_SLOT = jnp.iinfo(jnp.int32).max
+# Read the whole row densely once S * BS * DENSE_READ_RATIO >= T: a dense masked matmul reads
+# more keys than the gather but streams them, where the gather copies S * BS rows per query.
+DENSE_READ_RATIO = 1
 
 
 def distinct_selected_blocks(indices, counts, pos, block_size):
@@ -56,7 +59,7 @@ def selected_attention(
     layout = token_layout(num_tokens, block_size, segments)
     if isinstance(block_counts, int):
         block_counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
-    dense = num_slots * block_size >= num_tokens
+    dense = num_slots * block_size * DENSE_READ_RATIO >= num_tokens
     span = num_tokens if dense else num_slots * block_size
     gathered_bytes = 0 if dense else num_kv_heads * span * (head_dim + value_dim) * key.dtype.itemsize
     slot_bytes = num_kv_heads * num_slots * 4 * 4
