@@ -39,7 +39,8 @@ PLANTINGS = [
 ]
 
 
-def check_containment(backend: str, poisons=(np.nan, np.inf), plantings=PLANTINGS, seed: int = 0) -> None:
+def check_containment(backend: str, poisons=(np.nan, np.inf), plantings=PLANTINGS, tensors=("key", "value"),
+                      seed: int = 0) -> None:
     args = _inputs(seed)
     call = dict(block_counts=2, block_size=BS, window_size=W, backend=backend)
     clean = {}
@@ -48,7 +49,7 @@ def check_containment(backend: str, poisons=(np.nan, np.inf), plantings=PLANTING
         if key not in clean:
             clean[key] = np.asarray(nsa.native_sparse_attention(**args, **call, cu_seqlens=cu_seqlens))
         for poison in poisons:
-            for tensor in ("key", "value"):
+            for tensor in tensors:
                 planted = dict(args)
                 planted[tensor] = args[tensor].copy()
                 planted[tensor][0, position, 0, 0] = poison
