@@ -93,13 +93,15 @@ def _gathered_body(q, k, v, bad, *, block_size, scale):
     in_block = jnp.arange(block_size, dtype=jnp.int32)
 
     def take(x, head, start):
-        return jax.lax.dynamic_slice(x, (head, start) + (0,) * (x.ndim - 2), (1, block_size) + x.shape[2:])[0]
+        zeros = (jnp.zeros((), jnp.int32),) * (x.ndim - 2)
+        return jax.lax.dynamic_slice(x, (head, start) + zeros, (1, block_size) + x.shape[2:])[0]
 
     def body(start, q_chunk, idx_chunk, counts_chunk, pos, seq_start):
         size, _, num_slots = idx_chunk.shape
         blocks, keep = distinct_selected_blocks(idx_chunk, counts_chunk, pos, block_size)
         first_row = jnp.where(keep, seq_start[:, None, None] + blocks * block_size, 0)
-        heads = jnp.broadcast_to(jnp.arange(num_kv_heads)[None, :, None], first_row.shape)
+        first_row = first_row.astype(jnp.int32)  # one index dtype for dynamic_slice, with x64 too
+        heads = jnp.broadcast_to(jnp.arange(num_kv_heads, dtype=jnp.int32)[None, :, None], first_row.shape)
         gather = jax.vmap(take, in_axes=(None, 0, 0))
         flat_heads, flat_rows = heads.reshape(-1), first_row.reshape(-1)
         shape = (size, num_kv_heads, num_slots * block_size)
