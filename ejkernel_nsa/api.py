@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from ejkernel_nsa import config, registry
+from ejkernel_nsa.input_limits import is_empty_call
 from ejkernel_nsa.problem import NSAProblem, Piece, platform_of
 from ejkernel_nsa.validation import (
     NSACall,
@@ -127,6 +128,8 @@ def _run(call: NSACall, plan: registry.Plan) -> jax.Array:
     q, k, v = call.query, call.key, call.value
     block_size = problem.block_size
     out = jnp.zeros(q.shape[:3] + (v.shape[3],), jnp.float32)
+    if is_empty_call(q):  # no token (B or T is 0): the defined result is the empty output
+        return out.astype(q.dtype)
     block_indices = call.block_indices
     if call.g_cmp is not None:
         k_cmp, v_cmp = plan[Piece.COMPRESSION](k, v, block_size=block_size, segments=segments)
@@ -140,9 +143,10 @@ def _run(call: NSACall, plan: registry.Plan) -> jax.Array:
                 q_sel, k_sel, lse_sel, block_counts=call.block_counts, num_slots=problem.num_slots,
                 block_size=block_size, scale=scale, segments=segments,
             )
-    o_slc = plan[Piece.SELECTED_ATTENTION](q, k, v, block_indices, call.block_counts, block_size=block_size,
-                                           scale=scale, segments=segments)
-    out += _gated(o_slc, call.g_slc)
+    if block_indices.shape[-1] > 0:  # S = 0 slots select nothing: the selected branch is 0
+        o_slc = plan[Piece.SELECTED_ATTENTION](q, k, v, block_indices, call.block_counts, block_size=block_size,
+                                               scale=scale, segments=segments)
+        out += _gated(o_slc, call.g_slc)
     if call.g_swa is not None:
         o_swa = plan[Piece.SLIDING_WINDOW](q, k, v, window_size=problem.window_size, scale=scale, segments=segments)
         out += _gated(o_swa, call.g_swa)

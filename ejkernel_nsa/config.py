@@ -60,7 +60,15 @@ def interpret_mode(enabled: bool = True) -> Iterator[None]:
 
 
 def interpret_enabled() -> bool:
+    """Interpret mode now: the innermost `interpret_mode(...)` block, else the environment. The one
+    place that decides it; backends read it per call, never store it, so leaving a block undoes it."""
     override = _interpret_override.get()
     if override is not None:
         return override
+    return interpret_requested_by_environment()
+
+
+def interpret_requested_by_environment() -> bool:
+    """`EJKERNEL_NSA_INTERPRET` alone. For what must be decided once per process: Triton's kernels
+    are compiled or interpreted from the moment they are defined (`backends/triton`)."""
     return os.environ.get(INTERPRET_ENV, "").strip().lower() in ("1", "true", "yes", "on")

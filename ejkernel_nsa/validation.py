@@ -15,6 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Integer, jaxtyped
 
+from ejkernel_nsa.input_limits import (
+    check_nonempty_dims,
+    check_token_indices,
+    checked_int32_values,
+    saturated_int32,
+)
 from ejkernel_nsa.problem import NSAProblem, Segments, num_compressed_blocks, platform_of
 
 _KINDS = {"float": (Float, "floating-point"), "int": (Int, "signed integer"), "integer": (Integer, "integer")}
@@ -27,6 +33,8 @@ class ShapeChecker:
         self.dims: dict[str, tuple[int, str]] = {}
 
     def array(self, name: str, value, kind: str, spec: str) -> jax.Array:
+        if kind != "float":  # before any conversion, which would wrap int64 into int32
+            value = checked_int32_values(name, value)
         x = as_array(name, value)
         jaxtyping_kind, kind_word = _KINDS[kind]
         names = spec.split()
@@ -68,6 +76,8 @@ def static_int(name: str, value, minimum: int) -> int:
 
 
 def softmax_scale_of(value, head_dim: int) -> float:
+    if head_dim < 1:
+        raise ValueError(f"query: expected head dim Dk >= 1, got {head_dim}")
     if value is None:
         return head_dim**-0.5
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -97,15 +107,31 @@ def segments_of(
             )
     if token_indices is not None:
         token_indices = checker.array("token_indices", token_indices, "int", "T 2")
-    return Segments(cu.astype(jnp.int32), None if token_indices is None else token_indices.astype(jnp.int32))
+        check_token_indices(token_indices, cu)
+    return Segments(saturated_int32(cu), None if token_indices is None else saturated_int32(token_indices))
 
 
 def block_counts_of(checker: ShapeChecker, block_counts):
     if isinstance(block_counts, (bool, np.bool_)):
         raise TypeError("block_counts: expected an int or an integer array [B, T, H], got a bool")
     if isinstance(block_counts, numbers.Integral):
+        checked_int32_values("block_counts", np.asarray(block_counts))
         return static_int("block_counts", block_counts, 0)
-    return checker.array("block_counts", block_counts, "integer", "B T H").astype(jnp.int32)
+    if isinstance(block_counts, numbers.Number):
+        raise TypeError(
+            f"block_counts: expected a Python int or an integer array [B, T, H], "
+            f"got {type(block_counts).__name__} {block_counts!r}"
+        )
+    if getattr(block_counts, "ndim", None) == 0:
+        if isinstance(block_counts, jax.core.Tracer):
+            # The count sizes the selection (top-k, slots): it must be static, or an array per token.
+            raise TypeError(
+                "block_counts: expected a Python int (a static value) or an integer array [B, T, H], "
+                "got a traced scalar; pass it as a static argument, or broadcast it to [B, T, H]"
+            )
+        if np.issubdtype(block_counts.dtype, np.integer):
+            return static_int("block_counts", int(block_counts), 0)
+    return saturated_int32(checker.array("block_counts", block_counts, "integer", "B T H"))
 
 
 def computed_slot_count(block_counts, max_block_counts) -> int:
@@ -150,6 +176,7 @@ def check_qkv(checker: ShapeChecker, query, key, value) -> tuple[jax.Array, jax.
     for name, x in (("key", key), ("value", value)):
         if x.dtype != query.dtype:
             raise TypeError(f"{name}: expected dtype {query.dtype} (the query's), got {x.dtype}")
+    check_nonempty_dims(query, key, value)
     check_groups(query, key, "key/value (HQ = G * H for an integer group size G)")
     return query, key, value
 
@@ -182,6 +209,7 @@ def check_nsa_call(
         for name, gate in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa))
     )
     block_indices = checker.optional("block_indices", block_indices, "int", "B T H S")
+    block_indices = None if block_indices is None else saturated_int32(block_indices)
     block_counts = block_counts_of(checker, block_counts)
     segments = segments_of(checker, cu_seqlens, batch, num_tokens, token_indices)
 
@@ -237,6 +265,9 @@ def check_compressed(checker: ShapeChecker, k_cmp, v_cmp, num_tokens: int, block
 
 
 def check_groups(query, kv: jax.Array, kv_name: str) -> None:
+    if kv.shape[2] < 1 or query.shape[2] < 1:
+        raise ValueError(f"query: expected at least one query head and one kv head, got {query.shape[2]} and "
+                         f"{kv.shape[2]} (of {kv_name})")
     if query.shape[2] % kv.shape[2]:
         raise ValueError(
             f"query: its {query.shape[2]} heads must be a multiple of the {kv.shape[2]} kv heads of {kv_name}"

@@ -43,10 +43,17 @@ def _register_pieces() -> None:
         return
     for module_name in MODULES:
         module = importlib.import_module(f"ejkernel_nsa.backends.{NAME}.{module_name}")
-        # Like the Triton backend, the interpret decision is taken at import: CPU inputs are
-        # accepted only when the kernels will run in the interpreter.
-        register(module.PIECE, backend=NAME, platforms=("gpu", "cpu") if interpreted() else ("gpu",),
-                 priority=PRIORITY, supports=module.supports)(module.run)
+        # Interpret mode is read per call (config.interpret_mode() may switch it, reversibly), so
+        # the CPU platform is listed and checked in `supports`, as the Pallas Triton backend does.
+        register(module.PIECE, backend=NAME, platforms=("gpu", "cpu"), priority=PRIORITY,
+                 supports=lambda problem, module=module: _on_cpu_only_interpreted(problem) or module.supports(problem),
+                 )(module.run)
+
+
+def _on_cpu_only_interpreted(problem) -> str | None:
+    if problem.platform == "cpu" and not interpreted():
+        return f"inputs on the CPU run only in interpret mode ({config.INTERPRET_ENV}=1 or interpret_mode(), no Hopper GPU)"
+    return None
 
 
 _register_pieces()

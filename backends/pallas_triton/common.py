@@ -148,8 +148,20 @@ def softmax_step(state, s2, visible, v, precision):
     p = jnp.exp2(s2 - shift[:, None])
     alpha = jnp.exp2(m - shift)
     l = l * alpha + jnp.sum(p, axis=1)
+    v, seen_nonfinite = contained_values(v, visible)
     acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision)
-    return m_new, l, acc
+    return m_new, l, jnp.where(seen_nonfinite[:, None], jnp.nan, acc)
+
+
+def contained_values(v, visible):
+    """SPEC 8 containment: the tile's keys are shared by rows that see different keys, and a
+    masked `p = 0` times a NaN/Inf value is NaN. So the product runs on `v` with its non-finite
+    entries zeroed, and the rows that do see a non-finite value are returned (to be set to NaN).
+    Reductions are float maxima, which both Triton's lowering and the interpreter take."""
+    finite = jnp.isfinite(v)
+    bad_key = jnp.max(jnp.where(finite, 0.0, 1.0), axis=1) > 0.0
+    seen = jnp.max(jnp.where(visible & bad_key[None, :], 1.0, 0.0), axis=1) > 0.0
+    return jnp.where(finite, v, jnp.zeros((), v.dtype)), seen
 
 
 def softmax_finish(state):

@@ -5,7 +5,9 @@ Each piece lives in its own module (`compression`, `compressed_attention`, `sele
 cases it declines. Interpret mode: with `EJKERNEL_NSA_INTERPRET=1` in the environment when
 `ejkernel_nsa` is imported on a machine without a GPU, the kernels are defined under
 `TRITON_INTERPRET=1` and run in Triton's interpreter; the registry then uses them only when
-forced, never by automatic choice.
+forced, never by automatic choice. `TRITON_INTERPRET` is set only while our kernels are defined
+and launched, then put back, so other Triton users of the process are not switched to the
+interpreter; `interpret_mode()` cannot switch this backend (its kernels are fixed when defined).
 """
 
 import os
@@ -18,17 +20,22 @@ NAME = "triton"
 # Above the XLA fallback; kernels of other backends compete through their own priorities.
 PRIORITY = 20
 
-if config.interpret_enabled() and gpu_failure() is not None:
-    # Triton decides at definition time whether a kernel is compiled or interpreted.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from ejkernel_nsa.backends.triton import launch  # noqa: E402  (after TRITON_INTERPRET is settled)
+from ejkernel_nsa.backends.triton import launch  # noqa: E402
 
 
 def availability() -> str | None:
+    # Whether the kernels are interpreted was fixed when they were defined (launch.INTERPRETED);
+    # interpret mode itself is read now, so an `interpret_mode(False)` block turns them off.
     if launch.INTERPRETED:
-        return None
-    return _import_jax_triton() or gpu_failure()
+        if config.interpret_enabled():
+            return None
+        return (f"its kernels were defined for Triton's interpreter ({config.INTERPRET_ENV}=1 at import, no GPU), "
+                "and interpret mode is off here")
+    failure = _import_jax_triton() or gpu_failure()
+    if failure and config.interpret_enabled():
+        failure += (f" (Triton's interpreter is chosen once, by {config.INTERPRET_ENV}=1 when ejkernel_nsa is "
+                    "imported; interpret_mode() switches only the Pallas backends)")
+    return failure
 
 
 def _import_jax_triton() -> str | None:
@@ -55,7 +62,9 @@ def _register_pieces() -> None:
     import importlib
 
     for module_name in ("compression", "compressed_attention", "selection", "selected_attention", "sliding_window"):
-        module = importlib.import_module(f"ejkernel_nsa.backends.triton.{module_name}")
+        # The kernels are defined (`@triton.jit`) on import: under TRITON_INTERPRET=1 when interpreted.
+        with launch.triton_interpreter():
+            module = importlib.import_module(f"ejkernel_nsa.backends.triton.{module_name}")
         register(module.PIECE, backend=NAME, platforms=("gpu", "cpu") if launch.INTERPRETED else ("gpu",),
                  priority=PRIORITY, supports=module.supports)(module.run)
 

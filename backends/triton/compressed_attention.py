@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.triton.containment import contained_values
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
@@ -135,7 +136,9 @@ def compressed_attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         # A tensor-core dot takes both operands in one dtype: p in [0, 1] rounds to v's 16-bit
         # dtype (relative error at most 2^-8 in bf16) and the sum over blocks stays float32.
+        v, sees_nonfinite = contained_values(v, visible)  # SPEC 8: no 0 * NaN from a masked key
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = tl.where(sees_nonfinite[:, None], float("nan"), acc)
         m_i = m_new
 
     seen = l_i > 0.0

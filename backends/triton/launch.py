@@ -8,6 +8,7 @@ module lists, with the same constexprs its launches use.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ejkernel_nsa.registry.toolchain import triton_kernel_decline
+from ejkernel_nsa import config
+from ejkernel_nsa.registry.toolchain import gpu_failure, triton_kernel_decline
 
 # Hopper: what the kernels are tuned for, and what CI compiles them for.
 TARGET_ARCH = 90
@@ -73,8 +75,33 @@ def _is_array(value) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
-# Triton decides when a kernel is defined whether it is compiled or interpreted.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton decides when a kernel is defined whether it is compiled or interpreted: once per process,
+# from the environment at import (the user's own TRITON_INTERPRET=1 included), never from an
+# `interpret_mode()` block that happens to surround the first import.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" or (
+    config.interpret_requested_by_environment() and gpu_failure() is not None
+)
+_interpreter_env_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def triton_interpreter():
+    """`TRITON_INTERPRET=1` for this block only when our kernels are interpreted (Triton reads it
+    when a kernel is defined and while one is interpreted), then the process's own value back, so
+    other Triton users in the process (PyTorch's, say) keep compiling."""
+    if not INTERPRETED:
+        yield
+        return
+    with _interpreter_env_lock:
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
 _LAUNCH_ONLY = ("num_warps", "num_stages", "num_ctas", "zeroed_outputs", "input_output_aliases", "debug")
 
 
@@ -187,7 +214,8 @@ def _interpreted_call(args, kernel, out_shape, grid, options):
         # Outputs start zeroed, as `zeroed_outputs` asks of jax_triton; others are fully written.
         outs = [_HostTensor(np.zeros(s.shape, s.dtype)) for s in shapes]
         launch_grid = grid(meta) if callable(grid) else grid
-        kernel[tuple(launch_grid)](*launch_args, *outs, **meta)
+        with triton_interpreter():
+            kernel[tuple(launch_grid)](*launch_args, *outs, **meta)
         return [o.array for o in outs]
 
     results = jax.pure_callback(host, shapes, *[a for a, array in zip(args, is_array) if array])

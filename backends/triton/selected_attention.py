@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.triton.containment import contained_values
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.backends.triton.launch import CompileSpec, cdiv, next_pow2, pointer
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments
@@ -292,7 +293,9 @@ def selected_attention_fwd_kernel_by_block(
             alpha = tl.exp2(m - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l = l * alpha + tl.sum(p, axis=1)
+            v, sees_nonfinite = contained_values(v, visible)  # SPEC 8: no 0 * NaN from a masked key
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc = tl.where(sees_nonfinite[:, None], float("nan"), acc)
             m = m_new
         # A counted block starts at or before its reader, so every real row saw a key (l > 0).
         safe_l = tl.where(l > 0.0, l, 1.0)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from ejkernel_nsa.backends.triton.containment import contained_values
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
@@ -116,7 +117,9 @@ def sliding_window_fwd_kernel(
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
+        v, sees_nonfinite = contained_values(v, visible)  # SPEC 8: no 0 * NaN from a masked key
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = tl.where(sees_nonfinite[:, None], float("nan"), acc)
         m_i = m_new
 
     seen = l_i > 0

@@ -12,10 +12,14 @@ import jax.numpy as jnp
 
 from ejkernel_nsa.backends.xla.layout import (
     chunk_len,
+    count_visible,
+    finite_or_zero,
     matmul,
     map_query_chunks,
     masked_softmax,
     merge_heads,
+    nonfinite_rows,
+    poisoned,
     split_heads,
 )
 from ejkernel_nsa.problem import Segments, token_layout
@@ -42,11 +46,16 @@ def compressed_attention(query, k_cmp, v_cmp, *, block_size: int, scale: float, 
     chunk = chunk_len(num_tokens, batch * num_q_heads * num_blocks * 4 * 4)
 
     def row(q, kc, vc):
+        bad = nonfinite_rows(kc, vc)
+        kc, vc = finite_or_zero(kc), finite_or_zero(vc)
+
         def body(start, q_chunk, pos, first_block):
             scores = _scores(split_heads(q_chunk, num_kv_heads), kc, scale)
-            mask = _visible(pos, first_block, num_blocks, block_size)[:, None, None, :]
-            probs, lse = masked_softmax(scores, mask)
+            visible = _visible(pos, first_block, num_blocks, block_size)
+            probs, lse = masked_softmax(scores, visible[:, None, None, :])
             out = matmul("chgn,nhd->chgd", probs.astype(vc.dtype), vc)
+            seen_bad = count_visible("cn,nh->ch", visible, bad)
+            out, lse = poisoned(out, seen_bad), poisoned(lse, seen_bad)
             return merge_heads(out).astype(q.dtype), lse.reshape(lse.shape[0], num_q_heads)
 
         return map_query_chunks(body, chunk, q, layout.pos, layout.first_block)

@@ -91,3 +91,33 @@ def split_heads(query: jax.Array, num_kv_heads: int) -> jax.Array:
 def merge_heads(x: jax.Array) -> jax.Array:
     *lead, num_kv_heads, group, dim = x.shape
     return x.reshape(*lead, num_kv_heads * group, dim)
+
+
+# ---- containment (SPEC section 8) ----------------------------------------------------------------
+# A masked probability is exactly 0, but 0 * NaN = NaN: multiplying it by a NaN/Inf key or value
+# that the query cannot see would leak that value. So the products run on keys and values whose
+# non-finite entries are zeroed, and a query whose *visible* set holds a non-finite key or value
+# gets NaN back explicitly (what it would have computed: its result is undefined).
+
+
+def finite_or_zero(x: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
+def nonfinite_rows(key: jax.Array, value: jax.Array) -> jax.Array:
+    """`[N, H, D*]` keys and values -> `[N, H]` float32: 1 where the row holds a NaN or Inf."""
+    finite = jnp.all(jnp.isfinite(key), axis=-1) & jnp.all(jnp.isfinite(value), axis=-1)
+    return (~finite).astype(jnp.float32)
+
+
+def poisoned(out: jax.Array, seen_nonfinite: jax.Array) -> jax.Array:
+    """`out` `[C, H, G, ...]` with NaN for the (token, kv head) pairs whose count of visible
+    non-finite rows `seen_nonfinite` `[C, H]` is positive."""
+    bad = (seen_nonfinite > 0).reshape(seen_nonfinite.shape + (1,) * (out.ndim - 2))
+    return jnp.where(bad, jnp.asarray(jnp.nan, out.dtype), out)
+
+
+def count_visible(spec: str, mask: jax.Array, bad_rows: jax.Array) -> jax.Array:
+    """How many non-finite rows each query sees: `einsum(spec, mask, bad_rows)` of 0/1 values,
+    exact in float32 (full precision, so no tf32 rounding on a GPU)."""
+    return jnp.einsum(spec, mask.astype(jnp.float32), bad_rows, precision=jax.lax.Precision.HIGHEST)

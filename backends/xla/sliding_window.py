@@ -1,7 +1,9 @@
-"""Sliding-window attention (SPEC section 5), in plain XLA.
+"""Sliding-window attention (SPEC section 5), in plain XLA, banded.
 
-A chunk of `C` queries reads one contiguous span of `C + W - 1` keys, so the cost is
-`O(T * (C + W))` and no `[T, T]` matrix exists.
+Tokens are cut into blocks of `L >= W` queries (`L` a power of two, at least 16); block `i` needs
+only the keys of blocks `i - 1` and `i`. So every query scores `2 L` keys: the cost grows with the
+window `W`, not with `T`, and no `[T, T]` matrix exists. Blocks are processed a group at a time
+under `jax.checkpoint`, within the chunk budget.
 """
 
 from __future__ import annotations
@@ -10,42 +12,69 @@ import jax
 import jax.numpy as jnp
 
 from ejkernel_nsa.backends.xla.layout import (
-    chunk_len,
-    matmul,
+    CHUNK_BYTES,
+    count_visible,
+    finite_or_zero,
     map_query_chunks,
     masked_softmax,
+    matmul,
     merge_heads,
+    nonfinite_rows,
+    poisoned,
     split_heads,
 )
 from ejkernel_nsa.problem import Segments, token_layout
 
+MIN_BAND = 16
+
+
+def band_length(window_size: int) -> int:
+    band = MIN_BAND
+    while band < window_size:
+        band *= 2
+    return band
+
 
 def sliding_window_attention(query, key, value, *, window_size: int, scale: float, segments: Segments | None):
-    batch, num_tokens, num_q_heads, _ = query.shape
-    num_kv_heads = key.shape[2]
-    window = min(window_size, num_tokens)
-    chunk = chunk_len(num_tokens, batch * num_q_heads * 2 * window * 4 * 3)
-    padded = -(-num_tokens // chunk) * chunk
-    span = chunk + window - 1
+    batch, num_tokens, num_q_heads, head_dim = query.shape
+    num_kv_heads, value_dim = key.shape[2], value.shape[3]
+    band = band_length(min(window_size, num_tokens))
+    num_bands = -(-num_tokens // band)
+    padded = num_bands * band
     layout = token_layout(num_tokens, 1, segments)
-    # Key rows before the first and after the last token, so every chunk slices a full span.
-    pad = ((window - 1, padded - num_tokens), (0, 0), (0, 0))
+    # Per band: its scores and probabilities, and the 2L keys and values it reads.
+    band_bytes = batch * band * (num_q_heads * 2 * band * 4 * 3 + 2 * num_kv_heads * (head_dim + value_dim) * 4)
+    bands_per_step = 1
+    while bands_per_step * 2 <= min(num_bands, max(1, CHUNK_BYTES // band_bytes)):
+        bands_per_step *= 2
+
+    def to_bands(x, front=0):
+        x = jnp.pad(x, [(front, padded - num_tokens)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape((-1, band) + x.shape[1:])
 
     def row(q, k, v):
-        k_padded, v_padded = jnp.pad(k, pad), jnp.pad(v, pad)
+        bad = nonfinite_rows(k, v)
+        k, v = finite_or_zero(k), finite_or_zero(v)
+        # Keys of band i - 1 and band i side by side: [num_bands, 2L, ...] (band -1 is padding).
+        k_bands, v_bands, bad_bands = (to_bands(x, front=band) for x in (k, v, bad))
+        pair = lambda x: jnp.concatenate([x[:-1], x[1:]], axis=1)  # noqa: E731
+        k_pairs, v_pairs, bad_pairs = pair(k_bands), pair(v_bands), pair(bad_bands)
+        band_start = jnp.arange(num_bands, dtype=jnp.int32) * band
 
-        def body(start, q_chunk, seq_start):
-            k_span = jax.lax.dynamic_slice_in_dim(k_padded, start, span)
-            v_span = jax.lax.dynamic_slice_in_dim(v_padded, start, span)
-            token = start + jnp.arange(q_chunk.shape[0])[:, None]
-            key_token = start - (window - 1) + jnp.arange(span)[None, :]
-            first = jnp.maximum(seq_start[:, None], token - window + 1)
-            mask = (key_token >= first) & (key_token <= token)
-            scores = matmul("chgd,khd->chgk", split_heads(q_chunk, num_kv_heads), k_span)
-            probs, _ = masked_softmax(scores * scale, mask[:, None, None, :])
-            out = matmul("chgk,khd->chgd", probs.astype(v.dtype), v_span)
+        def body(step_start, q_band, k_pair, v_pair, bad_pair, seq_start, first_token):
+            token = first_token[:, None] + jnp.arange(band)[None, :]  # [n, L]
+            key_token = first_token[:, None] - band + jnp.arange(2 * band)[None, :]  # [n, 2L]
+            first = jnp.maximum(seq_start, token - window_size + 1)
+            visible = (key_token[:, None, :] >= first[..., None]) & (key_token[:, None, :] <= token[..., None])
+            scores = matmul("nqhgd,nkhd->nqhgk", split_heads(q_band, num_kv_heads), k_pair)
+            probs, _ = masked_softmax(scores * scale, visible[:, :, None, None, :])
+            out = matmul("nqhgk,nkhd->nqhgd", probs.astype(v_pair.dtype), v_pair)
+            seen_bad = count_visible("nqk,nkh->nqh", visible, bad_pair)
+            out = jax.vmap(poisoned)(out, seen_bad)
             return merge_heads(out).astype(q.dtype)
 
-        return map_query_chunks(body, chunk, q, layout.seq_start)
+        outs = map_query_chunks(body, bands_per_step, to_bands(q), k_pairs, v_pairs, bad_pairs,
+                                to_bands(layout.seq_start), band_start)
+        return outs.reshape((padded,) + outs.shape[2:])[:num_tokens]
 
     return jax.vmap(row)(query, key, value)
