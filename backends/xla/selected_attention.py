@@ -58,7 +58,8 @@ def selected_attention(
             slots = selected_blocks_mask(idx_chunk, counts_chunk, pos, block_size)
             offsets = idx_chunk[..., None] * block_size + in_block  # [C, H, S, BS]
             key_mask = slots[..., None] & (offsets <= pos[:, None, None, None])
-            rows = jnp.clip(seq_start[:, None, None, None] + offsets, 0, num_tokens - 1)
+            # The keys may be longer than the queries (context parallelism passes the whole sequence).
+            rows = jnp.clip(seq_start[:, None, None, None] + offsets, 0, k.shape[0] - 1)
             rows = rows.reshape(size, num_kv_heads, span)
             k_sel, v_sel = k[rows, heads], v[rows, heads]  # [C, H, S*BS, D]
             scores = matmul("chgd,chkd->chgk", split_heads(q_chunk, num_kv_heads), k_sel)
