@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from ejkernel_nsa import api, registry
 from ejkernel_nsa.problem import Piece, Segments
-from ejkernel_nsa.sharding import AxisEntry, _names
+from ejkernel_nsa.sharding import AxisEntry, axis_names_of
 from ejkernel_nsa.validation import check_nsa_call
 
 LOAD_BALANCES = ("contiguous", "zigzag")
@@ -116,10 +116,10 @@ def context_parallel_nsa(
     if not isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
         raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
     for name, entry in (("seq_axis", seq_axis), ("batch_axis", batch_axis), ("head_axis", head_axis)):
-        for axis in _names(entry):
+        for axis in axis_names_of(entry):
             if axis not in mesh.shape:
                 raise ValueError(f"{name}: {axis!r} is not an axis of the mesh {dict(mesh.shape)}")
-    if not _names(seq_axis):
+    if not axis_names_of(seq_axis):
         raise ValueError("seq_axis: expected a mesh axis name, got None")
     call = check_nsa_call(
         query, key, value, g_cmp=g_cmp, g_slc=g_slc, g_swa=g_swa, block_indices=block_indices,
@@ -127,7 +127,7 @@ def context_parallel_nsa(
         window_size=window_size, max_block_counts=max_block_counts,
     )
     problem = call.problem
-    parts = int(np.prod([mesh.shape[a] for a in _names(seq_axis)]))
+    parts = int(np.prod([mesh.shape[a] for a in axis_names_of(seq_axis)]))
     chunks = parts * (2 if load_balance == "zigzag" else 1)
     if problem.seq_len % chunks or (problem.seq_len // chunks) % problem.block_size:
         raise ValueError(
@@ -138,7 +138,7 @@ def context_parallel_nsa(
     if problem.window_size > chunk_len:
         raise ValueError(f"window_size: {problem.window_size} exceeds one chunk of {chunk_len} tokens")
     for name, entry in (("batch", batch_axis), ("head", head_axis)):
-        size = int(np.prod([mesh.shape[a] for a in _names(entry)]))
+        size = int(np.prod([mesh.shape[a] for a in axis_names_of(entry)]))
         dims = [problem.batch] if name == "batch" else [problem.num_q_heads, problem.num_kv_heads]
         if any(d % size for d in dims):
             raise ValueError(f"{name}_axis: {entry!r} ({size} shards) does not divide the {name} dimension {dims}")
@@ -158,10 +158,14 @@ def context_parallel_nsa(
     def local(*values):
         return _local_nsa(dict(zip(arrays, values, strict=True)), **options)
 
-    axis_names = set(_names(seq_axis)) | set(_names(batch_axis)) | set(_names(head_axis))
+    axis_names = set(axis_names_of(seq_axis)) | set(axis_names_of(batch_axis)) | set(axis_names_of(head_axis))
     mapped = jax.shard_map(local, mesh=mesh, in_specs=tuple(spec for _ in arrays), out_specs=spec,
                            axis_names=axis_names, check_vma=False)
-    return jax.jit(mapped)(*arrays.values())
+    values = list(arrays.values())
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        # Explicit axes: inputs laid out otherwise are brought to the split once, on entry.
+        values = [jax.sharding.reshard(x, spec) for x in values]
+    return jax.jit(mapped)(*values)
 
 
 def _gather_tokens(x, seq_axis, order: np.ndarray):

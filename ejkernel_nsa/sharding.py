@@ -51,10 +51,10 @@ class Layout:
 
     @property
     def axis_names(self) -> frozenset[str]:
-        return frozenset(_names(self.batch_axis) + _names(self.head_axis))
+        return frozenset(axis_names_of(self.batch_axis) + axis_names_of(self.head_axis))
 
     def size(self, entry: AxisEntry) -> int:
-        return math.prod(self.mesh.shape[name] for name in _names(entry))
+        return math.prod(self.mesh.shape[name] for name in axis_names_of(entry))
 
     def spec(self, ndim: int, replicated: bool = False) -> P:
         if replicated:
@@ -63,7 +63,8 @@ class Layout:
         return P(*entries)
 
 
-def _names(entry: AxisEntry) -> tuple[str, ...]:
+def axis_names_of(entry: AxisEntry) -> tuple[str, ...]:
+    """The mesh axis names of one partition-spec entry (a name, a tuple of names, or None)."""
     if entry is None:
         return ()
     return (entry,) if isinstance(entry, str) else tuple(entry)
@@ -105,10 +106,10 @@ def sharded(fn: Callable, mesh: jax.sharding.Mesh, *, batch_axis: AxisEntry = No
     if not isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
         raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
     for name, entry in (("batch_axis", batch_axis), ("head_axis", head_axis)):
-        for axis in _names(entry):
+        for axis in axis_names_of(entry):
             if axis not in mesh.shape:
                 raise ValueError(f"{name}: {axis!r} is not an axis of the mesh {dict(mesh.shape)}")
-    if set(_names(batch_axis)) & set(_names(head_axis)):
+    if set(axis_names_of(batch_axis)) & set(axis_names_of(head_axis)):
         raise ValueError(f"head_axis: {head_axis!r} shares a mesh axis with batch_axis={batch_axis!r}")
     explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
     layout = Layout(mesh, batch_axis, head_axis, explicit)
