@@ -8,7 +8,8 @@ Cases (the paper setting: HQ=64, H=4, D=128, S=16, BS=64, W=512, bf16; `--tiny` 
 - `cp`: context parallelism over every device (`context_parallel_nsa`, contiguous and zigzag) at
   `--cp-seq-lens`, against one device at the same length (as far as it fits in memory).
 Each case is timed forward (`fwd`) and forward + backward (`fwd_bwd`), with the collectives of the
-compiled program (count and bytes) recorded beside the time.
+compiled program recorded beside the time: count, and bytes of their per-device results (an
+all-gather's gathered array, a reduce-scatter's scattered part).
 
 Output: `results/multi_gpu_<device kind>_<n>dev.json` and a `.png` beside it (step time per case;
 the device count is in the names). Runs on one GPU (a degenerate mesh of one device), and on CPU
@@ -65,8 +66,7 @@ def cp_bytes_per_device(seq_len: int, parts: int, *, kv_heads=4, dim=128, block_
     """Bytes each device receives per NSA call under context parallelism over `parts` devices.
 
     Forward: all-gathers of K and V (`itemsize`) and of the compressed K/V (float32). Backward:
-    the reduce-scatters of their gradients (same sizes), and the forward's gathers again when the
-    step recomputes them (the compiled fwd+bwd program holds both).
+    the reduce-scatters of their gradients, the same sizes (a fwd+bwd step holds both).
     """
     share = (parts - 1) / parts
     kv = 2 * batch * seq_len * kv_heads * dim * itemsize
@@ -245,7 +245,8 @@ def main(argv=None) -> int:
         print(comm_table(args.devices))
         return 0
     if args.tiny and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+        flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        os.environ["XLA_FLAGS"] = flags.strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     sys.path.insert(0, str(HERE.parent))
