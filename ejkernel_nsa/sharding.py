@@ -95,10 +95,11 @@ def sharded(fn: Callable, mesh: jax.sharding.Mesh, *, batch_axis: AxisEntry = No
     already laid out this way are resharded once on entry). `batch_axis` / `head_axis` are mesh
     axis names (or tuples of names), or None to leave that dimension whole.
 
-    Example:
-      >>> mesh = jax.make_mesh((4, 2), ("data", "model"))
-      >>> nsa = sharded(ejkernel_nsa.native_sparse_attention, mesh, batch_axis="data", head_axis="model")
-      >>> out = jax.jit(nsa)(q, k, v, g_cmp=g, block_counts=16)  # doctest: +SKIP
+    Example (8 devices; `q`, `k`, `v`, `g` as for `native_sparse_attention`)::
+
+        mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+        nsa = sharded(ejkernel_nsa.native_sparse_attention, mesh, batch_axis="data", head_axis="model")
+        out = jax.jit(nsa)(q, k, v, g_cmp=g, block_counts=16)
     """
     unsharded = getattr(fn, "unsharded", None)
     if unsharded is None:
