@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from ejkernel_nsa import config, registry
 from ejkernel_nsa.input_limits import is_empty_call
 from ejkernel_nsa.problem import NSAProblem, Piece, platform_of
+from ejkernel_nsa.sharding import per_shard
 from ejkernel_nsa.validation import (
     NSACall,
     check_compressed_args,
@@ -22,6 +23,7 @@ from ejkernel_nsa.validation import (
 )
 
 
+@per_shard
 def native_sparse_attention(
     query,
     key,
@@ -74,6 +76,7 @@ def native_sparse_attention(
     return _run(call, _plan(call.problem, backend))
 
 
+@per_shard
 def apply_native_sparse_attention(
     query,
     key,
@@ -174,6 +177,7 @@ def _piece_problem(query, key, value, block_size, segments, num_slots=0, window_
     )
 
 
+@per_shard
 def mean_pool(key, value, block_size: int = 64, cu_seqlens=None, *, backend: str | None = None):
     """Compress `key` `[B, T, H, Dk]` and `value` `[B, T, H, Dv]` into block means (SPEC section 1).
 
@@ -191,6 +195,7 @@ def mean_pool(key, value, block_size: int = 64, cu_seqlens=None, *, backend: str
     return fn(key, value, block_size=block_size, segments=segments)
 
 
+@per_shard
 def compressed_attention(query, key_cmp, value_cmp, block_size: int = 64, softmax_scale: float | None = None,
                          cu_seqlens=None, *, backend: str | None = None):
     """Attention of each query over the complete compressed blocks before it (SPEC section 2).
@@ -207,6 +212,7 @@ def compressed_attention(query, key_cmp, value_cmp, block_size: int = 64, softma
     return fn(query, key_cmp, value_cmp, block_size=block_size, scale=scale, segments=segments)
 
 
+@per_shard
 def select_blocks(query, key_cmp, lse, block_counts=16, block_size: int = 64, softmax_scale: float | None = None,
                   cu_seqlens=None, *, max_block_counts: int | None = None, backend: str | None = None):
     """Top-k block selection (SPEC section 3): `[B, T, H, S]` int32 local block indices, -1 = empty.
@@ -228,6 +234,7 @@ def select_blocks(query, key_cmp, lse, block_counts=16, block_size: int = 64, so
     )
 
 
+@per_shard
 def sliding_window_attention(query, key, value, window_size: int, softmax_scale: float | None = None,
                              cu_seqlens=None, *, backend: str | None = None):
     """Causal attention over the last `window_size` keys of each query's own sequence (SPEC
