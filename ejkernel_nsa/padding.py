@@ -24,7 +24,7 @@ class Packing(NamedTuple):
     scatter: Int[Array, " BT"]  # the flattened padded token i sits at packed slot scatter[i]
     valid: Bool[Array, "B T"]
     cu_seqlens: Int[Array, " B2"]  # [B + 2]: one sequence per batch row, then the padding tail
-    positions: Int[Array, "B T"]  # each real token's position within its row's real tokens
+    positions: Int[Array, "B T"]  # each real token's position among its row's real tokens; 0 at padding
 
 
 def packing_from_mask(attention_mask: Shaped[Array, "B T"]) -> Packing:
@@ -50,8 +50,8 @@ def packing_from_mask(attention_mask: Shaped[Array, "B T"]) -> Packing:
     lengths = valid.sum(axis=1, dtype=jnp.int32)
     ends = jnp.cumsum(lengths, dtype=jnp.int32)
     cu_seqlens = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends, jnp.full((1,), batch * seq_len, jnp.int32)])
-    positions = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
-    return Packing(gather, scatter, valid, cu_seqlens, jnp.maximum(positions, 0))
+    positions = jnp.where(valid, jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+    return Packing(gather, scatter, valid, cu_seqlens, positions)
 
 
 def pack(x: Shaped[Array, "B T *rest"], packing: Packing) -> Shaped[Array, "1 BT *rest"]:
