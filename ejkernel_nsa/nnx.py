@@ -188,7 +188,8 @@ class NativeSparseAttention(nnx.Module):
             branch_gates = {name: pack(g, packing) for name, g in branch_gates.items()}
             cu_seqlens = packing.cu_seqlens
         out = native_sparse_attention(
-            q, k, v, **branch_gates, block_counts=self.block_counts, block_size=self.block_size,
+            q, k, v, g_cmp=branch_gates["g_cmp"], g_slc=branch_gates["g_slc"], g_swa=branch_gates.get("g_swa"),
+            block_counts=self.block_counts, block_size=self.block_size,
             softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, window_size=self.window_size,
             backend=self.backend,
         )
