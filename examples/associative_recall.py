@@ -223,7 +223,7 @@ def train(kind: str, args: argparse.Namespace, vocab: Vocabulary) -> dict:
         history["step"].append(step)
         history["loss"].append(float(loss))
         history["accuracy"].append(float(accuracy))
-        if step % args.eval_every == 0 or step == args.steps:
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             eval_loss, eval_accuracy = evaluate(model, *eval_batch)
             history["eval_step"].append(step)
             history["eval_loss"].append(float(eval_loss))
@@ -232,6 +232,9 @@ def train(kind: str, args: argparse.Namespace, vocab: Vocabulary) -> dict:
         bar.update(1)
     bar.close()
     history["seconds"] = time.perf_counter() - start
+    if not history["eval_step"]:  # no held-out evaluation (--eval-every 0): report the last batch
+        history["eval_step"], history["eval_loss"], history["eval_accuracy"] = (
+            [args.steps], history["loss"][-1:], history["accuracy"][-1:])
     return history
 
 
@@ -283,24 +286,25 @@ def plot(results: dict[str, dict], args: argparse.Namespace, path: Path) -> str 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--pairs", type=int, default=8, help="(key, value) pairs hidden in the noise")
-    parser.add_argument("--queries", type=int, default=8, help="keys asked at the end")
-    parser.add_argument("--noise", type=int, default=64, help="noise vocabulary")
-    parser.add_argument("--keys", type=int, default=64, help="key vocabulary")
-    parser.add_argument("--values", type=int, default=64, help="value vocabulary")
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=16, help="(key, value) pairs hidden in the noise")
+    parser.add_argument("--queries", type=int, default=16, help="keys asked at the end")
+    parser.add_argument("--noise", type=int, default=16, help="noise vocabulary")
+    parser.add_argument("--keys", type=int, default=32, help="key vocabulary")
+    parser.add_argument("--values", type=int, default=16, help="value vocabulary")
+    parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--block-counts", type=int, default=4)
-    parser.add_argument("--window", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--block-counts", type=int, default=5,
+                        help="selected blocks; 3 of them are forced (the first, previous and current)")
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--eval-every", type=int, default=50, help="0: no held-out evaluation")
     parser.add_argument("--eval-batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default=None, help="force an ejkernel_nsa backend (default: automatic)")
@@ -308,19 +312,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("examples/results/associative_recall.png"),
                         help="the figure; the curves go beside it as .json")
     parser.add_argument("--smoke", action="store_true",
-                        help="a few steps at T=128 (checks that everything runs; learns nothing)")
+                        help="two steps at T=64 without held-out evaluation (checks that it runs; learns nothing)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.steps, args.seq_len, args.batch, args.eval_every, args.eval_batch = 3, 128, 2, 2, 4
-        args.pairs, args.queries = 4, 4
+        args.steps, args.seq_len, args.batch, args.eval_every = 2, 64, 2, 0
+        args.pairs, args.queries, args.hidden, args.layers = 4, 4, 32, 1
     kinds = tuple(args.kinds.split(","))
     if not kinds or any(kind not in KINDS for kind in kinds):
         parser.error(f"--kinds must be a comma-separated subset of {','.join(KINDS)}, got {args.kinds!r}")
     args.kinds = kinds
     if 2 * args.queries + 2 * args.pairs > args.seq_len:
         parser.error("--seq-len is too short for the pairs and queries")
-    if args.queries > args.pairs and args.pairs < 1:
-        parser.error("--pairs must be >= 1")
+    if args.pairs < 1 or args.queries < 1:
+        parser.error("--pairs and --queries must be >= 1")
+    if args.pairs > args.keys:
+        parser.error("--pairs must be <= --keys (each pair has its own key)")
     return args
 
 
