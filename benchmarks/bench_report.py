@@ -233,6 +233,12 @@ def print_targets(records: list[dict], device_kind: str) -> None:
         print(f"  peak device memory, ours fwd+bwd {r['shape']} W={r['W']} T={r['T']}: {r['peak_bytes'] / 2**30:.2f} GiB")
 
 
+def shape_label(record: dict, window: int) -> str:
+    """A panel's problem in the paper's terms, not the harness's internal shape name."""
+    return (f"{record['shape']}: B={record['B']} HQ={record['HQ']} H={record['H']} (G={record['G']}) "
+            f"D={record['D']} S={record['S']} BS={record['BS']} W={window} {record['dtype']}")
+
+
 def plot(records: list[dict], path: Path) -> str | None:
     """Time against T, log-log, one line per implementation, a panel per shape set and mode; the
     issue's reference measurement dotted. Returns None, or why no plot was written."""
@@ -277,11 +283,12 @@ def plot(records: list[dict], path: Path) -> str | None:
             axis.set_yscale("log")
             axis.set_xlabel("T (tokens)")
             axis.set_ylabel("median ms")
-            axis.set_title(f"{shape}, {mode}")
+            axis.set_title(f"{shape_label(rows[0] if rows else whole[0], shape_window)}, {mode}", fontsize=9)
             axis.grid(True, which="both", alpha=0.3)
             axis.legend(fontsize=7)
     kind = whole[0]["device_kind"]
-    figure.suptitle(f"NSA, {kind}")
+    figure.suptitle(f"NSA, {kind} ({whole[0].get('platform', '?')}, jax {whole[0].get('jax_version', '?')}); "
+                    "median ms")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

@@ -5,6 +5,8 @@ registered backend fits the call; `use_backend`, the `backend=` argument or the 
 variable `EJKERNEL_NSA_BACKEND` force one; `explain` shows the choice and the reasons.
 """
 
+from importlib import metadata as _metadata
+
 from ejkernel_nsa.api import (
     apply_native_sparse_attention,
     compressed_attention,
@@ -18,7 +20,10 @@ from ejkernel_nsa.config import interpret_mode, use_backend
 from ejkernel_nsa.problem import NSAProblem, Piece
 from ejkernel_nsa.registry import BackendError, backend_status
 
-__version__ = "0.1.0"
+try:  # the version is written once, in pyproject.toml; the installed metadata carries it
+    __version__ = _metadata.version("ejkernel-nsa")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BackendError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
 from ejkernel_nsa import config, registry
 from ejkernel_nsa.input_limits import is_empty_call
 from ejkernel_nsa.problem import NSAProblem, Piece, platform_of
@@ -25,22 +26,22 @@ from ejkernel_nsa.validation import (
 
 @per_shard
 def native_sparse_attention(
-    query,
-    key,
-    value,
-    g_cmp=None,
-    g_slc=None,
-    block_indices=None,
-    block_counts=16,
+    query: Float[Array, "B T HQ Dk"],
+    key: Float[Array, "B T H Dk"],
+    value: Float[Array, "B T H Dv"],
+    g_cmp: Float[Array, "B T HQ"] | None = None,
+    g_slc: Float[Array, "B T HQ"] | None = None,
+    block_indices: Int[Array, "B T H S"] | None = None,
+    block_counts: int | Int[Array, "B T H"] = 16,
     block_size: int = 64,
     softmax_scale: float | None = None,
-    cu_seqlens=None,
+    cu_seqlens: Int[Array, " N+1"] | None = None,
     *,
-    g_swa=None,
+    g_swa: Float[Array, "B T HQ"] | None = None,
     window_size: int = 0,
     max_block_counts: int | None = None,
     backend: str | None = None,
-) -> jax.Array:
+) -> Float[Array, "B T HQ Dv"]:
     """Native Sparse Attention (arXiv 2502.11089): compressed, selected and sliding-window branches.
 
     Args:
@@ -78,18 +79,18 @@ def native_sparse_attention(
 
 @per_shard
 def apply_native_sparse_attention(
-    query,
-    key,
-    value,
-    block_indices,
-    block_counts=16,
+    query: Float[Array, "B T HQ Dk"],
+    key: Float[Array, "B T H Dk"],
+    value: Float[Array, "B T H Dv"],
+    block_indices: Int[Array, "B T H S"],
+    block_counts: int | Int[Array, "B T H"] = 16,
     block_size: int = 64,
     softmax_scale: float | None = None,
-    cu_seqlens=None,
-    token_indices=None,
+    cu_seqlens: Int[Array, " N+1"] | None = None,
+    token_indices: Int[Array, "T 2"] | None = None,
     *,
     backend: str | None = None,
-) -> jax.Array:
+) -> Float[Array, "B T HQ Dv"]:
     """Attention over given blocks only (SPEC section 4): the selected branch without gates.
 
     `block_indices` is `[B, T, H, S]` (local block indices, -1 for empty slots); each (token, kv
@@ -105,9 +106,12 @@ def apply_native_sparse_attention(
     return _run(call, _plan(call.problem, backend))
 
 
-def explain(query, key, value, g_cmp=None, g_slc=None, block_indices=None, block_counts=16, block_size=64,
-            softmax_scale=None, cu_seqlens=None, *, g_swa=None, window_size=0, max_block_counts=None,
-            backend=None) -> registry.Plan:
+def explain(query: Float[Array, "B T HQ Dk"], key: Float[Array, "B T H Dk"], value: Float[Array, "B T H Dv"],
+            g_cmp: Float[Array, "B T HQ"] | None = None, g_slc: Float[Array, "B T HQ"] | None = None,
+            block_indices: Int[Array, "B T H S"] | None = None, block_counts: int | Int[Array, "B T H"] = 16,
+            block_size: int = 64, softmax_scale: float | None = None, cu_seqlens: Int[Array, " N+1"] | None = None,
+            *, g_swa: Float[Array, "B T HQ"] | None = None, window_size: int = 0,
+            max_block_counts: int | None = None, backend: str | None = None) -> registry.Plan:
     """Which implementation each piece of this call would use, and why each other one was not.
 
     Takes the arguments of `native_sparse_attention`, checks them the same way, and runs nothing.
@@ -178,7 +182,9 @@ def _piece_problem(query, key, value, block_size, segments, num_slots=0, window_
 
 
 @per_shard
-def mean_pool(key, value, block_size: int = 64, cu_seqlens=None, *, backend: str | None = None):
+def mean_pool(key: Float[Array, "B T H Dk"], value: Float[Array, "B T H Dv"], block_size: int = 64,
+              cu_seqlens: Int[Array, " N+1"] | None = None, *, backend: str | None = None
+              ) -> tuple[Float[Array, "B NB H Dk"], Float[Array, "B NB H Dv"]]:
     """Compress `key` `[B, T, H, Dk]` and `value` `[B, T, H, Dv]` into block means (SPEC section 1).
 
     Returns `(key_cmp, value_cmp)`, `[B, NB, H, D]` float32, NB = ceil(T / block_size). They stay
@@ -196,8 +202,10 @@ def mean_pool(key, value, block_size: int = 64, cu_seqlens=None, *, backend: str
 
 
 @per_shard
-def compressed_attention(query, key_cmp, value_cmp, block_size: int = 64, softmax_scale: float | None = None,
-                         cu_seqlens=None, *, backend: str | None = None):
+def compressed_attention(query: Float[Array, "B T HQ Dk"], key_cmp: Float[Array, "B NB H Dk"],
+                         value_cmp: Float[Array, "B NB H Dv"], block_size: int = 64,
+                         softmax_scale: float | None = None, cu_seqlens: Int[Array, " N+1"] | None = None, *,
+                         backend: str | None = None) -> tuple[Float[Array, "B T HQ Dv"], Float[Array, "B T HQ"]]:
     """Attention of each query over the complete compressed blocks before it (SPEC section 2).
 
     `key_cmp` / `value_cmp` are `mean_pool`'s output. Returns `(out, lse)`: `[B, T, HQ, Dv]` in the
@@ -213,8 +221,10 @@ def compressed_attention(query, key_cmp, value_cmp, block_size: int = 64, softma
 
 
 @per_shard
-def select_blocks(query, key_cmp, lse, block_counts=16, block_size: int = 64, softmax_scale: float | None = None,
-                  cu_seqlens=None, *, max_block_counts: int | None = None, backend: str | None = None):
+def select_blocks(query: Float[Array, "B T HQ Dk"], key_cmp: Float[Array, "B NB H Dk"], lse: Float[Array, "B T HQ"],
+                  block_counts: int | Int[Array, "B T H"] = 16, block_size: int = 64,
+                  softmax_scale: float | None = None, cu_seqlens: Int[Array, " N+1"] | None = None, *,
+                  max_block_counts: int | None = None, backend: str | None = None) -> Int[Array, "B T H S"]:
     """Top-k block selection (SPEC section 3): `[B, T, H, S]` int32 local block indices, -1 = empty.
 
     Scores each candidate block by the compressed-attention probability summed over the query
@@ -235,8 +245,10 @@ def select_blocks(query, key_cmp, lse, block_counts=16, block_size: int = 64, so
 
 
 @per_shard
-def sliding_window_attention(query, key, value, window_size: int, softmax_scale: float | None = None,
-                             cu_seqlens=None, *, backend: str | None = None):
+def sliding_window_attention(query: Float[Array, "B T HQ Dk"], key: Float[Array, "B T H Dk"],
+                             value: Float[Array, "B T H Dv"], window_size: int, softmax_scale: float | None = None,
+                             cu_seqlens: Int[Array, " N+1"] | None = None, *, backend: str | None = None
+                             ) -> Float[Array, "B T HQ Dv"]:
     """Causal attention over the last `window_size` keys of each query's own sequence (SPEC
     section 5). Returns `[B, T, HQ, Dv]` in the query's dtype."""
     query, key, value, window_size, scale, segments = check_window_args(

@@ -179,6 +179,9 @@ def demo(args: argparse.Namespace) -> int:
           f"D={args.head_dim} {args.dtype}, block_size={args.block_size} block_counts={args.block_counts} "
           f"window={args.window}, gates: {', '.join(k for k in inputs if k.startswith('g_'))}")
     print(f"keys the last token attends to: {_keys_at_last_token(args)} (dense causal attention: {args.seq_len})")
+    note = _short_sequence_note(args)
+    if note:
+        print(note)
     print(plan)
 
     def nsa(inputs):
@@ -214,13 +217,30 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def _key_counts(args: argparse.Namespace) -> tuple[int, int, int]:
+    """Keys the last token reads per branch: (compressed blocks, selected keys, window keys)."""
+    seq_len, block_size = args.seq_len, args.block_size
+    selected = min(args.block_counts * block_size, -(-seq_len // block_size) * block_size, seq_len)
+    return seq_len // block_size, selected, min(args.window, seq_len)
+
+
 def _keys_at_last_token(args: argparse.Namespace) -> str:
     """The sparsity NSA buys: compressed blocks + selected blocks + window, instead of every key."""
-    seq_len, block_size = args.seq_len, args.block_size
-    compressed = seq_len // block_size
-    selected = min(args.block_counts * block_size, -(-seq_len // block_size) * block_size, seq_len)
-    window = min(args.window, seq_len)
+    compressed, selected, window = _key_counts(args)
     return f"{compressed} compressed + {selected} selected + {window} window = {compressed + selected + window}"
+
+
+def _short_sequence_note(args: argparse.Namespace) -> str | None:
+    """Why NSA can read more keys than dense attention at short T, so the count is not read as a bug."""
+    seq_len, block_size = args.seq_len, args.block_size
+    compressed, selected, window = _key_counts(args)
+    if compressed + selected + window <= seq_len:
+        return None
+    return (f"note: at T={seq_len} the branches overlap: the {selected} selected keys already cover "
+            f"{'every key' if selected >= seq_len else f'{selected} of {seq_len} keys'}, and the window re-reads "
+            f"the latest {window}, so NSA reads more than dense attention here. Its saving needs "
+            f"T well above block_counts * block_size + window = {args.block_counts * block_size + args.window} "
+            f"(try --seq-len {4 * (args.block_counts * block_size + args.window)})")
 
 
 def _random_inputs(key, dtype, *, B, T, HQ, H, D, with_window) -> dict[str, jax.Array]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (once) the repository's .venv with Python 3.12 and install the project, editable, with
-# its test extras. Re-running is cheap: nothing is reinstalled while pyproject.toml and the pins
+# its test extras and Flax (the [nnx] extra: tests/test_nnx.py and the example run in CI). Re-running is cheap: nothing is reinstalled while pyproject.toml and the pins
 # below are unchanged (a stamp inside .venv records their hash).
 set -euo pipefail
 
@@ -60,7 +60,7 @@ if ! venv_is_312; then
   "$python312" -m venv "$venv"
 fi
 
-say "installing ejkernel-nsa (editable, with test extras) into $venv"
-"$venv/bin/python" -m pip install -qq --disable-pip-version-check -e "$repo_root[test]" "${pins[@]}"
+say "installing ejkernel-nsa (editable, with the test and nnx extras) into $venv"
+"$venv/bin/python" -m pip install -qq --disable-pip-version-check -e "$repo_root[test,nnx]" "${pins[@]}"
 wanted_stamp >"$stamp"
 say "ready"

@@ -39,3 +39,15 @@ def test_demo_passes_its_own_accuracy_check(capsys, dtype):
 def test_demo_reports_a_forced_backend_that_cannot_run(capsys):
     assert cli.main(["demo", "--seq-len", "64", "--backend", "no-such-backend"]) == 2
     assert "unknown backend 'no-such-backend'" in capsys.readouterr().err
+
+
+def test_demo_explains_why_nsa_reads_more_keys_than_dense_at_short_sequences():
+    import argparse
+
+    def note(seq_len):
+        return cli._short_sequence_note(argparse.Namespace(seq_len=seq_len, block_size=64, block_counts=16, window=256))
+
+    # 8 + 512 + 256 = 776 keys against 512 for dense attention: the demo says why.
+    assert "the 512 selected keys already cover every key" in note(512)
+    assert "block_counts * block_size + window = 1280" in note(512)
+    assert note(4096) is None  # 64 + 1024 + 256 < 4096: no note

@@ -1,0 +1,203 @@
+"""`NativeSparseAttention`: the NSA attention layer of a transformer block, as a Flax NNX module.
+
+The layer of arXiv 2502.11089 (section 3) around `ejkernel_nsa.native_sparse_attention`: query,
+key and value projections with grouped-query heads (`num_heads = G * num_kv_heads`, any `G`),
+one sigmoid gate per branch and query head projected from the input (the paper's gate MLP, as
+flash-linear-attention's `g_proj`), optional rotary embeddings, a padding mask handled by packing
+the real tokens into one row with `cu_seqlens` (`ejkernel_nsa.padding`), and the output
+projection. Flax is an optional dependency: `pip install 'ejkernel-nsa[nnx]'`.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from flax import nnx
+  >>> from ejkernel_nsa.nnx import NativeSparseAttention
+  >>> layer = NativeSparseAttention(256, num_heads=8, num_kv_heads=2, block_size=32, block_counts=4,
+  ...                               window_size=64, rngs=nnx.Rngs(0))
+  >>> layer(jax.random.normal(jax.random.key(1), (2, 512, 256))).shape
+  (2, 512, 256)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from flax import nnx
+except ImportError as error:  # the message a user without the extra sees
+    raise ImportError(
+        "ejkernel_nsa.nnx needs Flax (NNX), which is an optional dependency of ejkernel-nsa; install it "
+        "with: pip install 'ejkernel-nsa[nnx]'  (or: pip install flax)"
+    ) from error
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Shaped
+
+from ejkernel_nsa.api import native_sparse_attention
+from ejkernel_nsa.padding import pack, packing_from_mask, unpack
+from ejkernel_nsa.rotary import apply_rotary
+
+BRANCHES_WITH_WINDOW = ("g_cmp", "g_slc", "g_swa")
+BRANCHES_WITHOUT_WINDOW = ("g_cmp", "g_slc")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+class NativeSparseAttention(nnx.Module):
+    """NSA self-attention: `[B, T, hidden_size]` -> `[B, T, hidden_size]`, causal.
+
+    Args:
+      hidden_size: the model width (input and output features).
+      num_heads: query heads `HQ`.
+      num_kv_heads: key/value heads `H` (default `num_heads`); `num_heads` must be a multiple.
+      head_dim: features per head (default `hidden_size // num_heads`).
+      block_size: NSA's block length `BS` (compression and selection).
+      block_counts: blocks each (token, kv head) selects, `S`.
+      window_size: the sliding-window branch's `W`; 0 drops the branch and its gate.
+      softmax_scale: defaults to `head_dim ** -0.5`.
+      use_rope: rotate queries and keys by position (rotary embeddings, half-split form).
+      rope_theta: the rotary base.
+      rotary_dim: how many features of each head rotate (default all `head_dim`).
+      use_bias: biases on the query, key, value and output projections (gates have none).
+      dtype: the computation dtype of the projections and of the attention (default: the input's,
+        promoted with the parameters' as `nnx.Linear` does); `jnp.bfloat16` for mixed precision.
+      param_dtype: the parameters' dtype.
+      backend: passed to `native_sparse_attention` (`None`: the automatic choice).
+      compress_block_size, compress_stride, compressor: reserved for the paper's compression
+        geometry (`l`, `d`) and its learned compressor (SPEC section 9), which land in a later
+        version; only `None` is accepted now.
+      rngs: `nnx.Rngs` for the parameter initializers.
+
+    Call: `layer(x, attention_mask=None)`, `x` `[B, T, hidden_size]`; `attention_mask` `[B, T]`
+    (bool or int, nonzero = a real token, any padding side) keeps padding out of every branch:
+    each row attends only within its real tokens, positions count real tokens, and the output is
+    zero at padding. `cache=` is reserved for the decode cache of a later version.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        block_size: int = 64,
+        block_counts: int = 16,
+        window_size: int = 512,
+        softmax_scale: float | None = None,
+        use_rope: bool = True,
+        rope_theta: float = 10000.0,
+        rotary_dim: int | None = None,
+        use_bias: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        backend: str | None = None,
+        compress_block_size: int | None = None,
+        compress_stride: int | None = None,
+        compressor: Any = None,
+        rngs: nnx.Rngs,
+    ):
+        hidden_size = _positive_int("hidden_size", hidden_size)
+        num_heads = _positive_int("num_heads", num_heads)
+        num_kv_heads = num_heads if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads} "
+                             "(query head i reads kv head i // G)")
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(f"hidden_size={hidden_size} is not a multiple of num_heads={num_heads}; "
+                                 "pass head_dim explicitly")
+            head_dim = hidden_size // num_heads
+        head_dim = _positive_int("head_dim", head_dim)
+        if use_rope:
+            rotary = head_dim if rotary_dim is None else _positive_int("rotary_dim", rotary_dim, 2)
+            if rotary % 2 or rotary > head_dim:
+                raise ValueError(f"rotary_dim must be even and <= head_dim={head_dim}, got {rotary}")
+        for name, value in (("compress_block_size", compress_block_size), ("compress_stride", compress_stride),
+                            ("compressor", compressor)):
+            if value is not None:
+                raise NotImplementedError(
+                    f"{name} is reserved for the paper's compression geometry and learned compressor "
+                    "(SPEC section 9), which this version does not implement yet; leave it None "
+                    "(mean pooling over disjoint blocks of block_size)")
+        self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = (
+            hidden_size, num_heads, num_kv_heads, head_dim)
+        self.block_size = _positive_int("block_size", block_size)
+        self.block_counts = _positive_int("block_counts", block_counts)
+        self.window_size = _positive_int("window_size", window_size, 0)
+        self.softmax_scale = softmax_scale
+        self.use_rope, self.rope_theta = bool(use_rope), float(rope_theta)
+        self.rotary_dim = rotary_dim if rotary_dim is not None else head_dim
+        self.dtype, self.param_dtype, self.backend = dtype, param_dtype, backend
+        self.gate_names = BRANCHES_WITH_WINDOW if self.window_size else BRANCHES_WITHOUT_WINDOW
+
+        def linear(features_in: int, features_out: int, bias: bool) -> nnx.Linear:
+            return nnx.Linear(features_in, features_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                              rngs=rngs)
+
+        self.q_proj = linear(hidden_size, num_heads * head_dim, use_bias)
+        self.k_proj = linear(hidden_size, num_kv_heads * head_dim, use_bias)
+        self.v_proj = linear(hidden_size, num_kv_heads * head_dim, use_bias)
+        # One gate per branch and query head, from the token's input (paper eq. 5, flash-linear-
+        # attention's g_proj): [..., HQ * branches], branch-minor.
+        self.g_proj = linear(hidden_size, num_heads * len(self.gate_names), False)
+        self.o_proj = linear(num_heads * head_dim, hidden_size, use_bias)
+
+    def __call__(
+        self,
+        x: Float[Array, "B T hidden"],
+        attention_mask: Shaped[Array, "B T"] | None = None,
+        *,
+        cache: Any = None,
+    ) -> Float[Array, "B T hidden"]:
+        if cache is not None:
+            raise NotImplementedError("cache= is reserved for NSA's decode cache (SPEC section 10), which this "
+                                      "version does not implement yet; call the layer on the whole sequence")
+        if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).reshape(batch, seq_len, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        gates = jax.nn.sigmoid(self.g_proj(x).reshape(batch, seq_len, self.num_heads, len(self.gate_names)))
+
+        packing = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch, seq_len):
+                raise ValueError(f"attention_mask must be [B, T] = {(batch, seq_len)} like x, got "
+                                 f"{tuple(attention_mask.shape)}")
+            packing = packing_from_mask(attention_mask)
+            positions = packing.positions
+        else:
+            positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+        if self.use_rope:
+            q = apply_rotary(q, positions, rotary_dim=self.rotary_dim, theta=self.rope_theta)
+            k = apply_rotary(k, positions, rotary_dim=self.rotary_dim, theta=self.rope_theta)
+
+        branch_gates = {name: gates[..., i] for i, name in enumerate(self.gate_names)}
+        cu_seqlens = None
+        if packing is not None:
+            q, k, v = pack(q, packing), pack(k, packing), pack(v, packing)
+            branch_gates = {name: pack(g, packing) for name, g in branch_gates.items()}
+            cu_seqlens = packing.cu_seqlens
+        out = native_sparse_attention(
+            q, k, v, g_cmp=branch_gates["g_cmp"], g_slc=branch_gates["g_slc"], g_swa=branch_gates.get("g_swa"),
+            block_counts=self.block_counts, block_size=self.block_size,
+            softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, window_size=self.window_size,
+            backend=self.backend,
+        )
+        if packing is None:
+            return self.o_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
+        out = self.o_proj(unpack(out, packing).reshape(batch, seq_len, self.num_heads * self.head_dim))
+        # Zero at padding even with an output bias, so padding never leaks into a residual stream.
+        return jnp.where(packing.valid[..., None], out, jnp.zeros((), out.dtype))
+
+
+__all__ = ["NativeSparseAttention"]
