@@ -70,19 +70,29 @@ def record(rows, **fields):
             json.dump(rows, f, indent=1)
 
 
-def selected_variants(args, group, x, rows):
+def selected_fns(args):
+    """Jitted selected attention with the given tiles: forward, and the gradients of a
+    cotangent-weighted sum (q, k, v)."""
     scale = args.head_dim**-0.5
-    bs, itemsize = args.block_size, jnp.dtype(args.dtype).itemsize
 
     def fwd(tiles):
-        return jax.jit(lambda q, k, v, i: slc.run(q, k, v, i, args.num_slots, block_size=bs, scale=scale,
-                                                   segments=None, tiles=tiles))
+        return jax.jit(lambda q, k, v, i: slc.run(q, k, v, i, args.num_slots, block_size=args.block_size,
+                                                   scale=scale, segments=None, tiles=tiles))
 
     def fwd_bwd(tiles):
         def loss(q, k, v, i, do):
-            out = slc.run(q, k, v, i, args.num_slots, block_size=bs, scale=scale, segments=None, tiles=tiles)
+            out = slc.run(q, k, v, i, args.num_slots, block_size=args.block_size, scale=scale, segments=None,
+                          tiles=tiles)
             return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    return fwd, fwd_bwd
+
+
+def selected_variants(args, group, x, rows):
+    bs, itemsize = args.block_size, jnp.dtype(args.dtype).itemsize
+
+    fwd, fwd_bwd = selected_fns(args)
 
     operands = (x["q"], x["k"], x["v"], x["indices"])
     base_fwd = np.asarray(fwd(slc.Tiles(loop_order="token"))(*operands), np.float32)
@@ -145,7 +155,6 @@ def selected_variants(args, group, x, rows):
 def token_variants(args, group, x, rows):
     """The token-major kernels' launch: warps, key tile and pipeline stages, forward (token
     loop order) and the split backward's token-major dq (its dk/dv kernel at its default)."""
-    scale = args.head_dim**-0.5
     bs, itemsize = args.block_size, jnp.dtype(args.dtype).itemsize
     base_cfg = slc.token_config(group, bs, args.head_dim, args.head_dim, itemsize)
 
@@ -155,14 +164,7 @@ def token_variants(args, group, x, rows):
                                    subs=base_cfg.block_tile * base_cfg.subs // tile, num_stages=stages)
 
     operands = (x["q"], x["k"], x["v"], x["indices"])
-    fwd = lambda tiles: jax.jit(lambda q, k, v, i: slc.run(q, k, v, i, args.num_slots, block_size=bs, scale=scale,
-                                                           segments=None, tiles=tiles))
-
-    def fwd_bwd(tiles):
-        def loss(q, k, v, i, do):
-            out = slc.run(q, k, v, i, args.num_slots, block_size=bs, scale=scale, segments=None, tiles=tiles)
-            return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    fwd, fwd_bwd = selected_fns(args)
 
     base = np.asarray(fwd(slc.Tiles(loop_order="token"))(*operands), np.float32)
     grads_base = None
