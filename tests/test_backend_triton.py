@@ -66,3 +66,44 @@ def test_importing_jax_triton_keeps_the_users_triton_cache_dir(monkeypatch, user
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 8, 16, 32])
 def test_model_sized_heads_match_oracle_and_xla(group, head_dim, value_dim, dtype):
     check_model_sized_heads("triton", group, head_dim, value_dim, dtype)
+
+
+@pytest.mark.parametrize("length, stride, block_size", [(32, 16, 64), (16, 8, 32)])
+def test_compressed_attention_with_overlapping_blocks(length, stride, block_size):
+    """SPEC section 9's compressed branch in the Triton kernels (forward, dq and dk/dv: blocks of
+    length l at stride d, visible once complete), caller-supplied blocks in a packed varlen row,
+    against the oracle; small, for the interpreter."""
+    if nsa.backend_status()["triton"] is not None:
+        pytest.skip(f"triton cannot run here: {nsa.backend_status()['triton']}")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import oracle
+    from cases import assert_close
+
+    rng = np.random.default_rng(length + stride)
+    T, H, G, D = 2 * block_size + 7, 1, 2, 16
+    cu = np.asarray([0, block_size - 3, T], np.int32)
+    rows = T // stride + 2
+    q = rng.standard_normal((1, T, H * G, D)).astype(np.float32)
+    k_cmp, v_cmp = (rng.standard_normal((1, rows, H, D)).astype(np.float32) for _ in range(2))
+    geometry = dict(compress_block_size=length, compress_stride=stride)
+    expected_out, expected_lse = oracle.overlapping_compressed_attention(q, k_cmp, v_cmp, length, stride, cu_seqlens=cu)
+    d_out = rng.standard_normal(expected_out.shape)
+
+    def loss(q, kc, vc):
+        out, _ = nsa.compressed_attention(q, kc, vc, block_size, cu_seqlens=cu, backend="triton", **geometry)
+        return jnp.sum(out * d_out.astype(np.float32)), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k_cmp, v_cmp)
+    assert_close("compressed output", out, expected_out, 1e-4)
+    _, lse = nsa.compressed_attention(q, k_cmp, v_cmp, block_size, cu_seqlens=cu, backend="triton", **geometry)
+    seen = np.isfinite(expected_lse)
+    assert np.array_equal(np.isfinite(np.asarray(lse)), seen)
+    # the oracle's compressed branch alone: its plan's backward through _run_plan_backward
+    segments = oracle._segments(1, T, cu, stride)
+    plan = oracle._overlapping_compressed_plan(segments, H * G, G, length, stride)
+    expected = oracle._run_plan_backward(plan, q.astype(np.float64), k_cmp.astype(np.float64),
+                                         v_cmp.astype(np.float64), D**-0.5, d_out)
+    for name, grad, reference in zip(("dq", "dk_cmp", "dv_cmp"), grads, expected):
+        assert_close(name, grad, reference, 1e-3)
