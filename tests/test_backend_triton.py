@@ -107,3 +107,32 @@ def test_compressed_attention_with_overlapping_blocks(length, stride, block_size
                                          v_cmp.astype(np.float64), D**-0.5, d_out)
     for name, grad, reference in zip(("dq", "dk_cmp", "dv_cmp"), grads, expected):
         assert_close(name, grad, reference, 1e-3)
+
+
+@pytest.mark.parametrize("length, stride", [(32, 16), (16, 4), (8, 8)])
+def test_overlapping_mean_pool(length, stride):
+    """SPEC section 9's compression in the Triton kernels, values and gradients, in a packed row
+    with an empty and a partial sequence, against the oracle; small, for the interpreter."""
+    if nsa.backend_status()["triton"] is not None:
+        pytest.skip(f"triton cannot run here: {nsa.backend_status()['triton']}")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import oracle
+    from cases import assert_close
+
+    rng = np.random.default_rng(length * stride)
+    T, H, D = 77, 2, 16
+    cu = np.asarray([0, 0, 30, T], np.int32)
+    key, value = (rng.standard_normal((1, T, H, D)).astype(np.float32) for _ in range(2))
+    geometry = dict(compress_block_size=length, compress_stride=stride, cu_seqlens=cu, backend="triton")
+    k_cmp, v_cmp = nsa.mean_pool(key, value, 32, **geometry)
+    expected_k, expected_v = oracle.overlapping_pool(key, value, length, stride, cu)
+    assert_close("key_cmp", k_cmp, expected_k, 1e-6)
+    assert_close("value_cmp", v_cmp, expected_v, 1e-6)
+    d_k, d_v = (rng.standard_normal(expected_k.shape) for _ in range(2))
+    grads = jax.grad(lambda k, v: jnp.sum(nsa.mean_pool(k, v, 32, **geometry)[0] * d_k)
+                     + jnp.sum(nsa.mean_pool(k, v, 32, **geometry)[1] * d_v), argnums=(0, 1))(key, value)
+    expected = oracle._overlapping_pool_backward(d_k, d_v, key.shape, value.shape, length, stride, cu)
+    for name, grad, reference in zip(("dkey", "dvalue"), grads, expected):
+        assert_close(name, grad, reference, 1e-6)
