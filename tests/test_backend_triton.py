@@ -18,6 +18,9 @@ class TestTriton(BackendSuite):
     # instead of tf32's 10, so the suite's tf32 lse bound scales by 2^3. A fresh-clone CI draw
     # (T=128, G=1, varlen) measured 1.64e-3. Outputs, gradients and selections keep SPEC's bounds.
     lse_tolerance_16bit = 8e-3
+    # SPEC section 9: compression, compressed attention and selection (the fused transfer) all
+    # take the geometry.
+    compression_geometry = True
 
 
 @pytest.mark.gpu
