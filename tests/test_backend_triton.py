@@ -141,7 +141,7 @@ def test_overlapping_mean_pool(length, stride):
         assert_close(name, grad, reference, 1e-6)
 
 
-@pytest.mark.parametrize("length, stride, block_size", [(32, 16, 64), (16, 8, 32), (32, 8, 16), (8, 4, 16)])
+@pytest.mark.parametrize("length, stride, block_size", [(32, 16, 64), (8, 4, 16)])
 def test_selection_with_the_fused_score_transfer(length, stride, block_size):
     """SPEC section 9's selection in the Triton kernel (the transfer |C_i ∩ S_j| / l fused into the
     block loop) in a packed row with an empty sequence, against the oracle's selection at the
