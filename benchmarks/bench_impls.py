@@ -34,17 +34,32 @@ class Shape:
     BS: int
     W: int
     dtype: str = "bfloat16"
+    # SPEC section 9: compression block length l and stride d (None: l = d = BS, disjoint pooling).
+    L: int | None = None
+    stride: int | None = None
 
     @property
     def G(self) -> int:
         return self.HQ // self.H
 
+    @property
+    def overlapping(self) -> bool:
+        return self.L is not None
+
+    def geometry(self) -> dict[str, int]:
+        """`native_sparse_attention`'s geometry arguments (empty for the default geometry)."""
+        return dict(compress_block_size=self.L, compress_stride=self.stride) if self.overlapping else {}
+
     def fields(self) -> dict[str, Any]:
-        return {"shape": self.name, "B": self.B, "HQ": self.HQ, "H": self.H, "G": self.G, "D": self.D,
-                "S": self.S, "BS": self.BS, "dtype": self.dtype}
+        fields = {"shape": self.name, "B": self.B, "HQ": self.HQ, "H": self.H, "G": self.G, "D": self.D,
+                  "S": self.S, "BS": self.BS, "dtype": self.dtype}
+        if self.overlapping:
+            fields.update(L=self.L, stride=self.stride)
+        return fields
 
     def describe(self) -> str:
-        return (f"B={self.B} HQ={self.HQ} H={self.H} (G={self.G}) D={self.D} S={self.S} BS={self.BS} "
+        geometry = f" l={self.L} d={self.stride}" if self.overlapping else ""
+        return (f"B={self.B} HQ={self.HQ} H={self.H} (G={self.G}) D={self.D} S={self.S} BS={self.BS}{geometry} "
                 f"W={self.W} {self.dtype}")
 
 
@@ -52,11 +67,14 @@ class Shape:
 # G = 1, 2, 4 (32 query heads) and 8 (64); `tiny` is for checking the harness itself on a CPU.
 SHAPES = {
     "paper": Shape("paper", B=1, HQ=64, H=4, D=128, S=16, BS=64, W=512),
+    # The paper's exact compression (SPEC section 9): blocks of l=32 at stride d=16, selection l'=64.
+    "paper_overlap": Shape("paper_overlap", B=1, HQ=64, H=4, D=128, S=16, BS=64, W=512, L=32, stride=16),
     "g1": Shape("g1", B=1, HQ=32, H=32, D=128, S=16, BS=64, W=512),
     "g2": Shape("g2", B=1, HQ=32, H=16, D=128, S=16, BS=64, W=512),
     "g4": Shape("g4", B=1, HQ=32, H=8, D=128, S=16, BS=64, W=512),
     "g8": Shape("g8", B=1, HQ=64, H=8, D=128, S=16, BS=64, W=512),
     "tiny": Shape("tiny", B=1, HQ=16, H=1, D=32, S=4, BS=16, W=32),
+    "tiny_overlap": Shape("tiny_overlap", B=1, HQ=16, H=1, D=32, S=4, BS=16, W=32, L=8, stride=4),
 }
 
 
@@ -214,7 +232,7 @@ class Ours(Implementation):
 
     def _options(self, shape: Shape) -> dict:
         return dict(block_counts=shape.S, block_size=shape.BS, window_size=self.window_size(shape),
-                    backend=self.backend)
+                    backend=self.backend, **shape.geometry())
 
     def plan(self, case: Case) -> dict[str, str] | None:
         """Which backend each piece would use, read off `explain` on abstract inputs (nothing is
@@ -272,13 +290,14 @@ class Ours(Implementation):
 
         shape, backend, piece = case.shape, self.backend, case.piece
         BS, S, W = shape.BS, shape.S, shape.W
+        geo = shape.geometry()
         # (function, differentiable arguments, outputs the backward flows from): both block means
         # carry gradient; the log-sum-exp feeds only the selection, which carries none.
         calls = {
-            "compression": (lambda k, v: nsa.mean_pool(k, v, BS, backend=backend), (0, 1), (0, 1)),
+            "compression": (lambda k, v: nsa.mean_pool(k, v, BS, backend=backend, **geo), (0, 1), (0, 1)),
             "compressed_attention": (
-                lambda q, kc, vc: nsa.compressed_attention(q, kc, vc, BS, backend=backend), (0, 1, 2), (0,)),
-            "selection": (lambda q, kc, lse: nsa.select_blocks(q, kc, lse, S, BS, backend=backend), (), ()),
+                lambda q, kc, vc: nsa.compressed_attention(q, kc, vc, BS, backend=backend, **geo), (0, 1, 2), (0,)),
+            "selection": (lambda q, kc, lse: nsa.select_blocks(q, kc, lse, S, BS, backend=backend, **geo), (), ()),
             "selected_attention": (
                 lambda q, k, v, idx: nsa.apply_native_sparse_attention(q, k, v, idx, S, BS, backend=backend),
                 (0, 1, 2), (0,)),
@@ -295,15 +314,15 @@ class Ours(Implementation):
             elif piece == "sliding_window":
                 args = (q, k, v)
             else:
-                k_cmp, v_cmp = nsa.mean_pool(k, v, BS)
+                k_cmp, v_cmp = nsa.mean_pool(k, v, BS, **geo)
                 if piece == "compressed_attention":
                     args = (q, k_cmp, v_cmp)
                 else:
-                    _, lse = nsa.compressed_attention(q, k_cmp, v_cmp, BS)
+                    _, lse = nsa.compressed_attention(q, k_cmp, v_cmp, BS, **geo)
                     if piece == "selection":
                         args = (q, k_cmp, lse)
                     else:
-                        args = (q, k, v, nsa.select_blocks(q, k_cmp, lse, S, BS))
+                        args = (q, k, v, nsa.select_blocks(q, k_cmp, lse, S, BS, **geo))
             if step is None:
                 step, extra = jax_step(fn, args, case.mode, ct_key, differentiable, outputs)
             arg_sets.append(args + extra)
@@ -348,6 +367,8 @@ class FlaParallelNSA(Implementation):
         G, S = case.shape.G, case.shape.S
         if case.piece:
             return "pieces are timed for ours only"
+        if case.shape.overlapping:
+            return "fla's parallel_nsa pools disjoint blocks of block_size only (no l, d of SPEC section 9)"
         if G < 16 or G & (G - 1):
             return f"fla needs HQ/H a power of 2 >= 16, here G={G} (fla/ops/nsa/parallel.py:904)"
         next_pow2 = 1 << (S - 1).bit_length()
@@ -418,6 +439,8 @@ class EjkernelNSA(Implementation):
     def declines(self, case: Case) -> str | None:
         if case.piece:
             return "pieces are timed for ours only"
+        if case.shape.overlapping:
+            return "ejkernel's native_sparse_attention pools disjoint blocks of block_size only (no l, d)"
         if case.shape.G % 16:
             return (f"ejkernel needs G a multiple of 16, here G={case.shape.G} "
                     "(ejkernel/kernels/_triton/native_sparse_attention/_interface.py:415)")
@@ -525,6 +548,8 @@ class FlashNSA(Implementation):
     def declines(self, case: Case) -> str | None:
         if case.piece:
             return "pieces are timed for ours only"
+        if case.shape.overlapping and (case.shape.stride & (case.shape.stride - 1)):
+            return f"flash_nsa needs a power-of-2 stride (flash_nsa/config.py:52), here d={case.shape.stride}"
         if case.shape.B != 1:
             return "the harness packs one sequence (cu_seqlens [0, T]); B must be 1"
         if case.shape.BS & (case.shape.BS - 1):
@@ -558,7 +583,8 @@ class FlashNSA(Implementation):
         flash_nsa = self.module
         s, T = case.shape, case.T
         dtype = getattr(torch, s.dtype)
-        config = flash_nsa.NSAConfig(head_dim=s.D, num_heads=s.HQ, num_kv_heads=s.H, kernel_size=s.BS, stride=s.BS,
+        config = flash_nsa.NSAConfig(head_dim=s.D, num_heads=s.HQ, num_kv_heads=s.H, kernel_size=s.L or s.BS,
+                                     stride=s.stride or s.BS,
                                      block_size=s.BS, top_n=s.S, window_size=s.W)
         core = flash_nsa.HFNSACore(config).cuda().to(dtype)
         cu_seqlens = torch.tensor([0, T], device="cuda", dtype=torch.int32)

@@ -96,7 +96,7 @@ def print_times(rows: list[dict], device_kind: str) -> None:
     for r in sorted(rows, key=column_order):
         columns.setdefault(column_label(r, shape_window), r)
     print(f"\n== {first['shape']} (B={first['B']} HQ={first['HQ']} H={first['H']} G={first['G']} D={first['D']} "
-          f"S={first['S']} BS={first['BS']} {first['dtype']}), {first['mode']}: median ms (valid TFLOP/s), "
+          f"S={first['S']} BS={first['BS']}{_geometry(first)} {first['dtype']}), {first['mode']}: median ms (valid TFLOP/s), "
           f"{device_kind}")
     width = max(16, *(len(label) for label in columns)) + 1
     print(f"  {'T':>7} " + "".join(f"{label:>{width}}" for label in columns))
@@ -294,3 +294,8 @@ def plot(records: list[dict], path: Path) -> str | None:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return None
+
+
+def _geometry(record: dict) -> str:
+    """SPEC section 9's compression block and stride, for shapes that set them."""
+    return f" l={record['L']} d={record['stride']}" if record.get("L") else ""

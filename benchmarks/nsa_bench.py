@@ -13,6 +13,10 @@ and a PNG plot (time against T) is written beside the JSON.
     python benchmarks/nsa_bench.py --shapes paper --seq-lens 4096,16384 --impls auto,fla --modes fwd
     python benchmarks/nsa_bench.py --shapes tiny --seq-lens 256 --impls auto,xla,fla    # CPU check
     python benchmarks/nsa_bench.py --pieces-at 16384,65536 --write-tuning               # tune
+    # the paper's compression (l=32, d=16, l'=64; SPEC section 9) beside today's disjoint pooling, W=0
+    # rows included (flash_nsa is compared with those), and its pieces at 64k:
+    python benchmarks/nsa_bench.py --shapes paper_overlap,paper --seq-lens 16384,65536 --impls auto,flash_nsa
+    python benchmarks/nsa_bench.py --shapes tiny_overlap --seq-lens 256 --impls auto,xla        # CPU check
 """
 
 from __future__ import annotations

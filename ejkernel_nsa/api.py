@@ -17,10 +17,13 @@ from ejkernel_nsa.sharding import per_shard
 from ejkernel_nsa.validation import (
     NSACall,
     check_compressed_args,
+    check_geometry,
     check_nsa_call,
     check_pool_args,
     check_select_args,
     check_window_args,
+    problem_geometry,
+    static_int,
 )
 
 
@@ -40,6 +43,10 @@ def native_sparse_attention(
     g_swa: Float[Array, "B T HQ"] | None = None,
     window_size: int = 0,
     max_block_counts: int | None = None,
+    compress_block_size: int | None = None,
+    compress_stride: int | None = None,
+    key_cmp: Float[Array, "B NC H Dk"] | None = None,
+    value_cmp: Float[Array, "B NC H Dv"] | None = None,
     backend: str | None = None,
 ) -> Float[Array, "B T HQ Dv"]:
     """Native Sparse Attention (arXiv 2502.11089): compressed, selected and sliding-window branches.
@@ -57,6 +64,15 @@ def native_sparse_attention(
       window_size: the sliding window `W` (0 disables it; `W > 0` needs `g_swa`).
       max_block_counts: the static slot count `S` when `block_counts` is an array and the
         selection is computed.
+      compress_block_size, compress_stride: the compression block length `l` (default
+        `block_size`) and stride `d` (default `l`) of SPEC section 9: compressed block `i` covers
+        positions `[i*d, i*d + l)`, and `block_size` stays the selection block `l'`. `d` must
+        divide `l` and `block_size`. The paper's setting: `block_size=64, compress_block_size=32,
+        compress_stride=16`.
+      key_cmp, value_cmp: caller-supplied compressed keys/values `[B, NBc, H, Dk]` / `[B, NBc, H, Dv]`
+        (a learned compressor's, see `ejkernel_nsa.compressor`) in place of mean pooling, with
+        `NBc = ceil(T / d)` (packed: `T // d + N`); block `i` summarizes `[i*d, i*d + l)`.
+        Gradients flow into them. Need `g_cmp`.
       backend: force one backend by name (see `ejkernel_nsa.backend_status()`).
 
     Returns:
@@ -73,6 +89,8 @@ def native_sparse_attention(
         query, key, value, g_cmp=g_cmp, g_slc=g_slc, g_swa=g_swa, block_indices=block_indices,
         block_counts=block_counts, block_size=block_size, softmax_scale=softmax_scale,
         cu_seqlens=cu_seqlens, window_size=window_size, max_block_counts=max_block_counts,
+        compress_block_size=compress_block_size, compress_stride=compress_stride, key_cmp=key_cmp,
+        value_cmp=value_cmp,
     )
     return _run(call, _plan(call.problem, backend))
 
@@ -111,7 +129,9 @@ def explain(query: Float[Array, "B T HQ Dk"], key: Float[Array, "B T H Dk"], val
             block_indices: Int[Array, "B T H S"] | None = None, block_counts: int | Int[Array, "B T H"] = 16,
             block_size: int = 64, softmax_scale: float | None = None, cu_seqlens: Int[Array, " N+1"] | None = None,
             *, g_swa: Float[Array, "B T HQ"] | None = None, window_size: int = 0,
-            max_block_counts: int | None = None, backend: str | None = None) -> registry.Plan:
+            max_block_counts: int | None = None, compress_block_size: int | None = None,
+            compress_stride: int | None = None, key_cmp: Float[Array, "B NC H Dk"] | None = None,
+            value_cmp: Float[Array, "B NC H Dv"] | None = None, backend: str | None = None) -> registry.Plan:
     """Which implementation each piece of this call would use, and why each other one was not.
 
     Takes the arguments of `native_sparse_attention`, checks them the same way, and runs nothing.
@@ -121,6 +141,8 @@ def explain(query: Float[Array, "B T HQ Dk"], key: Float[Array, "B T H Dk"], val
         query, key, value, g_cmp=g_cmp, g_slc=g_slc, g_swa=g_swa, block_indices=block_indices,
         block_counts=block_counts, block_size=block_size, softmax_scale=softmax_scale,
         cu_seqlens=cu_seqlens, window_size=window_size, max_block_counts=max_block_counts,
+        compress_block_size=compress_block_size, compress_stride=compress_stride, key_cmp=key_cmp,
+        value_cmp=value_cmp,
     )
     return _plan(call.problem, backend)
 
@@ -138,17 +160,23 @@ def _run(call: NSACall, plan: registry.Plan) -> jax.Array:
     if is_empty_call(q):  # no token (B or T is 0): the defined result is the empty output
         return out.astype(q.dtype)
     block_indices = call.block_indices
+    # SPEC 9: the geometry's arguments reach only the implementations that declared it (empty
+    # for the default geometry, so those of sections 1-3 are called exactly as before).
+    geometry = {} if call.geometry is None else call.geometry.piece_kwargs()
     if call.g_cmp is not None:
-        k_cmp, v_cmp = plan[Piece.COMPRESSION](k, v, block_size=block_size, segments=segments)
+        if call.key_cmp is not None:
+            k_cmp, v_cmp = call.key_cmp, call.value_cmp
+        else:
+            k_cmp, v_cmp = plan[Piece.COMPRESSION](k, v, block_size=block_size, segments=segments, **geometry)
         o_cmp, lse = plan[Piece.COMPRESSED_ATTENTION](q, k_cmp, v_cmp, block_size=block_size, scale=scale,
-                                                      segments=segments)
+                                                      segments=segments, **geometry)
         out += _gated(o_cmp, call.g_cmp)
         if block_indices is None:
             # The selection is piecewise constant in its inputs: it carries no gradient.
             q_sel, k_sel, lse_sel = jax.lax.stop_gradient((q, k_cmp, lse))
             block_indices = plan[Piece.SELECTION](
                 q_sel, k_sel, lse_sel, block_counts=call.block_counts, num_slots=problem.num_slots,
-                block_size=block_size, scale=scale, segments=segments,
+                block_size=block_size, scale=scale, segments=segments, **geometry,
             )
     if block_indices.shape[-1] > 0:  # S = 0 slots select nothing: the selected branch is 0
         o_slc = plan[Piece.SELECTED_ATTENTION](q, k, v, block_indices, call.block_counts, block_size=block_size,
@@ -168,7 +196,8 @@ def _gated(branch: jax.Array, gate: jax.Array | None) -> jax.Array:
 # ---- the pieces, each usable alone -------------------------------------------------------------
 
 
-def _piece_problem(query, key, value, block_size, segments, num_slots=0, window_size=0, per_token=False):
+def _piece_problem(query, key, value, block_size, segments, num_slots=0, window_size=0, per_token=False,
+                   geometry=None):
     return NSAProblem(
         batch=key.shape[0], seq_len=key.shape[1] if query is None else query.shape[1],
         num_q_heads=key.shape[2] if query is None else query.shape[2], num_kv_heads=key.shape[2],
@@ -178,14 +207,20 @@ def _piece_problem(query, key, value, block_size, segments, num_slots=0, window_
         block_size=block_size,
         num_slots=num_slots, window_size=window_size, num_seqs=None if segments is None else segments.num_seqs,
         per_token_counts=per_token, platform=platform_of(*(x for x in (query, key, value) if x is not None)),
+        **({} if geometry is None else problem_geometry(geometry, supplied=False)),
     )
 
 
 @per_shard
 def mean_pool(key: Float[Array, "B T H Dk"], value: Float[Array, "B T H Dv"], block_size: int = 64,
-              cu_seqlens: Int[Array, " N+1"] | None = None, *, backend: str | None = None
+              cu_seqlens: Int[Array, " N+1"] | None = None, *, compress_block_size: int | None = None,
+              compress_stride: int | None = None, backend: str | None = None
               ) -> tuple[Float[Array, "B NB H Dk"], Float[Array, "B NB H Dv"]]:
     """Compress `key` `[B, T, H, Dk]` and `value` `[B, T, H, Dv]` into block means (SPEC section 1).
+
+    With SPEC section 9's geometry (`compress_block_size=l`, `compress_stride=d`; `block_size` is
+    then the selection block `l'`, checked only for `d` dividing it), block `i` is the mean over
+    `[i*d, min(i*d + l, L))` and there are ceil(T / d) of them (packed: `T // d + N`).
 
     Returns `(key_cmp, value_cmp)`, `[B, NB, H, D]` float32, NB = ceil(T / block_size). They stay
     float32 whatever the inputs' dtype (SPEC section 1 accumulates in float32; they are
@@ -196,51 +231,63 @@ def mean_pool(key: Float[Array, "B T H Dk"], value: Float[Array, "B T H Dv"], bl
     the unused tail is zero.
     """
     key, value, block_size, segments = check_pool_args(key, value, block_size, cu_seqlens)
-    problem = _piece_problem(None, key, value, block_size, segments)
+    geometry = check_geometry(block_size, compress_block_size, compress_stride)
+    problem = _piece_problem(None, key, value, block_size, segments, geometry=geometry)
     fn = _plan(problem, backend, (Piece.COMPRESSION,))[Piece.COMPRESSION]
-    return fn(key, value, block_size=block_size, segments=segments)
+    return fn(key, value, block_size=block_size, segments=segments, **geometry.piece_kwargs())
 
 
 @per_shard
 def compressed_attention(query: Float[Array, "B T HQ Dk"], key_cmp: Float[Array, "B NB H Dk"],
                          value_cmp: Float[Array, "B NB H Dv"], block_size: int = 64,
                          softmax_scale: float | None = None, cu_seqlens: Int[Array, " N+1"] | None = None, *,
+                         compress_block_size: int | None = None, compress_stride: int | None = None,
                          backend: str | None = None) -> tuple[Float[Array, "B T HQ Dv"], Float[Array, "B T HQ"]]:
     """Attention of each query over the complete compressed blocks before it (SPEC section 2).
+
+    With SPEC section 9's geometry, block `i` covers `[i*d, i*d + l)` and is seen from position
+    `i*d + l - 1` on; `key_cmp` / `value_cmp` may then be any compressor's blocks of that layout.
 
     `key_cmp` / `value_cmp` are `mean_pool`'s output. Returns `(out, lse)`: `[B, T, HQ, Dv]` in the
     query's dtype, and the float32 log-sum-exp `[B, T, HQ]` of the scaled scores (-inf, with a
     zero output, for the first `block_size - 1` tokens, which see no complete block).
     """
+    geometry = check_geometry(static_int("block_size", block_size, 1), compress_block_size, compress_stride)
     query, key_cmp, value_cmp, block_size, scale, segments = check_compressed_args(
-        query, key_cmp, value_cmp, block_size, softmax_scale, cu_seqlens
+        query, key_cmp, value_cmp, block_size, softmax_scale, cu_seqlens, geometry
     )
-    problem = _piece_problem(query, key_cmp, value_cmp, block_size, segments)
+    problem = _piece_problem(query, key_cmp, value_cmp, block_size, segments, geometry=geometry)
     fn = _plan(problem, backend, (Piece.COMPRESSED_ATTENTION,))[Piece.COMPRESSED_ATTENTION]
-    return fn(query, key_cmp, value_cmp, block_size=block_size, scale=scale, segments=segments)
+    return fn(query, key_cmp, value_cmp, block_size=block_size, scale=scale, segments=segments,
+              **geometry.piece_kwargs())
 
 
 @per_shard
 def select_blocks(query: Float[Array, "B T HQ Dk"], key_cmp: Float[Array, "B NB H Dk"], lse: Float[Array, "B T HQ"],
                   block_counts: int | Int[Array, "B T H"] = 16, block_size: int = 64,
                   softmax_scale: float | None = None, cu_seqlens: Int[Array, " N+1"] | None = None, *,
-                  max_block_counts: int | None = None, backend: str | None = None) -> Int[Array, "B T H S"]:
+                  max_block_counts: int | None = None, compress_block_size: int | None = None,
+                  compress_stride: int | None = None, backend: str | None = None) -> Int[Array, "B T H S"]:
     """Top-k block selection (SPEC section 3): `[B, T, H, S]` int32 local block indices, -1 = empty.
+
+    With SPEC section 9's geometry the indices are of selection blocks of `block_size`, each
+    scored by the compressed probabilities weighted by `|C_i ∩ S_j| / l`.
 
     Scores each candidate block by the compressed-attention probability summed over the query
     heads of the group (`lse` is `compressed_attention`'s second output); the first, previous
     and current blocks are always chosen while there is room; ties go to the later block.
     `S` is `max_block_counts` if given, else the int `block_counts`.
     """
+    geometry = check_geometry(static_int("block_size", block_size, 1), compress_block_size, compress_stride)
     query, key_cmp, lse, block_counts, num_slots, block_size, scale, segments = check_select_args(
-        query, key_cmp, lse, block_counts, block_size, softmax_scale, cu_seqlens, max_block_counts
+        query, key_cmp, lse, block_counts, block_size, softmax_scale, cu_seqlens, max_block_counts, geometry
     )
     problem = _piece_problem(query, key_cmp, key_cmp, block_size, segments, num_slots,
-                             per_token=not isinstance(block_counts, int))
+                             per_token=not isinstance(block_counts, int), geometry=geometry)
     fn = _plan(problem, backend, (Piece.SELECTION,))[Piece.SELECTION]
     return jax.lax.stop_gradient(
         fn(query, key_cmp, lse, block_counts=block_counts, num_slots=num_slots, block_size=block_size, scale=scale,
-           segments=segments)
+           segments=segments, **geometry.piece_kwargs())
     )
 
 

@@ -49,6 +49,18 @@ class NSAProblem:
     has_g_slc: bool = False
     has_g_swa: bool = False
     platform: str = "cpu"
+    # SPEC section 9 (see `ejkernel_nsa.geometry`): the compression block length `l` and stride
+    # `d` (None: the defaults, l = block_size and d = l), and whether the caller supplied the
+    # compressed keys and values (then no compression piece runs).
+    compress_block_size: int | None = None
+    compress_stride: int | None = None
+    supplied_compression: bool = False
+
+    @property
+    def default_geometry(self) -> bool:
+        """Sections 1-3's geometry: disjoint compression blocks of `block_size`."""
+        length = self.compress_block_size or self.block_size
+        return length == self.block_size and (self.compress_stride or length) == length
 
     @property
     def group_size(self) -> int:
@@ -62,7 +74,8 @@ class NSAProblem:
     def needed_pieces(self) -> tuple[Piece, ...]:
         pieces = []
         if self.has_g_cmp:
-            pieces += [Piece.COMPRESSION, Piece.COMPRESSED_ATTENTION]
+            pieces += [Piece.COMPRESSED_ATTENTION] if self.supplied_compression else [
+                Piece.COMPRESSION, Piece.COMPRESSED_ATTENTION]
         if self.selection == "computed":
             pieces.append(Piece.SELECTION)
         pieces.append(Piece.SELECTED_ATTENTION)

@@ -118,13 +118,15 @@ def reader_tiles(offsets: jax.Array, *, num_tokens: int, num_slots: int, group: 
     return ReaderTiles(jnp.where(used, block, -1).astype(jnp.int32), jnp.where(used, chunk, 0).astype(jnp.int32))
 
 
-def block_viewers(num_tokens: int, block_size: int, segments: Segments | None) -> tuple[jax.Array, jax.Array]:
+def block_viewers(num_tokens: int, block_size: int, segments: Segments | None,
+                  length: int | None = None) -> tuple[jax.Array, jax.Array]:
     """`[NB]` int32 each: the tokens `[lo, hi)` that can see each packed compressed block, from
-    the block's last token to the end of its sequence (`lo >= hi` when none can)."""
+    the block's last token to the end of its sequence (`lo >= hi` when none can). With SPEC 9's
+    geometry `block_size` is the stride `d` and `length` the blocks' length `l` (default `d`)."""
     blocks = block_layout(num_tokens, block_size, segments)
     used = blocks.count > 0
     # A block becomes visible at its last token, if it is complete.
-    lo = jnp.where(used, blocks.start + block_size - 1, num_tokens)
+    lo = jnp.where(used, blocks.start + (length or block_size) - 1, num_tokens)
     return lo.astype(jnp.int32), jnp.where(used, blocks.seq_end, 0).astype(jnp.int32)
 
 

@@ -21,6 +21,7 @@ from ejkernel_nsa.input_limits import (
     checked_int32_values,
     saturated_int32,
 )
+from ejkernel_nsa.geometry import CompressionGeometry, geometry_of
 from ejkernel_nsa.problem import NSAProblem, Segments, num_compressed_blocks, platform_of
 
 _KINDS = {"float": (Float, "floating-point"), "int": (Int, "signed integer"), "integer": (Integer, "integer")}
@@ -167,6 +168,10 @@ class NSACall:
     segments: Segments | None
     scale: float
     problem: NSAProblem
+    # SPEC section 9: the compression geometry and the caller's compressed keys/values (or None).
+    geometry: CompressionGeometry | None = None
+    key_cmp: jax.Array | None = None
+    value_cmp: jax.Array | None = None
 
 
 def check_qkv(checker: ShapeChecker, query, key, value) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -198,11 +203,16 @@ def check_nsa_call(
     token_indices=None,
     window_size=0,
     max_block_counts=None,
+    compress_block_size=None,
+    compress_stride=None,
+    key_cmp=None,
+    value_cmp=None,
 ) -> NSACall:
     checker = ShapeChecker()
     query, key, value = check_qkv(checker, query, key, value)
     batch, num_tokens, num_q_heads, head_dim = query.shape
     block_size = static_int("block_size", block_size, 1)
+    geometry = check_geometry(block_size, compress_block_size, compress_stride)
     window_size = static_int("window_size", window_size, 0)
     g_cmp, g_slc, g_swa = (
         checker.optional(name, gate, "float", "B T HQ")
@@ -212,6 +222,8 @@ def check_nsa_call(
     block_indices = None if block_indices is None else saturated_int32(block_indices)
     block_counts = block_counts_of(checker, block_counts)
     segments = segments_of(checker, cu_seqlens, batch, num_tokens, token_indices)
+    key_cmp, value_cmp = check_supplied_compression(checker, key_cmp, value_cmp, num_tokens, geometry, segments,
+                                                    g_cmp is not None)
 
     if g_swa is not None and window_size == 0:
         raise ValueError("g_swa: the sliding-window gate needs window_size > 0, got window_size=0")
@@ -244,22 +256,81 @@ def check_nsa_call(
         has_g_slc=g_slc is not None,
         has_g_swa=g_swa is not None,
         platform=platform_of(query, key, value),
+        **problem_geometry(geometry, key_cmp is not None),
     )
     return NSACall(
         query, key, value, g_cmp, g_slc, g_swa, block_indices, block_counts, segments,
-        softmax_scale_of(softmax_scale, head_dim), problem,
+        softmax_scale_of(softmax_scale, head_dim), problem, geometry, key_cmp, value_cmp,
     )
 
 
-def check_compressed(checker: ShapeChecker, k_cmp, v_cmp, num_tokens: int, block_size: int, segments):
+# ---- SPEC section 9: compression geometry and supplied compressed blocks -----------------------
+
+
+def check_geometry(block_size: int, compress_block_size, compress_stride) -> CompressionGeometry:
+    """`l` and `d` as SPEC 9 allows them: positive static ints with `d` dividing `l` and `l'`."""
+    if compress_block_size is not None:
+        compress_block_size = static_int("compress_block_size", compress_block_size, 1)
+    if compress_stride is not None:
+        compress_stride = static_int("compress_stride", compress_stride, 1)
+    geometry = geometry_of(block_size, compress_block_size, compress_stride)
+    if geometry.length % geometry.stride:
+        raise ValueError(
+            f"compress_stride: the stride d={geometry.stride} must divide the compression block length "
+            f"l={geometry.length} (compress_block_size)"
+        )
+    if geometry.block_size % geometry.stride:
+        raise ValueError(
+            f"compress_stride: the stride d={geometry.stride} must divide the selection block "
+            f"l'={geometry.block_size} (block_size)"
+        )
+    return geometry
+
+
+def problem_geometry(geometry: CompressionGeometry, supplied: bool) -> dict:
+    """`NSAProblem`'s geometry fields: None for the default geometry, so that a call without
+    section 9's arguments is described exactly as before."""
+    fields = {"supplied_compression": supplied}
+    if not geometry.is_default:
+        fields.update(compress_block_size=geometry.length, compress_stride=geometry.stride)
+    return fields
+
+
+def check_supplied_compression(checker: ShapeChecker, key_cmp, value_cmp, num_tokens: int,
+                               geometry: CompressionGeometry, segments, has_g_cmp: bool):
+    """The caller's compressed keys/values (SPEC 9): both or neither, only with `g_cmp`, and
+    `[B, NBc, H, D]` with NBc the geometry's block count. Cast to float32, the dtype of
+    `mean_pool`'s blocks that the pieces expect (gradients return in the caller's dtype)."""
+    if key_cmp is None and value_cmp is None:
+        return None, None
+    if key_cmp is None or value_cmp is None:
+        missing = "key_cmp" if key_cmp is None else "value_cmp"
+        raise ValueError(f"{missing}: key_cmp and value_cmp must be given together, got only one of them")
+    if not has_g_cmp:
+        raise ValueError("key_cmp: supplied compressed blocks are used only by the compressed branch, which needs g_cmp")
+    key_cmp, value_cmp = check_compressed(checker, key_cmp, value_cmp, num_tokens, geometry.block_size, segments,
+                                          geometry)
+    return key_cmp.astype(jnp.float32), value_cmp.astype(jnp.float32)
+
+
+def check_compressed(checker: ShapeChecker, k_cmp, v_cmp, num_tokens: int, block_size: int, segments,
+                     geometry: CompressionGeometry | None = None):
     """The compressed keys/values that `mean_pool` returns, for the pieces that take them."""
     k_cmp = checker.array("key_cmp", k_cmp, "float", "B NB H Dk")
     v_cmp = checker.array("value_cmp", v_cmp, "float", "B NB H Dv")
-    expected = num_compressed_blocks(num_tokens, block_size, None if segments is None else segments.num_seqs)
+    geometry = geometry or geometry_of(block_size)
+    num_seqs = None if segments is None else segments.num_seqs
+    expected = num_compressed_blocks(num_tokens, geometry.stride, num_seqs)
     if k_cmp.shape[1] != expected:
+        if geometry.is_default:
+            what = f"block_size={block_size}"
+        else:
+            what = f"stride compress_stride={geometry.stride}"
+        layout = f"T // {geometry.stride} + N with N={num_seqs} packed sequences" if num_seqs else \
+            f"ceil(T / {geometry.stride})"
         raise ValueError(
-            f"key_cmp: expected {expected} compressed blocks (mean_pool's output for T={num_tokens}, "
-            f"block_size={block_size}), got shape {k_cmp.shape}"
+            f"key_cmp: expected {expected} compressed blocks ({layout}; mean_pool's output for T={num_tokens}, "
+            f"{what}), got shape {k_cmp.shape}"
         )
     return k_cmp, v_cmp
 
@@ -287,24 +358,27 @@ def check_pool_args(key, value, block_size, cu_seqlens):
 
 
 @jaxtyped(typechecker=None)
-def check_compressed_args(query, key_cmp, value_cmp, block_size, softmax_scale, cu_seqlens):
+def check_compressed_args(query, key_cmp, value_cmp, block_size, softmax_scale, cu_seqlens,
+                          geometry: CompressionGeometry | None = None):
     checker = ShapeChecker()
     query = checker.array("query", query, "float", "B T HQ Dk")
     block_size = static_int("block_size", block_size, 1)
     segments = segments_of(checker, cu_seqlens, query.shape[0], query.shape[1])
-    key_cmp, value_cmp = check_compressed(checker, key_cmp, value_cmp, query.shape[1], block_size, segments)
+    key_cmp, value_cmp = check_compressed(checker, key_cmp, value_cmp, query.shape[1], block_size, segments,
+                                          geometry)
     check_groups(query, key_cmp, "key_cmp")
     scale = softmax_scale_of(softmax_scale, query.shape[3])
     return query, key_cmp, value_cmp, block_size, scale, segments
 
 
 @jaxtyped(typechecker=None)
-def check_select_args(query, key_cmp, lse, block_counts, block_size, softmax_scale, cu_seqlens, max_block_counts):
+def check_select_args(query, key_cmp, lse, block_counts, block_size, softmax_scale, cu_seqlens, max_block_counts,
+                      geometry: CompressionGeometry | None = None):
     checker = ShapeChecker()
     query = checker.array("query", query, "float", "B T HQ Dk")
     block_size = static_int("block_size", block_size, 1)
     segments = segments_of(checker, cu_seqlens, query.shape[0], query.shape[1])
-    key_cmp, _ = check_compressed(checker, key_cmp, key_cmp, query.shape[1], block_size, segments)
+    key_cmp, _ = check_compressed(checker, key_cmp, key_cmp, query.shape[1], block_size, segments, geometry)
     lse = checker.array("lse", lse, "float", "B T HQ")
     check_groups(query, key_cmp, "key_cmp")
     block_counts = block_counts_of(checker, block_counts)

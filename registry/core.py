@@ -58,11 +58,24 @@ class Implementation:
     platforms: frozenset[str]
     priority: int
     supports: SupportsFn
+    # Whether it computes SPEC section 9's geometry (compression block l and stride d other than
+    # the selection block). Implementations opt in; the others decline such calls here, so that
+    # none silently computes the disjoint mean-pool geometry instead.
+    compression_geometry: bool = False
 
     def decline_reason(self, problem: NSAProblem) -> str | None:
         if problem.platform not in self.platforms:
             return f"runs on {sorted(self.platforms)}, the inputs are on {problem.platform}"
+        if self.piece in GEOMETRY_PIECES and not problem.default_geometry and not self.compression_geometry:
+            return (f"supports only compression blocks equal to the selection block (l = d = l' = block_size), "
+                    f"got l={problem.compress_block_size or problem.block_size}, "
+                    f"d={problem.compress_stride or problem.compress_block_size or problem.block_size}, "
+                    f"l'={problem.block_size} (SPEC section 9)")
         return self.supports(problem)
+
+
+# The pieces whose result depends on SPEC section 9's compression geometry.
+GEOMETRY_PIECES = frozenset({Piece.COMPRESSION, Piece.COMPRESSED_ATTENTION, Piece.SELECTION})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,13 +121,19 @@ def register(
     platforms: tuple[str, ...],
     priority: int,
     supports: SupportsFn = lambda problem: None,
+    compression_geometry: bool = False,
 ) -> Callable[[Callable], Callable]:
-    """Decorator: add `fn` to the table as `backend`'s implementation of `piece`."""
+    """Decorator: add `fn` to the table as `backend`'s implementation of `piece`.
+
+    `compression_geometry=True` declares that `fn` computes SPEC section 9's geometry: it is then
+    called with `compress_block_size=` and `compress_stride=` whenever they differ from the
+    defaults (never otherwise)."""
 
     def add(fn: Callable) -> Callable:
         with _lock:
             _implementations.append(
-                Implementation(backend, Piece(piece), fn, frozenset(platforms), priority, supports)
+                Implementation(backend, Piece(piece), fn, frozenset(platforms), priority, supports,
+                               compression_geometry)
             )
         return fn
 
@@ -234,5 +253,15 @@ def _no_implementation_message(piece, problem, forced, forced_by, reasons) -> st
         f"{who} cannot run the {piece.value} piece of this NSA call "
         f"(T={problem.seq_len}, HQ={problem.num_q_heads}, H={problem.num_kv_heads}, "
         f"Dk={problem.head_dim}, Dv={problem.value_dim}, dtype={problem.dtype}, "
-        f"block_size={problem.block_size}, platform={problem.platform}): {details or 'no implementation registered'}"
+        f"block_size={problem.block_size}{_geometry_words(problem)}, platform={problem.platform}): "
+        f"{details or 'no implementation registered'}"
     )
+
+
+def _geometry_words(problem: NSAProblem) -> str:
+    words = ""
+    if not problem.default_geometry:
+        words += f", compress_block_size={problem.compress_block_size}, compress_stride={problem.compress_stride}"
+    if problem.supplied_compression:
+        words += ", supplied key_cmp/value_cmp"
+    return words

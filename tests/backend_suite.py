@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import oracle
@@ -23,6 +23,7 @@ from cases import (
     Case,
     assert_close,
     cases,
+    geometry_cases,
     make_inputs,
     oracle_kwargs,
     same_slot_sets,
@@ -32,7 +33,10 @@ from cases import (
 import ejkernel_nsa as nsa
 from ejkernel_nsa import registry
 
-ARRAY_ARGS = ("query", "key", "value", "g_cmp", "g_slc", "g_swa", "block_indices", "block_counts", "cu_seqlens")
+ARRAY_ARGS = ("query", "key", "value", "g_cmp", "g_slc", "g_swa", "block_indices", "block_counts", "cu_seqlens",
+              "key_cmp", "value_cmp")
+# SPEC 9's draws: a sixth of the profile's examples, at least 3 (see BackendSuite).
+GEOMETRY_EXAMPLES = max(3, settings().max_examples // 6)
 
 
 def jitted_nsa(args: dict, backend: str):
@@ -51,6 +55,8 @@ class BackendSuite:
     # output, gradients and selection): scores whose compressed keys are float32 or tf32 (10
     # mantissa bits) stay within 1e-3.
     lse_tolerance_16bit: float = 1e-3
+    # Whether the backend computes SPEC section 9's geometry (l, d != l'); if not, it must decline it.
+    compression_geometry: bool = False
 
     @pytest.fixture(autouse=True)
     def backend_runs_here(self):
@@ -135,6 +141,92 @@ class BackendSuite:
         for name, grad in zip(wrt, grads, strict=True):
             assert grad.dtype == arrays[name].dtype, f"d{name} dtype"
             assert_close(f"d{name}", grad, expected[name], grad_tol)
+
+    # ---- SPEC section 9: compression geometry and supplied compressed blocks ----------------
+    # A sixth of the profile's examples (each draws new shapes, so each compiles anew): the
+    # geometry-independent options are drawn by the tests above.
+
+    @settings(max_examples=GEOMETRY_EXAMPLES)
+    @given(data=st.data())
+    def test_geometry_forward_matches_oracle(self, data):
+        if not self.compression_geometry:
+            pytest.skip(f"{self.backend} declines SPEC section 9's geometry (test_geometry_is_declined)")
+        case = data.draw(geometry_cases(self.dtypes, self.groups), label="case")
+        args = make_inputs(case)
+        out_tol, _ = TOLERANCES[case.dtype]
+        expected = oracle.nsa_forward(**oracle_kwargs(args))
+        fn, arrays = jitted_nsa(args, self.backend)
+        out = np.asarray(fn(**arrays), np.float64)
+        assert np.all(np.isfinite(out)), "NaN or Inf in the output"
+        if expected["scores"] is None:
+            assert_close("output", out, expected["o"], out_tol)
+            return
+        keep = well_separated_heads(expected, args, case)
+        assert_close("output (well-separated heads)", out[keep], expected["o"][keep], out_tol)
+        shared = dict(args, block_indices=expected["block_indices"].astype(np.int32))
+        fn, arrays = jitted_nsa(shared, self.backend)
+        assert_close("output (shared selection)", fn(**arrays), expected["o"], out_tol)
+        self.check_geometry_pieces(case, args, expected)
+
+    def check_geometry_pieces(self, case, args, expected):
+        out_tol, _ = TOLERANCES[case.dtype]
+        common = dict(block_size=case.block_size, cu_seqlens=args["cu_seqlens"], backend=self.backend,
+                      compress_block_size=case.compress_block_size, compress_stride=case.compress_stride)
+        if case.supplied:
+            k_cmp, v_cmp = args["key_cmp"], args["value_cmp"]
+        else:
+            k_cmp, v_cmp = nsa.mean_pool(args["key"], args["value"], **common)
+            ref_k_cmp, ref_v_cmp = oracle.overlapping_pool(
+                args["key"], args["value"], case.compress_block_size, case.compress_stride, args["cu_seqlens"])
+            assert_close("key_cmp", k_cmp, ref_k_cmp, 1e-5)
+            assert_close("value_cmp", v_cmp, ref_v_cmp, 1e-5)
+        o_cmp, lse = nsa.compressed_attention(args["query"], k_cmp, v_cmp, **common)
+        assert_close("compressed output", o_cmp, expected["o_cmp"], out_tol)
+        seen = np.isfinite(expected["lse"])
+        assert np.array_equal(np.isfinite(np.asarray(lse)), seen), "lse must be -inf exactly where no block is seen"
+        indices = nsa.select_blocks(
+            args["query"], k_cmp, lse, args["block_counts"], max_block_counts=args.get("max_block_counts"), **common
+        )
+        separated = oracle.near_tie_mask(expected["scores"], args["block_counts"], expected["num_slots"], case.group)
+        agree = same_slot_sets(indices, expected["block_indices"], separated)
+        assert agree.all(), f"selection differs at well-separated (b, t, h) {np.argwhere(~agree)[:5].tolist()}"
+
+    @settings(max_examples=GEOMETRY_EXAMPLES)
+    @given(data=st.data())
+    def test_geometry_gradients_match_oracle(self, data):
+        if not self.compression_geometry:
+            pytest.skip(f"{self.backend} declines SPEC section 9's geometry (test_geometry_is_declined)")
+        case = data.draw(geometry_cases(self.dtypes, self.groups), label="case")
+        args = make_inputs(case)
+        _, grad_tol = TOLERANCES[case.dtype]
+        if not case.given_indices:
+            selection = oracle.nsa_forward(**oracle_kwargs(args))["block_indices"]
+            args = dict(args, block_indices=selection.astype(np.int32))
+        d_out = np.random.default_rng(case.seed + 1).standard_normal(
+            (case.batch, case.seq_len, case.num_q_heads, case.value_dim)
+        )
+        expected = oracle.nsa_vjp(d_out=d_out, **oracle_kwargs(args))
+        fn, arrays = jitted_nsa(args, self.backend)
+        wrt = [name for name in ("query", "key", "value", "g_cmp", "g_slc", "g_swa", "key_cmp", "value_cmp")
+               if arrays.get(name) is not None]
+
+        def loss(*diff):
+            out = fn(**dict(arrays, **dict(zip(wrt, diff, strict=True))))
+            return jnp.sum(out.astype(jnp.float32) * d_out.astype(np.float32))
+
+        grads = jax.jit(jax.grad(loss, argnums=tuple(range(len(wrt)))))(*(arrays[n] for n in wrt))
+        for name, grad in zip(wrt, grads, strict=True):
+            assert grad.dtype == arrays[name].dtype, f"d{name} dtype"
+            assert_close(f"d{name}", grad, expected[name], grad_tol)
+
+    def test_geometry_is_declined(self):
+        """A backend without SPEC 9's geometry refuses it when forced, with the reason, instead of
+        pooling disjoint blocks (nothing runs: the registry decides before tracing)."""
+        if self.compression_geometry:
+            pytest.skip(f"{self.backend} computes SPEC section 9's geometry")
+        args = make_inputs(fixed_case(seq_len=100, group=2, window_size=0))
+        with pytest.raises(registry.BackendError, match="l = d = l'"):
+            nsa.explain(**dict(args, compress_block_size=16, compress_stride=8), backend=self.backend)
 
     # ---- transformations and the fixed examples ---------------------------------------------
 

@@ -32,6 +32,10 @@ class Case:
     per_token_counts: bool
     given_indices: bool
     seed: int
+    # SPEC section 9 (None: the defaults l = d = block_size); `supplied`: random key_cmp/value_cmp.
+    compress_block_size: int | None = None
+    compress_stride: int | None = None
+    supplied: bool = False
 
     @property
     def num_q_heads(self) -> int:
@@ -76,6 +80,31 @@ def cases(draw, dtypes=("float32", "bfloat16"), groups=(1, 2, 3, 4, 8, 16), max_
     )
 
 
+# SPEC section 9 geometries (l, d, l'): the paper's, its half, overlap without a coarser selection
+# block, a coarser selection block without overlap, and l longer than l'.
+GEOMETRIES = ((32, 16, 64), (16, 8, 32), (16, 16, 32), (8, 8, 32), (32, 8, 16))
+
+
+@st.composite
+def geometry_cases(draw, dtypes=("float32", "bfloat16"), groups=(1, 2, 3, 4, 8, 16)) -> Case:
+    """A `cases` problem with SPEC 9's geometry, possibly with supplied compressed blocks, over at
+    most three selection blocks (the oracle's transfer loops stay quick)."""
+    base = draw(cases(dtypes, groups))
+    length, stride, block_size = draw(st.sampled_from(GEOMETRIES))
+    seq_len = draw(st.integers(1, 3 * block_size + block_size // 2))
+    cu_seqlens = None
+    if base.cu_seqlens is not None:
+        cuts = draw(st.lists(st.integers(0, seq_len), max_size=3))
+        cu_seqlens = tuple([0, *sorted(cuts), seq_len])
+    window = draw(st.sampled_from((0, 0, 5, block_size)))
+    supplied = draw(st.booleans())
+    return dataclasses.replace(
+        base, seq_len=seq_len, cu_seqlens=cu_seqlens, block_size=block_size, window_size=window,
+        compress_block_size=length, compress_stride=stride, supplied=supplied,
+        g_cmp=True if supplied else base.g_cmp,
+    )
+
+
 def make_inputs(case: Case) -> dict:
     """Fresh random inputs in the case's dtype (NumPy arrays, already rounded to that dtype, so the
     oracle sees exactly what the backend sees)."""
@@ -108,6 +137,12 @@ def make_inputs(case: Case) -> dict:
         # Empty slots, duplicates and blocks in the future: all must be ignored as SPEC section 4 says.
         max_block = -(-T // case.block_size)
         args["block_indices"] = rng.integers(-1, max_block + 2, (B, T, H, case.num_slots)).astype(np.int32)
+    if case.compress_block_size is not None:
+        args.update(compress_block_size=case.compress_block_size, compress_stride=case.compress_stride)
+    if case.supplied:
+        num_seqs = None if case.cu_seqlens is None else len(case.cu_seqlens) - 1
+        rows = -(-T // case.compress_stride) if num_seqs is None else T // case.compress_stride + num_seqs
+        args.update(key_cmp=normal(B, rows, H, case.head_dim), value_cmp=normal(B, rows, H, case.value_dim))
     return args
 
 

@@ -438,10 +438,22 @@ def nsa_forward(
     window_size=0,
     max_block_counts=None,
     *,
+    compress_block_size=None,
+    compress_stride=None,
+    key_cmp=None,
+    value_cmp=None,
     _with_plans=False,
 ) -> dict:
-    """Every intermediate of SPEC section 6 (see module docstring for layouts)."""
+    """Every intermediate of SPEC section 6 (see module docstring for layouts); with any of the
+    SPEC 9 arguments (compression geometry, supplied key_cmp/value_cmp), section 9's path."""
     p = _prepare(query, key, value, g_cmp, g_slc, g_swa, block_size, scale, cu_seqlens, window_size)
+    geometry = None
+    if any(x is not None for x in (compress_block_size, compress_stride, key_cmp, value_cmp)):
+        geometry = compression_geometry(block_size, compress_block_size, compress_stride)
+        key_cmp, value_cmp = _supplied_compression(key_cmp, value_cmp, p["key"], p["value"], geometry[2],
+                                                   cu_seqlens)
+        if key_cmp is not None and p["g_cmp"] is None:
+            raise ValueError("key_cmp/value_cmp are used only by the compressed branch, which needs g_cmp")
     query, key, value = p["query"], p["key"], p["value"]
     B, T, HQ, _ = query.shape
     H = key.shape[2]
@@ -451,7 +463,15 @@ def nsa_forward(
     counts = _counts_array(block_counts, (B, T, H))
 
     k_cmp = v_cmp = o_cmp = lse = scores = cmp_plan = None
-    if p["g_cmp"] is not None:
+    if p["g_cmp"] is not None and geometry is not None:
+        _, length, stride = geometry
+        if key_cmp is not None:
+            k_cmp, v_cmp = key_cmp, value_cmp
+        else:
+            k_cmp, v_cmp = overlapping_pool(key, value, length, stride, cu_seqlens)
+        cmp_plan = _overlapping_compressed_plan(_segments(B, T, cu_seqlens, stride), HQ, group, length, stride)
+        o_cmp, lse = _run_plan(cmp_plan, query, k_cmp, v_cmp, scale)
+    elif p["g_cmp"] is not None:
         k_cmp, v_cmp = mean_pool(key, value, block_size, cu_seqlens)
         cmp_plan = _compressed_plan(segments, HQ, group, block_size)
         o_cmp, lse = _run_plan(cmp_plan, query, k_cmp, v_cmp, scale)
@@ -464,7 +484,11 @@ def nsa_forward(
         else:
             # SPEC 3: the slot count must be static, never read from the counts array
             raise ValueError("array block_counts with a computed selection needs max_block_counts")
-        scores = selection_scores(query, k_cmp, lse, block_size, scale, cu_seqlens)
+        if geometry is None:
+            scores = selection_scores(query, k_cmp, lse, block_size, scale, cu_seqlens)
+        else:
+            scores = transferred_scores(query, k_cmp, lse, block_size, geometry[1], geometry[2], scale,
+                                        cu_seqlens)
         block_indices = select_blocks(scores, counts, num_slots)
     else:
         block_indices = _check_block_indices(block_indices, (B, T, H))
@@ -498,7 +522,7 @@ def nsa_forward(
     if _with_plans:
         result["_internals"] = dict(
             prepared=p, k_cmp=k_cmp, v_cmp=v_cmp, cmp_plan=cmp_plan, slc_plan=slc_plan,
-            swa_plan=swa_plan,
+            swa_plan=swa_plan, geometry=geometry, supplied=key_cmp is not None,
         )
     return result
 
@@ -518,12 +542,20 @@ def nsa_vjp(
     g_swa=None,
     window_size=0,
     max_block_counts=None,
+    *,
+    compress_block_size=None,
+    compress_stride=None,
+    key_cmp=None,
+    value_cmp=None,
 ) -> dict:
-    """Analytic gradients of sum(o * d_out), the selection held fixed (it carries no gradient)."""
+    """Analytic gradients of sum(o * d_out), the selection held fixed (it carries no gradient).
+    With supplied key_cmp/value_cmp (SPEC 9), their gradients too, and none through pooling."""
     fwd = nsa_forward(
         query, key, value, g_cmp=g_cmp, g_slc=g_slc, block_indices=block_indices,
         block_counts=block_counts, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens,
-        g_swa=g_swa, window_size=window_size, max_block_counts=max_block_counts, _with_plans=True,
+        g_swa=g_swa, window_size=window_size, max_block_counts=max_block_counts,
+        compress_block_size=compress_block_size, compress_stride=compress_stride, key_cmp=key_cmp,
+        value_cmp=value_cmp, _with_plans=True,
     )
     internals = fwd["_internals"]
     p = internals["prepared"]
@@ -550,9 +582,18 @@ def nsa_vjp(
             internals["cmp_plan"], query, internals["k_cmp"], internals["v_cmp"], scale,
             d_out * p["g_cmp"][..., None],
         )
-        dk, dv = _mean_pool_backward(
-            d_k_cmp, d_v_cmp, key.shape, value.shape, p["block_size"], cu_seqlens
-        )
+        geometry = internals["geometry"]
+        if internals["supplied"]:
+            grads.update(key_cmp=d_k_cmp, value_cmp=d_v_cmp)
+            dk, dv = 0.0, 0.0
+        elif geometry is not None:
+            dk, dv = _overlapping_pool_backward(
+                d_k_cmp, d_v_cmp, key.shape, value.shape, geometry[1], geometry[2], cu_seqlens
+            )
+        else:
+            dk, dv = _mean_pool_backward(
+                d_k_cmp, d_v_cmp, key.shape, value.shape, p["block_size"], cu_seqlens
+            )
         d_query, d_key, d_value = d_query + dq, d_key + dk, d_value + dv
 
     if p["g_swa"] is not None:
@@ -564,3 +605,127 @@ def nsa_vjp(
 
     grads.update(query=d_query, key=d_key, value=d_value)
     return grads
+
+
+# ----------------------------------------------------------------------------------------------
+# SPEC section 9: compression geometry (block length l, stride d, selection block l') and
+# caller-supplied compressed keys/values. Sections 1-3 above are its special case l = d = l';
+# these functions are written separately so that the special case is a real check of both.
+# ----------------------------------------------------------------------------------------------
+
+
+def compression_geometry(block_size, compress_block_size=None, compress_stride=None):
+    """(l', l, d): the selection block, the compression block length and its stride."""
+    selection_block = _check_block_size(block_size)
+    length = selection_block if compress_block_size is None else _check_block_size(compress_block_size)
+    stride = length if compress_stride is None else _check_block_size(compress_stride)
+    if length % stride or selection_block % stride:
+        raise ValueError(f"compress_stride d={stride} must divide l={length} and l'={selection_block}")
+    return selection_block, length, stride
+
+
+def overlap_weight(i, j, length, stride, selection_block):
+    """|C_i ∩ S_j| / l with C_i = [i*d, i*d + l) and S_j = [j*l', (j+1)*l')."""
+    lo = max(i * stride, j * selection_block)
+    hi = min(i * stride + length, (j + 1) * selection_block)
+    return max(0, hi - lo) / length
+
+
+def num_visible_compressed(t, length, stride):
+    """Compressed blocks a query at position t sees: those with i*d + l <= t + 1."""
+    return 0 if t + 1 < length else (t + 1 - length) // stride + 1
+
+
+def overlapping_pool(key, value, length, stride, cu_seqlens=None):
+    """Means over [i*d, min(i*d + l, L)) per sequence, packed as T // d + N rows with varlen."""
+    key, value = _as_f64(key), _as_f64(value)
+    B, T, H, Dk = key.shape
+    segments = _segments(B, T, cu_seqlens, stride)
+    rows = _num_compressed_rows(T, len(segments), stride, cu_seqlens is not None)
+    k_cmp = np.zeros((B, rows, H, Dk))
+    v_cmp = np.zeros((B, rows, H, value.shape[-1]))
+    for b, start, end, offset in segments:
+        for i in range(_num_blocks(end - start, stride)):
+            lo, hi = start + i * stride, min(start + i * stride + length, end)
+            k_cmp[b, offset + i] = key[b, lo:hi].mean(axis=0)
+            v_cmp[b, offset + i] = value[b, lo:hi].mean(axis=0)
+    return k_cmp, v_cmp
+
+
+def _overlapping_pool_backward(d_k_cmp, d_v_cmp, key_shape, value_shape, length, stride, cu_seqlens):
+    d_key = np.zeros(key_shape)
+    d_value = np.zeros(value_shape)
+    B, T = key_shape[:2]
+    for b, start, end, offset in _segments(B, T, cu_seqlens, stride):
+        for i in range(_num_blocks(end - start, stride)):
+            lo, hi = start + i * stride, min(start + i * stride + length, end)
+            d_key[b, lo:hi] += d_k_cmp[b, offset + i] / (hi - lo)
+            d_value[b, lo:hi] += d_v_cmp[b, offset + i] / (hi - lo)
+    return d_key, d_value
+
+
+def _overlapping_compressed_plan(segments, num_q_heads, group, length, stride):
+    plan = []
+    for b, start, end, offset in segments:
+        for t in range(end - start):
+            rows = np.arange(offset, offset + num_visible_compressed(t, length, stride))
+            for i in range(num_q_heads):
+                plan.append((b, start + t, i, i // group, rows))
+    return plan
+
+
+def overlapping_compressed_attention(query, k_cmp, v_cmp, length, stride, scale=None, cu_seqlens=None):
+    """(o_cmp, lse) of SPEC 9's compressed branch."""
+    query, k_cmp, v_cmp = _as_f64(query), _as_f64(k_cmp), _as_f64(v_cmp)
+    B, T, HQ, Dk = query.shape
+    group = _group_size(HQ, k_cmp.shape[2])
+    plan = _overlapping_compressed_plan(_segments(B, T, cu_seqlens, stride), HQ, group, length, stride)
+    return _run_plan(plan, query, k_cmp, v_cmp, _resolve_scale(scale, Dk))
+
+
+def transferred_scores(query, k_cmp, lse, block_size, length, stride, scale=None, cu_seqlens=None,
+                       forced=True):
+    """Selection scores [B, T, H, NB'max] of SPEC 9: score_j = sum over the group's heads and the
+    visible compressed blocks i of p_i * |C_i ∩ S_j| / l; -inf for non-candidates. With
+    `forced=False` the forced blocks keep their transferred score (for checking the transfer)."""
+    query, k_cmp, lse = _as_f64(query), _as_f64(k_cmp), _as_f64(lse)
+    B, T, HQ, Dk = query.shape
+    H = k_cmp.shape[2]
+    group = _group_size(HQ, H)
+    scale = _resolve_scale(scale, Dk)
+    segments = _segments(B, T, cu_seqlens, stride)
+    max_blocks = max((_num_blocks(end - start, block_size) for _, start, end, _ in segments), default=0)
+    scores = np.full((B, T, H, max_blocks), -np.inf)
+    for b, start, end, offset in segments:
+        for t in range(end - start):
+            current_block = t // block_size
+            visible = num_visible_compressed(t, length, stride)
+            for h in range(H):
+                score = np.zeros(current_block + 1)
+                for i in range(visible):
+                    p = sum(
+                        math.exp(scale * (query[b, start + t, q] @ k_cmp[b, offset + i, h]) - lse[b, start + t, q])
+                        for q in range(h * group, (h + 1) * group)
+                    )
+                    for j in range(current_block + 1):
+                        score[j] += p * overlap_weight(i, j, length, stride, block_size)
+                if forced:
+                    for j in {0, current_block} | ({current_block - 1} if current_block >= 1 else set()):
+                        score[j] = float(group)
+                scores[b, start + t, h, : current_block + 1] = score
+    return scores
+
+
+def _supplied_compression(key_cmp, value_cmp, key, value, stride, cu_seqlens):
+    """The caller's compressed keys/values, checked against SPEC 9's block count and layout."""
+    if (key_cmp is None) != (value_cmp is None):
+        raise ValueError("key_cmp and value_cmp must be given together")
+    if key_cmp is None:
+        return None, None
+    key_cmp, value_cmp = _as_f64(key_cmp), _as_f64(value_cmp)
+    B, T, H = key.shape[:3]
+    rows = _num_compressed_rows(T, len(sequences(B, T, cu_seqlens)), stride, cu_seqlens is not None)
+    for name, x, dim in (("key_cmp", key_cmp, key.shape[-1]), ("value_cmp", value_cmp, value.shape[-1])):
+        if x.shape != (B, rows, H, dim):
+            raise ValueError(f"{name} has shape {x.shape}, expected {(B, rows, H, dim)}")
+    return key_cmp, value_cmp

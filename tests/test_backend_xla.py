@@ -16,3 +16,4 @@ def small_chunks():
 
 class TestXLA(BackendSuite):
     backend = "xla"
+    compression_geometry = True

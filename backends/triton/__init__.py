@@ -66,7 +66,8 @@ def _register_pieces() -> None:
         with launch.triton_interpreter():
             module = importlib.import_module(f"ejkernel_nsa.backends.triton.{module_name}")
         register(module.PIECE, backend=NAME, platforms=("gpu", "cpu") if launch.INTERPRETED else ("gpu",),
-                 priority=PRIORITY, supports=module.supports)(module.run)
+                 priority=PRIORITY, supports=module.supports,
+                 compression_geometry=getattr(module, "COMPRESSION_GEOMETRY", False))(module.run)
 
 
 _register_pieces()

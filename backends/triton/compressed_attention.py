@@ -55,7 +55,7 @@ def supports(problem: NSAProblem) -> str | None:
 @triton.jit
 def _query_tile(
     pos_ptr, first_block_ptr, t0, head0, T,
-    G: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr,
+    G: tl.constexpr, BS: tl.constexpr, CL: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr,
 ):
     """Rows `BT` tokens from `t0` x heads `[head0, head0 + HP)` of one group. Returns per row: its
     token and head offsets within the tile, whether it is real, and its visible packed blocks
@@ -68,7 +68,13 @@ def _query_tile(
     row_ok = tok_ok & (head0 + dh < G)
     pos = tl.load(pos_ptr + tok, mask=tok_ok, other=0)
     lo = tl.load(first_block_ptr + tok, mask=tok_ok, other=0)
-    hi = tl.where(row_ok, lo + (pos + 1) // BS, lo)
+    # Blocks of CL tokens at stride BS (SPEC 9): block i is complete once i * BS + CL <= pos + 1.
+    if CL == BS:
+        complete = (pos + 1) // BS
+    else:
+        # Integer division truncates toward zero here: the early tokens are cut off explicitly.
+        complete = tl.where(pos + 1 >= CL, (pos + 1 - CL) // BS + 1, 0)
+    hi = tl.where(row_ok, lo + complete, lo)
     return dt, dh, row_ok, lo, hi
 
 
@@ -85,7 +91,7 @@ def compressed_attention_fwd_kernel(
     T, NB,
     o_ptr, lse_ptr,
     H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     HEAD_TILES: tl.constexpr = (G + HP - 1) // HP
@@ -97,7 +103,7 @@ def compressed_attention_fwd_kernel(
     b = bh // H
     h = bh % H
 
-    dt, dh, row_ok, lo, hi = _query_tile(pos_ptr, first_block_ptr, t0, head0, T, G, BS, HP, BT)
+    dt, dh, row_ok, lo, hi = _query_tile(pos_ptr, first_block_ptr, t0, head0, T, G, BS, CL, HP, BT)
     seen = hi > lo
     # The tile's block range: the union of its rows' (rows without a block left out).
     c_lo = tl.min(tl.where(seen, lo, NB), axis=0)
@@ -156,7 +162,7 @@ def compressed_attention_bwd_kernel_dq(
     T, NB,
     dq_ptr,
     H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     HEAD_TILES: tl.constexpr = (G + HP - 1) // HP
@@ -168,7 +174,7 @@ def compressed_attention_bwd_kernel_dq(
     b = bh // H
     h = bh % H
 
-    dt, dh, row_ok, lo, hi = _query_tile(pos_ptr, first_block_ptr, t0, head0, T, G, BS, HP, BT)
+    dt, dh, row_ok, lo, hi = _query_tile(pos_ptr, first_block_ptr, t0, head0, T, G, BS, CL, HP, BT)
     seen = hi > lo
     c_lo = tl.min(tl.where(seen, lo, NB), axis=0)
     c_hi = tl.max(tl.where(seen, hi, 0), axis=0)
@@ -217,7 +223,7 @@ def compressed_attention_bwd_kernel_dkv(
     T, NB, SPLIT_TOKENS,
     dk_ptr, dv_ptr,
     H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     HEAD_TILES: tl.constexpr = (G + HP - 1) // HP
@@ -257,7 +263,7 @@ def compressed_attention_bwd_kernel_dkv(
         # compute step at a time.
         for head_tile in tl.static_range(HEAD_TILES):
             head0 = head_tile * HP
-            dt, dh, row_ok, lo, hi = _query_tile(pos_ptr, first_block_ptr, t0, head0, t_hi, G, BS, HP, BT)
+            dt, dh, row_ok, lo, hi = _query_tile(pos_ptr, first_block_ptr, t0, head0, t_hi, G, BS, CL, HP, BT)
             row = dt * HQ + dh
             q = tl.load(_row_base(q_ptr, b, t0, h, head0, T, HQ, G, DK) + row[:, None] * DK + dk[None, :],
                         mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
@@ -310,15 +316,17 @@ _DKV_TARGET_PROGRAMS = 512
 _DKV_MIN_SPLIT_TOKENS = 256
 
 
-def _config(stage: str, group: int, head_dim: int, value_dim: int, block_size: int, scale: float, dtype) -> dict:
-    """The constexprs and launch options of one kernel (`stage` in fwd, dq, dkv)."""
+def _config(stage: str, group: int, head_dim: int, value_dim: int, block_size: int, scale: float, dtype,
+            length: int | None = None) -> dict:
+    """The constexprs and launch options of one kernel (`stage` in fwd, dq, dkv). `block_size` is
+    the compressed blocks' stride `d`, `length` their length `l` (SPEC 9; default `d`)."""
     padded_k, padded_v = launch.next_pow2(max(head_dim, 16)), launch.next_pow2(max(value_dim, 16))
     width = max(64, padded_k, padded_v)
     precision = launch.dot_precision(dtype)
     rows, block_tile, num_warps, num_stages = _TILES[stage, width, precision == "tf32x3"]
     heads = min(launch.next_pow2(group), rows)
     return {
-        "G": group, "HP": heads, "BT": rows // heads, "BC": block_tile, "BS": block_size,
+        "G": group, "HP": heads, "BT": rows // heads, "BC": block_tile, "BS": block_size, "CL": length or block_size,
         "DK": head_dim, "DV": value_dim, "BDK": padded_k, "BDV": padded_v,
         "SCALE": float(scale), "PRECISION": precision, "num_warps": num_warps, "num_stages": num_stages,
     }
@@ -331,10 +339,10 @@ def _dkv_split_tokens(num_tokens: int, block_programs: int) -> int:
     return launch.cdiv(num_tokens, splits)
 
 
-def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, scale: float):
+def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, length: int, scale: float):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
-    config = _config("fwd", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype)
+    config = _config("fwd", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length)
     head_tiles = launch.cdiv(config["G"], config["HP"])
     return launch.triton_call(
         query, k_cmp, v_cmp, pos, first_block, num_tokens, num_blocks,
@@ -346,10 +354,10 @@ def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, scale: float):
     )
 
 
-def _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size: int, scale: float):
+def _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size: int, length: int, scale: float):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
-    config = _config("dq", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype)
+    config = _config("dq", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length)
     head_tiles = launch.cdiv(config["G"], config["HP"])
     return launch.triton_call(
         query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, num_tokens, num_blocks,
@@ -361,10 +369,10 @@ def _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size
 
 
 def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
-             block_size: int, scale: float):
+             block_size: int, length: int, scale: float):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
-    config = _config("dkv", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype)
+    config = _config("dkv", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length)
     block_tiles = launch.cdiv(num_blocks, config["BC"])
     split_tokens = _dkv_split_tokens(num_tokens, block_tiles * batch * num_kv_heads)
     splits = launch.cdiv(num_tokens, split_tokens)
@@ -386,38 +394,47 @@ def _blocks_for_dots(query, k_cmp, v_cmp):
     return k_cmp.astype(query.dtype), v_cmp.astype(query.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _attend(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size: int, scale: float):
-    return _fwd(query, *_blocks_for_dots(query, k_cmp, v_cmp), pos, first_block, block_size, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _attend(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size: int, length: int,
+            scale: float):
+    return _fwd(query, *_blocks_for_dots(query, k_cmp, v_cmp), pos, first_block, block_size, length, scale)
 
 
-def _attend_fwd(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size, scale):
+def _attend_fwd(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size, length, scale):
     k_dots, v_dots = _blocks_for_dots(query, k_cmp, v_cmp)
-    out, lse = _fwd(query, k_dots, v_dots, pos, first_block, block_size, scale)
+    out, lse = _fwd(query, k_dots, v_dots, pos, first_block, block_size, length, scale)
     return (out, lse), (query, k_dots, v_dots, pos, first_block, viewer_lo, viewer_hi, out, lse)
 
 
-def _attend_bwd(block_size, scale, residuals, cotangents):
+def _attend_bwd(block_size, length, scale, residuals, cotangents):
     query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, out, lse = residuals
     d_out, d_lse = cotangents
     # d lse / d s = p: the lse cotangent enters the softmax backward as a shift of delta.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
-    dq = _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, scale)
+    dq = _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, length, scale)
     dk, dv = _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
-                      block_size, scale)
+                      block_size, length, scale)
     return dq, dk, dv, None, None, None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def run(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segments | None):
+# SPEC section 9: blocks of length l at stride d (the kernels see d as BS and l as CL).
+COMPRESSION_GEOMETRY = True
+
+
+def run(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segments | None,
+        compress_block_size: int | None = None, compress_stride: int | None = None):
     num_tokens = query.shape[1]
-    layout = token_layout(num_tokens, block_size, segments)
-    viewer_lo, viewer_hi = sparsity.block_viewers(num_tokens, block_size, segments)
+    length = compress_block_size or block_size
+    stride = compress_stride or length
+    layout = token_layout(num_tokens, stride, segments)
+    viewer_lo, viewer_hi = sparsity.block_viewers(num_tokens, stride, segments, length)
     # float32 blocks (mean_pool's output) in and float32 gradients out; the cast carries them back.
     k_cmp, v_cmp = k_cmp.astype(jnp.float32), v_cmp.astype(jnp.float32)
-    return _attend(query, k_cmp, v_cmp, layout.pos, layout.first_block, viewer_lo, viewer_hi, block_size, float(scale))
+    return _attend(query, k_cmp, v_cmp, layout.pos, layout.first_block, viewer_lo, viewer_hi, stride, length,
+                   float(scale))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,9 +452,11 @@ def compile_specs() -> list[launch.CompileSpec]:
         ("bfloat16", 16, (256, 256), 64),
         ("float32", 1, (128, 128), 16),
         ("float32", 4, (256, 256), 64),
+        ("bfloat16", 16, (128, 128), 16, 32),  # SPEC 9, the paper's: stride d=16, length l=32
     ]
     ints = {"T": "i32", "NB": "i32"}
-    for dtype, group, (head_dim, value_dim), block_size in cases:
+    for dtype, group, (head_dim, value_dim), block_size, *length in cases:
+        length = length[0] if length else None
         # The kernels get the blocks in the query's dtype (`_blocks_for_dots`); dk/dv partials stay float32.
         q, f32, i32 = launch.pointer(dtype), "*fp32", "*i32"
         layout = {"pos_ptr": i32, "first_block_ptr": i32}
@@ -446,11 +465,11 @@ def compile_specs() -> list[launch.CompileSpec]:
         dq = {**grads, **ints, "dq_ptr": q}
         dkv = {**grads, "viewer_lo_ptr": i32, "viewer_hi_ptr": i32, **ints, "SPLIT_TOKENS": "i32",
                "dk_ptr": f32, "dv_ptr": f32}
-        name = f"{dtype}_g{group}_d{head_dim}x{value_dim}_bs{block_size}"
+        name = f"{dtype}_g{group}_d{head_dim}x{value_dim}_bs{block_size}" + (f"_l{length}" if length else "")
         for stage, kernel, signature in [("fwd", compressed_attention_fwd_kernel, fwd),
                                          ("dq", compressed_attention_bwd_kernel_dq, dq),
                                          ("dkv", compressed_attention_bwd_kernel_dkv, dkv)]:
-            config = _config(stage, group, head_dim, value_dim, block_size, head_dim ** -0.5, dtype)
+            config = _config(stage, group, head_dim, value_dim, block_size, head_dim ** -0.5, dtype, length)
             num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
             specs.append(launch.CompileSpec(f"{stage}_{name}", kernel, signature, {"H": 4, **config},
                                             num_warps=num_warps, num_stages=num_stages))

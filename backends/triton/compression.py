@@ -153,7 +153,73 @@ def supports(problem: NSAProblem) -> str | None:
     return launch.common_decline(problem)
 
 
-def run(key, value, *, block_size: int, segments: Segments | None):
+# ---- SPEC section 9: blocks of length l at stride d ------------------------------------------
+# The forward kernel averages `count` tokens from `start`, so overlapping blocks are its launch
+# with stride-d starts and counts up to l. Its backward stores each token once (disjoint blocks);
+# with overlap a token belongs to l/d blocks, so the cotangents are first gathered per stride-d
+# piece (a few adds over [B, T/d, H, D] in jnp) and the disjoint kernel spreads them.
+COMPRESSION_GEOMETRY = True
+
+
+def _piece_cotangent(d_out, count, same_sequence, span: int):
+    """`[B, NB, H, D]`: for each stride-d piece p, the sum of d_out[i] / count[i] over the blocks
+    i = p - k (k < span) of its sequence that cover it."""
+    scaled = d_out / jnp.maximum(count, 1).astype(jnp.float32)[None, :, None, None]
+    padded = jnp.pad(scaled, ((0, 0), (span - 1, 0), (0, 0), (0, 0)))
+    num_blocks = d_out.shape[1]
+    total = scaled
+    for k in range(1, span):
+        total += jnp.where(same_sequence[k][None, :, None, None], padded[:, span - 1 - k : span - 1 - k + num_blocks],
+                           0.0)
+    return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _overlapping_pool(x, start, count, piece_count, same_sequence, length: int, stride: int, num_tokens: int,
+                      dtype: str):
+    return _mean_pool_fwd(x, start, count, length)
+
+
+def _overlapping_pool_fwd(x, start, count, piece_count, same_sequence, length, stride, num_tokens, dtype):
+    return _mean_pool_fwd(x, start, count, length), (start, count, piece_count, same_sequence)
+
+
+def _overlapping_pool_bwd(length, stride, num_tokens, dtype, residuals, d_out):
+    start, count, piece_count, same_sequence = residuals
+    per_piece = _piece_cotangent(d_out, count, same_sequence, length // stride)
+    # The disjoint kernel divides by the piece's own count: hand it that count's multiple.
+    d_x = _mean_pool_bwd(per_piece * piece_count.astype(jnp.float32)[None, :, None, None], start, piece_count,
+                         stride, num_tokens, jnp.dtype(dtype))
+    return d_x, None, None, None, None
+
+
+_overlapping_pool.defvjp(_overlapping_pool_fwd, _overlapping_pool_bwd)
+
+
+def _run_overlapping(key, value, length: int, stride: int, segments: Segments | None):
+    num_tokens = key.shape[1]
+    pieces = block_layout(num_tokens, stride, segments)
+    count = jnp.clip(pieces.seq_end - pieces.start, 0, length).astype(jnp.int32)
+    count = jnp.where(pieces.count > 0, count, 0)
+    span = length // stride
+    # Block p - k is of piece p's sequence when both end where that sequence ends and p - k >= 0.
+    ends = jnp.pad(pieces.seq_end, (span - 1, 0), constant_values=-1)
+    num_blocks = pieces.start.shape[0]
+    same_sequence = jnp.stack([ends[span - 1 - k : span - 1 - k + num_blocks] == pieces.seq_end
+                               for k in range(span)])
+    return tuple(_overlapping_pool(x, pieces.start, count, pieces.count, same_sequence, length, stride,
+                                   num_tokens, jnp.dtype(x.dtype).name) for x in (key, value))
+
+
+def run(key, value, *, block_size: int, segments: Segments | None, compress_block_size: int | None = None,
+        compress_stride: int | None = None):
+    length = compress_block_size or block_size
+    stride = compress_stride or length
+    if (length, stride) != (block_size, block_size):
+        if length == stride:
+            block_size = length  # disjoint blocks of their own length: the kernels as they are
+        else:
+            return _run_overlapping(key, value, length, stride, segments)
     blocks = block_layout(key.shape[1], block_size, segments)
     block_start, block_count = blocks.start, blocks.count
     k_cmp = _pool(key, block_start, block_count, block_size, key.shape[1], jnp.dtype(key.dtype).name)
@@ -172,4 +238,10 @@ def compile_specs() -> list[launch.CompileSpec]:
         for name, kernel, signature in [("fwd", mean_pool_fwd_kernel, fwd), ("bwd", mean_pool_bwd_kernel, bwd)]:
             specs.append(launch.CompileSpec(f"{name}_{dtype}_d{dim}_bs{block_size}", kernel, signature, constexprs,
                                             num_warps=_NUM_WARPS, num_stages=1))
+    # SPEC 9, the paper's l=32 at d=16: the forward runs with BS=l, the backward with BS=d.
+    for name, kernel, signature, block_size in [
+            ("fwd", mean_pool_fwd_kernel, {"x_ptr": "*bf16", **ints, "out_ptr": "*fp32"}, 32),
+            ("bwd", mean_pool_bwd_kernel, {"d_out_ptr": "*fp32", **ints, "d_x_ptr": "*bf16"}, 16)]:
+        specs.append(launch.CompileSpec(f"{name}_bfloat16_d128_bs{block_size}_overlap", kernel, signature,
+                                        {"H": 4, **_tile(128, block_size)}, num_warps=_NUM_WARPS, num_stages=1))
     return specs

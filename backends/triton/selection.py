@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ejkernel_nsa.backends.triton import launch
+from ejkernel_nsa.geometry import geometry_of
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, num_compressed_blocks, token_layout
 
 PIECE = Piece.SELECTION
@@ -54,6 +55,28 @@ _MAX_SLOTS = 256
 
 
 @triton.jit
+def _block_scores(q, q_ptr, k_ptr, row_q, row_ok, b, h, blocks, block_ok, NB,
+                  H: tl.constexpr, DK: tl.constexpr, BD: tl.constexpr, DC: tl.constexpr, ROWS: tl.constexpr,
+                  BC: tl.constexpr, PRECISION: tl.constexpr):
+    """`[ROWS, BC]` unscaled scores of the rows against packed compressed blocks `blocks`."""
+    dims = tl.arange(0, DC)
+    k_rows = ((b * NB + blocks.to(tl.int64)) * H + h) * DK
+    if DC == BD:
+        k = tl.load(k_ptr + k_rows[None, :] + dims[:, None], mask=block_ok[None, :] & (dims < DK)[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=PRECISION)
+    else:
+        # Wide heads: the dot runs over head-dim chunks, each chunk of the queries reloaded
+        # (from cache) so that no [ROWS, BD] operand is held in registers.
+        s = tl.zeros([ROWS, BC], tl.float32)
+        for d0 in tl.static_range(0, BD, DC):
+            d = d0 + dims
+            q = tl.load(q_ptr + row_q[:, None] * DK + d[None, :], mask=row_ok[:, None] & (d < DK)[None, :], other=0.0)
+            k = tl.load(k_ptr + k_rows[None, :] + d[:, None], mask=block_ok[None, :] & (d < DK)[:, None], other=0.0)
+            s = tl.dot(q, k, s, input_precision=PRECISION)
+    return s
+
+
+@triton.jit
 def block_selection_fwd_kernel(
     q_ptr,  # [B, T, HQ, DK]
     k_ptr,  # [B, NB, H, DK] in the query's dtype, packed compressed keys
@@ -61,8 +84,12 @@ def block_selection_fwd_kernel(
     counts_ptr,  # [B, T, H] int32, blocks to choose
     pos_ptr,  # [T] int32, position in the token's sequence
     first_block_ptr,  # [T] int32, the sequence's first block on the packed axis
+    sel_first_ptr,  # [T] int32 (TAPS > 0): the sequence's first selection block on the packed selection axis
+    tap_base_ptr,  # [NBS] int32 (TAPS > 0): each selection block's compressed block j * l'/d, packed
+    tap_weight_ptr,  # [TAPS] float32 (TAPS > 0): |C_i ∩ S_j| / l for i = j * l'/d + TAP0 + t
     T,
     NB,
+    NBS,
     out_ptr,  # [B, T, H, NUM_OUT] int32, local block indices
     H: tl.constexpr,
     G: tl.constexpr,
@@ -78,6 +105,10 @@ def block_selection_fwd_kernel(
     TOPK: tl.constexpr,
     PRECISION: tl.constexpr,
     INDEX_BITS: tl.constexpr,
+    TAPS: tl.constexpr,  # 0: SPEC 3 (compressed block = selection block); else SPEC 9's transfer
+    TAP0: tl.constexpr,
+    CL: tl.constexpr,
+    STRIDE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -100,11 +131,20 @@ def block_selection_fwd_kernel(
     # -inf: the token sees no complete block, so every probability below is masked anyway.
     lse = tl.where(lse > float("-inf"), lse, 0.0)
     row_first = tl.load(first_block_ptr + row_token, mask=row_ok, other=0)
-    row_visible_end = row_first + (tl.load(pos_ptr + row_token, mask=row_ok, other=0) + 1) // BLOCK_SIZE
+    row_pos = tl.load(pos_ptr + row_token, mask=row_ok, other=0)
+    if TAPS == 0:
+        row_visible_end = row_first + (row_pos + 1) // BLOCK_SIZE
+        first_ptr = first_block_ptr
+    else:
+        # SPEC 9: compressed blocks of CL tokens at STRIDE, complete once i * STRIDE + CL <= pos + 1
+        # (cut off explicitly: integer division truncates toward zero). Candidates are selection
+        # blocks, on their own packed axis.
+        row_visible_end = row_first + tl.where(row_pos + 1 >= CL, (row_pos + 1 - CL) // STRIDE + 1, 0)
+        first_ptr = sel_first_ptr
 
     tokens = tile * BT + tl.arange(0, BT)
     token_ok = tokens < T
-    first = tl.load(first_block_ptr + tokens, mask=token_ok, other=0)
+    first = tl.load(first_ptr + tokens, mask=token_ok, other=0)
     current = tl.load(pos_ptr + tokens, mask=token_ok, other=0) // BLOCK_SIZE
 
     # The global blocks that any token of the tile may choose. Sequences are packed in order (as
@@ -113,8 +153,8 @@ def block_selection_fwd_kernel(
     # reductions: Triton's interpreter could not take a reduced value as a loop bound.)
     head = tile * BT
     tail = tl.minimum(head + BT, T) - 1
-    lo = tl.load(first_block_ptr + head)
-    hi = tl.load(first_block_ptr + tail) + tl.load(pos_ptr + tail) // BLOCK_SIZE + 1
+    lo = tl.load(first_ptr + head)
+    hi = tl.load(first_ptr + tail) + tl.load(pos_ptr + tail) // BLOCK_SIZE + 1
 
     # Keys: int64 (the score's 31 value bits above a 32-bit block index), or, when the packed axis
     # fits INDEX_BITS <= 11 bits, int32 (the score's top 31 - INDEX_BITS bits above the index):
@@ -125,24 +165,30 @@ def block_selection_fwd_kernel(
     DROP: tl.constexpr = INDEX_BITS if INDEX_BITS <= 11 else 0
     top = tl.full([BT, TOPK], _NO_BLOCK, KEY)
     offsets = tl.arange(0, BC)
+    if DC != BD:
+        q = tl.zeros([ROWS, DC], q_ptr.dtype.element_ty)  # unused: wide heads load chunks
     for start in range(lo, hi, BC):
         blocks = start + offsets
-        k_rows = ((b * NB + blocks.to(tl.int64)) * H + h) * DK
-        if DC == BD:
-            k = tl.load(k_ptr + k_rows[None, :] + dims[:, None], mask=(blocks < NB)[None, :] & (dims < DK)[:, None], other=0.0)
-            s = tl.dot(q, k, input_precision=PRECISION)
+        if TAPS == 0:
+            s = _block_scores(q, q_ptr, k_ptr, row_q, row_ok, b, h, blocks, blocks < NB, NB, H, DK, BD, DC, ROWS, BC,
+                              PRECISION)
+            visible = row_ok[:, None] & (blocks[None, :] >= row_first[:, None]) & (blocks[None, :] < row_visible_end[:, None])
+            p = tl.where(visible, tl.exp(s * SCALE - lse[:, None]), 0.0)
+            score = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)
         else:
-            # Wide heads: the dot runs over head-dim chunks, each chunk of the queries reloaded
-            # (from cache) so that no [ROWS, BD] operand is held in registers.
-            s = tl.zeros([ROWS, BC], tl.float32)
-            for d0 in tl.static_range(0, BD, DC):
-                d = d0 + dims
-                q = tl.load(q_ptr + row_q[:, None] * DK + d[None, :], mask=row_ok[:, None] & (d < DK)[None, :], other=0.0)
-                k = tl.load(k_ptr + k_rows[None, :] + d[:, None], mask=(blocks < NB)[None, :] & (d < DK)[:, None], other=0.0)
-                s = tl.dot(q, k, s, input_precision=PRECISION)
-        visible = row_ok[:, None] & (blocks[None, :] >= row_first[:, None]) & (blocks[None, :] < row_visible_end[:, None])
-        p = tl.where(visible, tl.exp(s * SCALE - lse[:, None]), 0.0)
-        score = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)
+            # The score transfer, fused: selection block j sums the group's probabilities of the
+            # compressed blocks j * l'/d + TAP0 + t that overlap it, each by its overlap weight.
+            base = tl.load(tap_base_ptr + blocks, mask=blocks < NBS, other=0)
+            score = tl.zeros([BT, BC], tl.float32)
+            for t in tl.static_range(TAPS):
+                cmp = base + (TAP0 + t)
+                cmp_ok = (blocks < NBS) & (cmp >= 0) & (cmp < NB)
+                s = _block_scores(q, q_ptr, k_ptr, row_q, row_ok, b, h, cmp, cmp_ok, NB, H, DK, BD, DC, ROWS, BC,
+                                  PRECISION)
+                visible = row_ok[:, None] & cmp_ok[None, :] & (cmp[None, :] >= row_first[:, None]) & (
+                    cmp[None, :] < row_visible_end[:, None])
+                p = tl.where(visible, tl.exp(s * SCALE - lse[:, None]), 0.0)
+                score += tl.load(tap_weight_ptr + t) * tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)
 
         local = blocks[None, :] - first[:, None]
         candidate = token_ok[:, None] & (local >= 0) & (local <= current[:, None])
@@ -217,20 +263,64 @@ def default_tiles(group: int, head_dim: int, num_out: int, dtype, *, rows: int =
 
 
 def _block_selection_fwd(query, k_cmp, lse, counts, pos, first_block, *, num_out: int, block_size: int, scale: float,
-                         tiles: Tiles | None = None):
+                         tiles: Tiles | None = None, transfer: "Transfer | None" = None):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads = k_cmp.shape[1:3]
     group = num_q_heads // num_kv_heads
     tiles = tiles or default_tiles(group, head_dim, num_out, query.dtype)
+    if transfer is None:
+        # SPEC 3: the transfer's inputs are unused (TAPS=0); any arrays of the right kind fill them.
+        sel_first, tap_base, tap_weight, num_selection_blocks = first_block, first_block, lse, num_blocks
+        geometry = dict(TAPS=0, TAP0=0, CL=block_size, STRIDE=block_size)
+    else:
+        sel_first, tap_base, tap_weight = transfer.sel_first, transfer.tap_base, transfer.tap_weight
+        num_selection_blocks = transfer.tap_base.shape[0]
+        geometry = dict(TAPS=transfer.tap_weight.shape[0], TAP0=transfer.first_tap, CL=transfer.length,
+                        STRIDE=transfer.stride)
     return launch.triton_call(
-        query, k_cmp, lse, counts, pos, first_block, num_tokens, num_blocks,
+        query, k_cmp, lse, counts, pos, first_block, sel_first, tap_base, tap_weight, num_tokens, num_blocks,
+        num_selection_blocks,
         kernel=block_selection_fwd_kernel,
         out_shape=jax.ShapeDtypeStruct((batch, num_tokens, num_kv_heads, num_out), jnp.int32),
         grid=(launch.cdiv(num_tokens, tiles.tokens), batch * num_kv_heads),
         H=num_kv_heads, G=group, DK=head_dim, SCALE=float(scale), BLOCK_SIZE=block_size, NUM_OUT=num_out,
         PRECISION=launch.dot_precision(query.dtype), **tiles.constexprs(),
-        INDEX_BITS=index_bits(num_blocks, tiles.narrow_keys),
+        INDEX_BITS=index_bits(num_selection_blocks, tiles.narrow_keys), **geometry,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+    """SPEC 9's inputs of the kernel: per token its sequence's first selection block (packed
+    selection axis), per selection block its compressed block `j * l'/d` on the packed compressed
+    axis, and the stencil's weights for the taps `first_tap, first_tap + 1, ...`."""
+
+    sel_first: jax.Array
+    tap_base: jax.Array
+    tap_weight: jax.Array
+    first_tap: int
+    length: int
+    stride: int
+
+
+def _transfer(num_tokens: int, block_size: int, length: int, stride: int, segments: Segments | None) -> Transfer:
+    taps = geometry_of(block_size, length, stride).transfer_taps()
+    ratio = block_size // stride
+    num_selection_blocks = num_compressed_blocks(num_tokens, block_size, None if segments is None else segments.num_seqs)
+    selection = jnp.arange(num_selection_blocks, dtype=jnp.int32)
+    if segments is None:
+        tap_base = selection * ratio
+    else:
+        sel_offsets, cmp_offsets = segments.block_offsets(block_size), segments.block_offsets(stride)
+        # The unused tail lands past the last sequence; its blocks are never candidates.
+        seq = jnp.minimum(jnp.searchsorted(sel_offsets[1:], selection, side="right"), segments.num_seqs - 1)
+        tap_base = cmp_offsets[seq] + (selection - sel_offsets[seq]) * ratio
+    return Transfer(
+        sel_first=token_layout(num_tokens, block_size, segments).first_block,
+        tap_base=tap_base.astype(jnp.int32),
+        tap_weight=jnp.asarray([weight for _, weight in taps], jnp.float32),
+        first_tap=taps[0][0], length=length, stride=stride,
     )
 
 
@@ -256,11 +346,23 @@ def supports(problem: NSAProblem) -> str | None:
     return None
 
 
+# SPEC section 9: compressed blocks of length l at stride d, selection blocks of block_size, the
+# score transfer fused into the kernel (no [T, NB] score matrix).
+COMPRESSION_GEOMETRY = True
+
+
 def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, scale: float, segments: Segments | None,
-        tiles: Tiles | None = None):
+        tiles: Tiles | None = None, compress_block_size: int | None = None, compress_stride: int | None = None):
     batch, num_tokens = query.shape[:2]
     num_blocks, num_kv_heads = k_cmp.shape[1:3]
-    layout = token_layout(num_tokens, block_size, segments)
+    length = compress_block_size or block_size
+    stride = compress_stride or length
+    transfer = None
+    if (length, stride) != (block_size, block_size):
+        transfer = _transfer(num_tokens, block_size, length, stride, segments)
+        # The candidates are selection blocks: at most as many as their packed axis holds.
+        num_blocks = transfer.tap_base.shape[0]
+    layout = token_layout(num_tokens, stride, segments)
     if isinstance(block_counts, int):
         counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
     else:
@@ -270,7 +372,7 @@ def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, sca
     # rounds them for the lse), float32 for float32 problems. No gradient flows through here.
     chosen = _block_selection_fwd(
         query, k_cmp.astype(query.dtype), lse.astype(jnp.float32), counts, layout.pos, layout.first_block,
-        num_out=num_out, block_size=block_size, scale=scale, tiles=tiles,
+        num_out=num_out, block_size=block_size, scale=scale, tiles=tiles, transfer=transfer,
     )
     if num_out < num_slots:
         chosen = jnp.pad(chosen, ((0, 0), (0, 0), (0, 0), (0, num_slots - num_out)), constant_values=NO_BLOCK)
@@ -292,18 +394,24 @@ def compile_specs() -> list[launch.CompileSpec]:
         ("float16", 1, 64, 16, 256),
         ("bfloat16", 64, 128, 64, 1),
     ]
-    for dtype, group, head_dim, block_size, slots in cases:
+    # The last case: the paper's l=32, d=16, l'=64 (SPEC 9), a five-tap transfer.
+    cases.append(("bfloat16", 16, 128, 64, 16, (5, -1, 32, 16)))
+    for dtype, group, head_dim, block_size, slots, *geometry in cases:
+        taps, first_tap, length, stride = geometry[0] if geometry else (0, 0, block_size, block_size)
         tiles = default_tiles(group, head_dim, slots, dtype)
         signature = {
             "q_ptr": launch.pointer(dtype), "k_ptr": launch.pointer(dtype), "lse_ptr": "*fp32", "counts_ptr": "*i32",
-            "pos_ptr": "*i32", "first_block_ptr": "*i32", "T": "i32", "NB": "i32",
+            "pos_ptr": "*i32", "first_block_ptr": "*i32", "sel_first_ptr": "*i32", "tap_base_ptr": "*i32",
+            "tap_weight_ptr": "*fp32", "T": "i32", "NB": "i32", "NBS": "i32",
             "out_ptr": "*i32",
         }
         constexprs = dict(H=4, G=group, DK=head_dim, SCALE=head_dim**-0.5, BLOCK_SIZE=block_size, NUM_OUT=slots,
                           PRECISION=launch.dot_precision(dtype), **tiles.constexprs(),
-                          INDEX_BITS=10 if slots < 64 else 32)
+                          INDEX_BITS=10 if slots < 64 else 32, TAPS=taps, TAP0=first_tap, CL=length,
+                          STRIDE=stride)
         specs.append(launch.CompileSpec(
-            f"fwd_{dtype}_g{group}_d{head_dim}_bs{block_size}_s{slots}", block_selection_fwd_kernel,
+            f"fwd_{dtype}_g{group}_d{head_dim}_bs{block_size}_s{slots}" + (f"_l{length}_d{stride}" if taps else ""),
+            block_selection_fwd_kernel,
             signature, constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         ))
     return specs

@@ -1,8 +1,11 @@
-"""Compressed attention (SPEC section 2) and top-k block selection (section 3), in plain XLA.
+"""Compressed attention (SPEC section 2) and top-k block selection (section 3), in plain XLA,
+with section 9's geometry (compression block `l`, stride `d`, selection block `l'`).
 
 Both score queries against the compressed keys chunk by chunk: the selection recomputes the scores
 and normalizes them with the log-sum-exp that the compressed branch returned, instead of keeping
-a `[T, num_blocks]` probability matrix alive between the two.
+a `[T, num_blocks]` probability matrix alive between the two. With `l, d != l'` the selection
+moves each chunk's compressed probabilities onto the selection blocks by the geometry's stencil
+(`CompressionGeometry.transfer_taps`), still one chunk at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ejkernel_nsa.backends.xla.layout import (
     poisoned,
     split_heads,
 )
+from ejkernel_nsa.geometry import CompressionGeometry, geometry_of
 from ejkernel_nsa.problem import Segments, token_layout
 
 NO_BLOCK = -1
@@ -32,17 +36,19 @@ def _scores(q_chunk, k_cmp, scale):
     return matmul("chgd,nhd->chgn", q_chunk, k_cmp) * scale
 
 
-def _visible(pos, first_block, num_blocks, block_size):
+def _visible(pos, first_block, num_blocks, geometry: CompressionGeometry):
     """`[C, NB]`: block n is visible to a token once it is complete and in the token's sequence."""
     blocks = jnp.arange(num_blocks, dtype=jnp.int32)[None, :]
-    complete = (pos + 1) // block_size
+    complete = geometry.num_visible(pos)
     return (blocks >= first_block[:, None]) & (blocks < (first_block + complete)[:, None])
 
 
-def compressed_attention(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segments | None):
+def compressed_attention(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segments | None,
+                         compress_block_size: int | None = None, compress_stride: int | None = None):
     batch, num_tokens, num_q_heads, _ = query.shape
     num_blocks, num_kv_heads = k_cmp.shape[1:3]
-    layout = token_layout(num_tokens, block_size, segments)
+    geometry = geometry_of(block_size, compress_block_size, compress_stride)
+    layout = token_layout(num_tokens, geometry.stride, segments)
     chunk = chunk_len(num_tokens, batch * num_q_heads * num_blocks * 4 * 4)
 
     def row(q, kc, vc):
@@ -51,7 +57,7 @@ def compressed_attention(query, k_cmp, v_cmp, *, block_size: int, scale: float, 
 
         def body(start, q_chunk, pos, first_block):
             scores = _scores(split_heads(q_chunk, num_kv_heads), kc, scale)
-            visible = _visible(pos, first_block, num_blocks, block_size)
+            visible = _visible(pos, first_block, num_blocks, geometry)
             probs, lse = masked_softmax(scores, visible[:, None, None, :])
             out = matmul("chgn,nhd->chgd", probs.astype(vc.dtype), vc)
             seen_bad = count_visible("cn,nh->ch", visible, bad)
@@ -64,7 +70,8 @@ def compressed_attention(query, k_cmp, v_cmp, *, block_size: int, scale: float, 
 
 
 def select_blocks(
-    query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, scale: float, segments: Segments | None
+    query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, scale: float, segments: Segments | None,
+    compress_block_size: int | None = None, compress_stride: int | None = None,
 ):
     """Top-`n` compressed blocks per (token, kv head), as local block indices `[B, T, H, S]`.
 
@@ -72,11 +79,15 @@ def select_blocks(
     runs on the block axis reversed.
     """
     batch, num_tokens, num_q_heads, _ = query.shape
-    num_blocks, num_kv_heads = k_cmp.shape[1:3]
-    group = num_q_heads // num_kv_heads
-    layout = token_layout(num_tokens, block_size, segments)
+    num_kv_heads = k_cmp.shape[2]
     if isinstance(block_counts, int):
         block_counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
+    geometry = geometry_of(block_size, compress_block_size, compress_stride)
+    if not geometry.is_default:
+        return _select_transferred(query, k_cmp, lse, block_counts, num_slots, geometry, scale, segments)
+    num_blocks = k_cmp.shape[1]
+    group = num_q_heads // num_kv_heads
+    layout = token_layout(num_tokens, block_size, segments)
     top = min(num_slots, num_blocks)
     chunk = chunk_len(num_tokens, batch * num_q_heads * num_blocks * 4 * 4)
     blocks = jnp.arange(num_blocks, dtype=jnp.int32)
@@ -84,7 +95,7 @@ def select_blocks(
     def row(q, kc, row_lse, counts):
         def body(start, q_chunk, lse_chunk, counts_chunk, pos, first_block):
             scores = _scores(split_heads(q_chunk, num_kv_heads), kc, scale)
-            visible = _visible(pos, first_block, num_blocks, block_size)[:, None, None, :]
+            visible = _visible(pos, first_block, num_blocks, geometry)[:, None, None, :]
             lse_chunk = split_heads(lse_chunk[..., None], num_kv_heads)
             lse_chunk = jnp.where(jnp.isfinite(lse_chunk), lse_chunk, 0.0)
             probs = jnp.where(visible, jnp.exp(scores - lse_chunk), 0.0)
@@ -102,6 +113,74 @@ def select_blocks(
             keep = jnp.isfinite(best) & (jnp.arange(top)[None, None, :] < counts_chunk[..., None])
             chosen = jnp.where(keep, chosen, NO_BLOCK).astype(jnp.int32)
             return jnp.pad(chosen, ((0, 0), (0, 0), (0, num_slots - top)), constant_values=NO_BLOCK)
+
+        return map_query_chunks(body, chunk, q, row_lse, counts, layout.pos, layout.first_block)
+
+    return jax.vmap(row)(query, k_cmp, lse, block_counts.astype(jnp.int32))
+
+
+def _top_blocks(block_scores, pos, counts_chunk, group: int, block_size: int, num_slots: int):
+    """`[C, H, S]` local block indices from `[C, H, NB]` scores over local blocks: the forced
+    blocks, the candidates `[0, IC]`, top-k with ties to the later block, -1 padding."""
+    num_blocks = block_scores.shape[-1]
+    top = min(num_slots, num_blocks)
+    local = jnp.arange(num_blocks, dtype=jnp.int32)[None, :]
+    current = (pos // block_size)[:, None]
+    candidate = local <= current
+    forced = candidate & ((local == 0) | (local == current - 1) | (local == current))
+    block_scores = jnp.where(forced[:, None, :], float(group), block_scores)
+    block_scores = jnp.where(candidate[:, None, :], block_scores, -jnp.inf)
+    best, reversed_index = jax.lax.top_k(block_scores[..., ::-1], top)
+    chosen = num_blocks - 1 - reversed_index
+    keep = jnp.isfinite(best) & (jnp.arange(top)[None, None, :] < counts_chunk[..., None])
+    chosen = jnp.where(keep, chosen, NO_BLOCK).astype(jnp.int32)
+    return jnp.pad(chosen, ((0, 0), (0, 0), (0, num_slots - top)), constant_values=NO_BLOCK)
+
+
+def _transfer(probs, geometry: CompressionGeometry, num_selection_blocks: int):
+    """`[..., NBc]` compressed probabilities over a token's own (local) blocks -> `[..., NBs]`
+    selection scores: `score_j = sum_u w_u * p[j*r + u]` over the geometry's taps."""
+    ratio = geometry.block_size // geometry.stride
+    taps = geometry.transfer_taps()
+    left = -taps[0][0]
+    needed = left + num_selection_blocks * ratio + taps[-1][0] - ratio + 1
+    padded = jnp.pad(probs, [(0, 0)] * (probs.ndim - 1) + [(left, max(0, needed - left - probs.shape[-1]))])
+    scores = 0.0
+    for u, weight in taps:
+        start = left + u
+        picked = jax.lax.slice_in_dim(padded, start, start + (num_selection_blocks - 1) * ratio + 1, ratio, axis=-1)
+        scores = scores + weight * picked
+    return scores
+
+
+def _select_transferred(query, k_cmp, lse, block_counts, num_slots, geometry: CompressionGeometry, scale,
+                        segments):
+    """SPEC 9's selection: scores of the selection blocks by the transfer of each chunk's
+    compressed probabilities, in each token's local block frame."""
+    batch, num_tokens, num_q_heads, _ = query.shape
+    num_blocks, num_kv_heads = k_cmp.shape[1:3]
+    group = num_q_heads // num_kv_heads
+    layout = token_layout(num_tokens, geometry.stride, segments)
+    # A sequence has at most ceil(T / d) compressed and ceil(T / l') selection blocks.
+    local_blocks = -(-num_tokens // geometry.stride)
+    selection_blocks = -(-num_tokens // geometry.block_size)
+    chunk = chunk_len(num_tokens, batch * num_q_heads * (num_blocks + local_blocks + selection_blocks) * 4 * 4)
+
+    def row(q, kc, row_lse, counts):
+        def body(start, q_chunk, lse_chunk, counts_chunk, pos, first_block):
+            scores = _scores(split_heads(q_chunk, num_kv_heads), kc, scale)
+            visible = _visible(pos, first_block, num_blocks, geometry)[:, None, None, :]
+            lse_chunk = split_heads(lse_chunk[..., None], num_kv_heads)
+            lse_chunk = jnp.where(jnp.isfinite(lse_chunk), lse_chunk, 0.0)
+            probs = jnp.sum(jnp.where(visible, jnp.exp(scores - lse_chunk), 0.0), axis=2)  # [C, H, NB]
+            if segments is not None:
+                # Packed rows: move each token's own blocks to the front (local index i).
+                local = first_block[:, None] + jnp.arange(local_blocks, dtype=jnp.int32)[None, :]
+                inside = local < num_blocks
+                probs = jnp.take_along_axis(probs, jnp.minimum(local, num_blocks - 1)[:, None, :], axis=2)
+                probs = jnp.where(inside[:, None, :], probs, 0.0)
+            block_scores = _transfer(probs, geometry, selection_blocks)
+            return _top_blocks(block_scores, pos, counts_chunk, group, geometry.block_size, num_slots)
 
         return map_query_chunks(body, chunk, q, row_lse, counts, layout.pos, layout.first_block)
 
