@@ -36,13 +36,16 @@ def native_sparse_attention(
     g_swa=None,
     window_size: int = 0,
     max_block_counts: int | None = None,
+    kv_lengths=None,
     backend: str | None = None,
 ) -> jax.Array:
     """Native Sparse Attention (arXiv 2502.11089): compressed, selected and sliding-window branches.
 
     Args:
-      query: `[B, T, HQ, Dk]`. key: `[B, T, H, Dk]`. value: `[B, T, H, Dv]`, with `HQ = G * H` for
-        any integer group size `G`; query head `i` reads kv head `i // G`.
+      query: `[B, T, HQ, Dk]`. key: `[B, TK, H, Dk]`. value: `[B, TK, H, Dv]`, with `HQ = G * H` for
+        any integer group size `G`; query head `i` reads kv head `i // G`. `TK = T` for training;
+        `TK > T` for decoding and chunked prefill (SPEC section 10): the queries are the last `T`
+        positions of each row's keys.
       g_cmp, g_slc, g_swa: optional gates `[B, T, HQ]` of the three branches. With `g_cmp`, the
         compressed branch is added and (unless `block_indices` is given) selects the blocks.
       block_indices: `[B, T, H, S]` int, the caller's selection (local block indices; -1 = empty).
@@ -53,6 +56,9 @@ def native_sparse_attention(
       window_size: the sliding window `W` (0 disables it; `W > 0` needs `g_swa`).
       max_block_counts: the static slot count `S` when `block_counts` is an array and the
         selection is computed.
+      kv_lengths: `[B]` int, each row's key length `L_b` (`T <= L_b <= TK`; may be traced): row
+        `b`'s keys are `[0, L_b)`, its queries sit at positions `L_b - T + i`, and key slots past
+        `L_b` never count. Defaults to `TK`. Not with `cu_seqlens`.
       backend: force one backend by name (see `ejkernel_nsa.backend_status()`).
 
     Returns:
@@ -69,6 +75,7 @@ def native_sparse_attention(
         query, key, value, g_cmp=g_cmp, g_slc=g_slc, g_swa=g_swa, block_indices=block_indices,
         block_counts=block_counts, block_size=block_size, softmax_scale=softmax_scale,
         cu_seqlens=cu_seqlens, window_size=window_size, max_block_counts=max_block_counts,
+        kv_lengths=kv_lengths,
     )
     return _run(call, _plan(call.problem, backend))
 
@@ -84,9 +91,13 @@ def apply_native_sparse_attention(
     cu_seqlens=None,
     token_indices=None,
     *,
+    kv_lengths=None,
     backend: str | None = None,
 ) -> jax.Array:
     """Attention over given blocks only (SPEC section 4): the selected branch without gates.
+
+    As in `native_sparse_attention`, `key` / `value` may be longer than `query` and `kv_lengths`
+    gives each row's key length (SPEC section 10).
 
     `block_indices` is `[B, T, H, S]` (local block indices, -1 for empty slots); each (token, kv
     head) uses the distinct entries of its first `block_counts` slots that are not in its future.
@@ -96,14 +107,14 @@ def apply_native_sparse_attention(
     call = check_nsa_call(
         query, key, value, block_indices=block_indices, block_counts=block_counts,
         block_size=block_size, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
-        token_indices=token_indices,
+        token_indices=token_indices, kv_lengths=kv_lengths,
     )
     return _run(call, _plan(call.problem, backend))
 
 
 def explain(query, key, value, g_cmp=None, g_slc=None, block_indices=None, block_counts=16, block_size=64,
             softmax_scale=None, cu_seqlens=None, *, g_swa=None, window_size=0, max_block_counts=None,
-            backend=None) -> registry.Plan:
+            kv_lengths=None, backend=None) -> registry.Plan:
     """Which implementation each piece of this call would use, and why each other one was not.
 
     Takes the arguments of `native_sparse_attention`, checks them the same way, and runs nothing.
@@ -113,6 +124,7 @@ def explain(query, key, value, g_cmp=None, g_slc=None, block_indices=None, block
         query, key, value, g_cmp=g_cmp, g_slc=g_slc, g_swa=g_swa, block_indices=block_indices,
         block_counts=block_counts, block_size=block_size, softmax_scale=softmax_scale,
         cu_seqlens=cu_seqlens, window_size=window_size, max_block_counts=max_block_counts,
+        kv_lengths=kv_lengths,
     )
     return _plan(call.problem, backend)
 
@@ -122,29 +134,38 @@ def _plan(problem: NSAProblem, backend: str | None, pieces: tuple[Piece, ...] | 
     return registry.resolve(problem, forced, forced_by, pieces)
 
 
-def _run(call: NSACall, plan: registry.Plan) -> jax.Array:
+def _run(call: NSACall, plan: registry.Plan, compressed: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Run the plan's pieces; `compressed` (a serving cache's `(key_cmp, value_cmp)`) replaces
+    the compression piece."""
     problem, segments, scale = call.problem, call.segments, call.scale
     q, k, v = call.query, call.key, call.value
     block_size = problem.block_size
+    # SPEC section 10's row lengths reach only the implementations registered for them (the
+    # registry declines the others), so a TQ == TK call passes exactly what it always did.
+    rows = {} if call.kv_lengths is None else {"kv_lengths": call.kv_lengths}
     out = jnp.zeros(q.shape[:3] + (v.shape[3],), jnp.float32)
     block_indices = call.block_indices
     if call.g_cmp is not None:
-        k_cmp, v_cmp = plan[Piece.COMPRESSION](k, v, block_size=block_size, segments=segments)
+        if compressed is None:
+            k_cmp, v_cmp = plan[Piece.COMPRESSION](k, v, block_size=block_size, segments=segments, **rows)
+        else:
+            k_cmp, v_cmp = compressed
         o_cmp, lse = plan[Piece.COMPRESSED_ATTENTION](q, k_cmp, v_cmp, block_size=block_size, scale=scale,
-                                                      segments=segments)
+                                                      segments=segments, **rows)
         out += _gated(o_cmp, call.g_cmp)
         if block_indices is None:
             # The selection is piecewise constant in its inputs: it carries no gradient.
             q_sel, k_sel, lse_sel = jax.lax.stop_gradient((q, k_cmp, lse))
             block_indices = plan[Piece.SELECTION](
                 q_sel, k_sel, lse_sel, block_counts=call.block_counts, num_slots=problem.num_slots,
-                block_size=block_size, scale=scale, segments=segments,
+                block_size=block_size, scale=scale, segments=segments, **rows,
             )
     o_slc = plan[Piece.SELECTED_ATTENTION](q, k, v, block_indices, call.block_counts, block_size=block_size,
-                                           scale=scale, segments=segments)
+                                           scale=scale, segments=segments, **rows)
     out += _gated(o_slc, call.g_slc)
     if call.g_swa is not None:
-        o_swa = plan[Piece.SLIDING_WINDOW](q, k, v, window_size=problem.window_size, scale=scale, segments=segments)
+        o_swa = plan[Piece.SLIDING_WINDOW](q, k, v, window_size=problem.window_size, scale=scale, segments=segments,
+                                           **rows)
         out += _gated(o_swa, call.g_swa)
     return out.astype(q.dtype)
 

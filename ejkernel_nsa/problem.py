@@ -49,6 +49,16 @@ class NSAProblem:
     has_g_slc: bool = False
     has_g_swa: bool = False
     platform: str = "cpu"
+    # SPEC section 10 (queries against a longer key sequence). `query_len` is TQ when it differs
+    # from `seq_len`, which is then the key length TK; `kv_lengths` says the call carries per-row
+    # key lengths. Both keep their defaults for a TQ == TK call, so its description is unchanged.
+    query_len: int | None = None
+    kv_lengths: bool = False
+
+    @property
+    def against_longer_keys(self) -> bool:
+        """Whether the call is SPEC section 10's: queries shorter than the keys, or row lengths."""
+        return self.query_len is not None or self.kv_lengths
 
     @property
     def group_size(self) -> int:

@@ -58,8 +58,14 @@ class Implementation:
     platforms: frozenset[str]
     priority: int
     supports: SupportsFn
+    # Whether it computes SPEC section 10 (queries shorter than the keys, per-row kv_lengths).
+    longer_keys: bool = False
 
     def decline_reason(self, problem: NSAProblem) -> str | None:
+        if problem.against_longer_keys and not self.longer_keys:
+            return ("computes only queries as long as the keys without kv_lengths (SPEC section 10: "
+                    f"TQ={problem.query_len or problem.seq_len}, TK={problem.seq_len}, "
+                    f"kv_lengths {'given' if problem.kv_lengths else 'not given'})")
         if problem.platform not in self.platforms:
             return f"runs on {sorted(self.platforms)}, the inputs are on {problem.platform}"
         return self.supports(problem)
@@ -108,13 +114,15 @@ def register(
     platforms: tuple[str, ...],
     priority: int,
     supports: SupportsFn = lambda problem: None,
+    longer_keys: bool = False,
 ) -> Callable[[Callable], Callable]:
-    """Decorator: add `fn` to the table as `backend`'s implementation of `piece`."""
+    """Decorator: add `fn` to the table as `backend`'s implementation of `piece`. With
+    `longer_keys`, `fn` also takes `kv_lengths=` and computes SPEC section 10's calls."""
 
     def add(fn: Callable) -> Callable:
         with _lock:
             _implementations.append(
-                Implementation(backend, Piece(piece), fn, frozenset(platforms), priority, supports)
+                Implementation(backend, Piece(piece), fn, frozenset(platforms), priority, supports, longer_keys)
             )
         return fn
 

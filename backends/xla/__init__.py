@@ -25,4 +25,4 @@ for piece, fn in [
     (Piece.SELECTED_ATTENTION, selected_attention),
     (Piece.SLIDING_WINDOW, sliding_window_attention),
 ]:
-    register(piece, backend=NAME, platforms=PLATFORMS, priority=PRIORITY)(fn)
+    register(piece, backend=NAME, platforms=PLATFORMS, priority=PRIORITY, longer_keys=True)(fn)

@@ -16,6 +16,7 @@ from ejkernel_nsa.backends.xla.layout import (
     map_query_chunks,
     masked_softmax,
     merge_heads,
+    query_positions,
     split_heads,
 )
 from ejkernel_nsa.problem import Segments, token_layout
@@ -35,13 +36,26 @@ def _visible(pos, first_block, num_blocks, block_size):
     return (blocks >= first_block[:, None]) & (blocks < (first_block + complete)[:, None])
 
 
-def compressed_attention(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segments | None):
+def complete_blocks_only(k_cmp, v_cmp, kv_lengths, block_size):
+    """SPEC section 10: zero the compressed blocks past each row's last complete one, which no
+    query of the row can see, so that whatever they hold (a serving cache's stale blocks, NaN)
+    never meets a zero probability in a product."""
+    if kv_lengths is None:
+        return k_cmp, v_cmp
+    complete = jnp.arange(k_cmp.shape[1])[None, :] < (kv_lengths // block_size)[:, None]
+    return tuple(jnp.where(complete[:, :, None, None], x, 0) for x in (k_cmp, v_cmp))
+
+
+def compressed_attention(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segments | None,
+                         kv_lengths=None):
     batch, num_tokens, num_q_heads, _ = query.shape
     num_blocks, num_kv_heads = k_cmp.shape[1:3]
     layout = token_layout(num_tokens, block_size, segments)
+    positions = query_positions(layout.pos, batch, kv_lengths)
+    k_cmp, v_cmp = complete_blocks_only(k_cmp, v_cmp, kv_lengths, block_size)
     chunk = chunk_len(num_tokens, batch * num_q_heads * num_blocks * 4 * 4)
 
-    def row(q, kc, vc):
+    def row(q, kc, vc, row_pos):
         def body(start, q_chunk, pos, first_block):
             scores = _scores(split_heads(q_chunk, num_kv_heads), kc, scale)
             mask = _visible(pos, first_block, num_blocks, block_size)[:, None, None, :]
@@ -49,13 +63,14 @@ def compressed_attention(query, k_cmp, v_cmp, *, block_size: int, scale: float, 
             out = matmul("chgn,nhd->chgd", probs.astype(vc.dtype), vc)
             return merge_heads(out).astype(q.dtype), lse.reshape(lse.shape[0], num_q_heads)
 
-        return map_query_chunks(body, chunk, q, layout.pos, layout.first_block)
+        return map_query_chunks(body, chunk, q, row_pos, layout.first_block)
 
-    return jax.vmap(row)(query, k_cmp, v_cmp)
+    return jax.vmap(row)(query, k_cmp, v_cmp, positions)
 
 
 def select_blocks(
-    query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, scale: float, segments: Segments | None
+    query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, scale: float, segments: Segments | None,
+    kv_lengths=None,
 ):
     """Top-`n` compressed blocks per (token, kv head), as local block indices `[B, T, H, S]`.
 
@@ -66,13 +81,15 @@ def select_blocks(
     num_blocks, num_kv_heads = k_cmp.shape[1:3]
     group = num_q_heads // num_kv_heads
     layout = token_layout(num_tokens, block_size, segments)
+    positions = query_positions(layout.pos, batch, kv_lengths)
+    k_cmp, _ = complete_blocks_only(k_cmp, k_cmp, kv_lengths, block_size)
     if isinstance(block_counts, int):
         block_counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
     top = min(num_slots, num_blocks)
     chunk = chunk_len(num_tokens, batch * num_q_heads * num_blocks * 4 * 4)
     blocks = jnp.arange(num_blocks, dtype=jnp.int32)
 
-    def row(q, kc, row_lse, counts):
+    def row(q, kc, row_lse, counts, row_pos):
         def body(start, q_chunk, lse_chunk, counts_chunk, pos, first_block):
             scores = _scores(split_heads(q_chunk, num_kv_heads), kc, scale)
             visible = _visible(pos, first_block, num_blocks, block_size)[:, None, None, :]
@@ -94,6 +111,6 @@ def select_blocks(
             chosen = jnp.where(keep, chosen, NO_BLOCK).astype(jnp.int32)
             return jnp.pad(chosen, ((0, 0), (0, 0), (0, num_slots - top)), constant_values=NO_BLOCK)
 
-        return map_query_chunks(body, chunk, q, row_lse, counts, layout.pos, layout.first_block)
+        return map_query_chunks(body, chunk, q, row_lse, counts, row_pos, layout.first_block)
 
-    return jax.vmap(row)(query, k_cmp, lse, block_counts.astype(jnp.int32))
+    return jax.vmap(row)(query, k_cmp, lse, block_counts.astype(jnp.int32), positions)

@@ -16,6 +16,7 @@ from ejkernel_nsa.backends.xla.layout import (
     map_query_chunks,
     masked_softmax,
     merge_heads,
+    query_positions,
     split_heads,
 )
 from ejkernel_nsa.problem import Segments, token_layout
@@ -38,13 +39,16 @@ def selected_blocks_mask(indices, counts, pos, block_size):
 
 
 def selected_attention(
-    query, key, value, block_indices, block_counts, *, block_size: int, scale: float, segments: Segments | None
+    query, key, value, block_indices, block_counts, *, block_size: int, scale: float, segments: Segments | None,
+    kv_lengths=None,
 ):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads, value_dim = key.shape[2], value.shape[3]
     num_slots = block_indices.shape[-1]
     span = num_slots * block_size
+    num_keys = key.shape[1]
     layout = token_layout(num_tokens, block_size, segments)
+    positions = query_positions(layout.pos, batch, kv_lengths)
     if isinstance(block_counts, int):
         block_counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
     gathered_bytes = num_kv_heads * span * (head_dim + value_dim) * key.dtype.itemsize
@@ -52,20 +56,26 @@ def selected_attention(
     heads = jnp.arange(num_kv_heads)[None, :, None]
     in_block = jnp.arange(block_size, dtype=jnp.int32)
 
-    def row(q, k, v, indices, counts):
+    def row(q, k, v, indices, counts, row_pos):
         def body(start, q_chunk, idx_chunk, counts_chunk, pos, seq_start):
             size = q_chunk.shape[0]
             slots = selected_blocks_mask(idx_chunk, counts_chunk, pos, block_size)
             offsets = idx_chunk[..., None] * block_size + in_block  # [C, H, S, BS]
             key_mask = slots[..., None] & (offsets <= pos[:, None, None, None])
-            rows = jnp.clip(seq_start[:, None, None, None] + offsets, 0, num_tokens - 1)
+            rows = jnp.clip(seq_start[:, None, None, None] + offsets, 0, num_keys - 1)
             rows = rows.reshape(size, num_kv_heads, span)
             k_sel, v_sel = k[rows, heads], v[rows, heads]  # [C, H, S*BS, D]
+            if kv_lengths is not None:
+                # A serving cache's slots past the row's length may hold anything: mask the loads,
+                # so a NaN there never meets a zero probability (SPEC section 8).
+                loaded = key_mask.reshape(size, num_kv_heads, span, 1)
+                k_sel, v_sel = jnp.where(loaded, k_sel, 0), jnp.where(loaded, v_sel, 0)
             scores = matmul("chgd,chkd->chgk", split_heads(q_chunk, num_kv_heads), k_sel)
             probs, _ = masked_softmax(scores * scale, key_mask.reshape(size, num_kv_heads, 1, span))
             out = matmul("chgk,chkd->chgd", probs.astype(v.dtype), v_sel)
             return merge_heads(out).astype(q.dtype)
 
-        return map_query_chunks(body, chunk, q, indices, counts, layout.pos, layout.seq_start)
+        return map_query_chunks(body, chunk, q, indices, counts, row_pos, layout.seq_start)
 
-    return jax.vmap(row)(query, key, value, block_indices.astype(jnp.int32), block_counts.astype(jnp.int32))
+    return jax.vmap(row)(query, key, value, block_indices.astype(jnp.int32), block_counts.astype(jnp.int32),
+                         positions)
