@@ -76,6 +76,32 @@ def init(batch: int, capacity: int, num_kv_heads: int, head_dim: int, value_dim:
     )
 
 
+def from_keys(key, value, lengths=None, *, block_size: int = 64) -> NSACache:
+    """A cache holding `key` `[B, C, H, Dk]` and `value` `[B, C, H, Dv]` (capacity `C`, a multiple
+    of `block_size`), of row lengths `lengths` `[B]` (default `C`): for a prefix computed
+    elsewhere. Compresses every block once; slots past a row's length are never read."""
+    checker = ShapeChecker()
+    key = checker.array("key", key, "float", "B C H Dk")
+    value = checker.array("value", value, "float", "B C H Dv")
+    if value.dtype != key.dtype:
+        raise TypeError(f"value: expected the key's dtype {key.dtype}, got {value.dtype}")
+    block_size = static_int("block_size", block_size, 1)
+    batch, capacity = key.shape[:2]
+    if capacity % block_size:
+        raise ValueError(f"key: its {capacity} slots must be a multiple of block_size={block_size}")
+    if lengths is None:
+        lengths = jnp.full((batch,), capacity, jnp.int32)
+    lengths = checker.array("lengths", lengths, "integer", "B").astype(jnp.int32)
+    kept = (jnp.arange(capacity)[None, :] < lengths[:, None]).reshape(batch, -1, block_size)
+    counts = jnp.maximum(kept.sum(axis=2), 1).astype(jnp.float32)[:, :, None, None]
+
+    def means(x):
+        blocks = x.reshape((batch, -1, block_size) + x.shape[2:]).astype(jnp.float32)
+        return jnp.where(kept[..., None, None], blocks, 0.0).sum(axis=2) / counts
+
+    return NSACache(key, value, means(key), means(value), lengths, block_size)
+
+
 def append(cache: NSACache, key, value, num_new=None) -> NSACache:
     """Write `key` `[B, n, H, Dk]` and `value` `[B, n, H, Dv]` after each row's last token.
 

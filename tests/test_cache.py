@@ -194,3 +194,13 @@ def test_mistakes_are_named():
     ]:
         with pytest.raises((TypeError, ValueError), match=rf"^{argument}\b"):
             call()
+
+
+def test_from_keys_matches_appending():
+    seq = sequence(6, CAPACITY)
+    lengths = np.array([CAPACITY, 37], np.int32)
+    built = kv_cache.from_keys(seq["key"], seq["value"], lengths, block_size=BS)
+    k_cmp, v_cmp = oracle.mean_pool_cached(seq["key"], seq["value"], BS, lengths.tolist())
+    np.testing.assert_allclose(built.key_cmp, k_cmp, atol=2e-6)
+    np.testing.assert_allclose(built.value_cmp, v_cmp, atol=2e-6)
+    np.testing.assert_array_equal(built.lengths, lengths)
