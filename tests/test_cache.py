@@ -172,7 +172,8 @@ def test_stale_slots_past_the_lengths_never_reach_the_output():
                             cache.key_cmp.at[:, 5:].set(jnp.nan), cache.value_cmp.at[:, 5:].set(jnp.nan),
                             cache.lengths, cache.block_size)
     token = {name: np.stack([a[0, 8:9], a[1, 36:37]]) for name, a in seq.items()}
-    clean, dirty = attend(cache, token, **OPTIONS), attend(poisoned, token, **OPTIONS)
+    run = jax.jit(functools.partial(attend, **OPTIONS))
+    clean, dirty = run(cache, token), run(poisoned, token)
     assert np.all(np.isfinite(dirty))
     np.testing.assert_array_equal(clean, dirty)
 
