@@ -7,6 +7,8 @@ What is timed (jitted, median of the timed runs, host clock around `block_until_
 - `nsa_step`: one decoding step with `ejkernel_nsa.cache`: append the new token (completing its
   compressed block) and attend with its query, the cache donated; rows at the context length.
 - `nsa_attend`: the attend call alone (no append).
+- `nsa_step_xla`: `nsa_step` with every piece forced onto XLA (on a GPU the automatic choice runs
+  the selected branch in Triton's decoding kernel).
 - `dense_cudnn`, `dense_xla`: `jax.nn.dot_product_attention` of the same query over the same cache
   (`key_value_seq_lengths`), with cuDNN and with XLA: dense decoding.
 - `nsa_no_cache`: `native_sparse_attention` of the one query against the whole prefix with
@@ -154,14 +156,14 @@ def decode_cases(records, args, config, dtype, batch, context, recompute_batch_1
         attend = jax.jit(lambda c, q, g: kv_cache.attend(c, q, **g, **options))
         return timed(lambda c: (c, attend(c, q, gates)), cache, repeats, max_s)
 
-    def step(repeats, max_s):
+    def step(repeats, max_s, backend=None):
         cache = filled_cache(key, batch, context, config, dtype)
         token_k = jax.random.normal(key, (batch, 1, config["kv_heads"], config["head_dim"]), dtype)
 
         @functools.partial(jax.jit, donate_argnums=0)
         def one_step(c, k, q, g):
             c = kv_cache.append(c, k, k)
-            return c, kv_cache.attend(c, q, **g, **options)
+            return c, kv_cache.attend(c, q, **g, **options, backend=backend)
 
         # The rows grow by one per step: rewind them so every step runs at the same length.
         rewind = jax.jit(lambda c: kv_cache.NSACache(c.key, c.value, c.key_cmp, c.value_cmp,
@@ -190,6 +192,9 @@ def decode_cases(records, args, config, dtype, batch, context, recompute_batch_1
     run_case(records, "dense_xla", batch, context, dense("xla"), **knobs)
     run_case(records, "nsa_attend", batch, context, attend_only, **knobs)
     run_case(records, "nsa_step", batch, context, step, **knobs)
+    # Every piece on XLA: what the automatic choice (Triton's decoding kernel for the selected
+    # branch, on a GPU) is measured against.
+    run_case(records, "nsa_step_xla", batch, context, functools.partial(step, backend="xla"), **knobs)
     run_case(records, "nsa_no_cache", batch, context, no_cache, **knobs)
     if batch * context <= config["recompute_token_limit"]:
         measured = run_case(records, "nsa_recompute", batch, context, recompute(batch), **knobs)
@@ -281,7 +286,7 @@ def plot(path: Path, records, config) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ("dense_cudnn", "dense_xla", "nsa_no_cache", "nsa_attend", "nsa_step")
+    names = ("dense_cudnn", "dense_xla", "nsa_no_cache", "nsa_attend", "nsa_step", "nsa_step_xla")
     fig, axes = plt.subplots(1, len(config["batches"]), figsize=(6 * len(config["batches"]), 4), squeeze=False)
     for ax, batch in zip(axes[0], config["batches"]):
         for name in names:
