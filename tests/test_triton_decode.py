@@ -63,3 +63,28 @@ def test_prefill_chunks_decline_the_decoding_kernel():
     with pytest.raises(nsa.BackendError, match="one query per row"):
         nsa.explain(q, k, k, block_indices=np.zeros((1, 3, 1, 2), np.int32), block_counts=2, block_size=16,
                     backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, context", [(1, 8192), (8, 32768)])
+def test_serving_shape_matches_xla_on_a_gpu(batch, context):
+    """Issue 14's serving shape (HQ=64, H=4, D=128, BS=64, S=16, bf16): a whole decoding step with
+    the cache, automatic choice (Triton's kernel for the selected branch) against all-XLA."""
+    from ejkernel_nsa import cache as kv_cache
+
+    keys = jax.random.split(jax.random.key(context), 4)
+    k = jax.random.normal(keys[0], (batch, context, 4, 128), jnp.bfloat16)
+    v = jax.random.normal(keys[1], (batch, context, 4, 128), jnp.bfloat16)
+    lengths = jax.random.randint(keys[2], (batch,), context // 2, context + 1)
+    cache = kv_cache.from_keys(k, v, lengths, block_size=64)
+    q = jax.random.normal(keys[3], (batch, 1, 64, 128), jnp.bfloat16)
+    g = jax.nn.sigmoid(q[..., 0].astype(jnp.float32)).astype(jnp.bfloat16)
+
+    def step(backend):
+        return jax.jit(lambda c, q, g: kv_cache.attend(c, q, g_cmp=g, g_slc=g, g_swa=g, block_counts=16,
+                                                       window_size=512, backend=backend))(cache, q, g)
+
+    plan = nsa.explain(q, k, v, g_cmp=g, g_slc=g, g_swa=g, block_counts=16, block_size=64, window_size=512,
+                       kv_lengths=lengths)
+    assert plan.chosen[nsa.Piece.SELECTED_ATTENTION].backend == "triton", str(plan)
+    assert_close("automatic vs xla", step(None), step("xla"), 2e-2)
