@@ -16,6 +16,8 @@ from ejkernel_nsa.api import (
     select_blocks,
     sliding_window_attention,
 )
+from ejkernel_nsa import cache  # the serving cache: decoding and chunked prefill (SPEC section 10)
+from ejkernel_nsa.cache import NSACache
 from ejkernel_nsa.config import interpret_mode, use_backend
 from ejkernel_nsa.problem import NSAProblem, Piece
 from ejkernel_nsa.registry import BackendError, backend_status
@@ -27,10 +29,12 @@ except _metadata.PackageNotFoundError:  # a source tree on sys.path that was nev
 
 __all__ = [
     "BackendError",
+    "NSACache",
     "NSAProblem",
     "Piece",
     "apply_native_sparse_attention",
     "backend_status",
+    "cache",
     "compressed_attention",
     "explain",
     "interpret_mode",

@@ -30,8 +30,8 @@ from ejkernel_nsa.validation import (
 @per_shard
 def native_sparse_attention(
     query: Float[Array, "B T HQ Dk"],
-    key: Float[Array, "B T H Dk"],
-    value: Float[Array, "B T H Dv"],
+    key: Float[Array, "B TK H Dk"],
+    value: Float[Array, "B TK H Dv"],
     g_cmp: Float[Array, "B T HQ"] | None = None,
     g_slc: Float[Array, "B T HQ"] | None = None,
     block_indices: Int[Array, "B T H S"] | None = None,
@@ -47,13 +47,16 @@ def native_sparse_attention(
     compress_stride: int | None = None,
     key_cmp: Float[Array, "B NC H Dk"] | None = None,
     value_cmp: Float[Array, "B NC H Dv"] | None = None,
+    kv_lengths: Int[Array, " B"] | None = None,
     backend: str | None = None,
 ) -> Float[Array, "B T HQ Dv"]:
     """Native Sparse Attention (arXiv 2502.11089): compressed, selected and sliding-window branches.
 
     Args:
-      query: `[B, T, HQ, Dk]`. key: `[B, T, H, Dk]`. value: `[B, T, H, Dv]`, with `HQ = G * H` for
-        any integer group size `G`; query head `i` reads kv head `i // G`.
+      query: `[B, T, HQ, Dk]`. key: `[B, TK, H, Dk]`. value: `[B, TK, H, Dv]`, with `HQ = G * H` for
+        any integer group size `G`; query head `i` reads kv head `i // G`. `TK = T` for training;
+        `TK > T` for decoding and chunked prefill (SPEC section 10): the queries are the last `T`
+        positions of each row's keys.
       g_cmp, g_slc, g_swa: optional gates `[B, T, HQ]` of the three branches. With `g_cmp`, the
         compressed branch is added and (unless `block_indices` is given) selects the blocks.
       block_indices: `[B, T, H, S]` int, the caller's selection (local block indices; -1 = empty).
@@ -73,6 +76,9 @@ def native_sparse_attention(
         (a learned compressor's, see `ejkernel_nsa.compressor`) in place of mean pooling, with
         `NBc = ceil(T / d)` (packed: `T // d + N`); block `i` summarizes `[i*d, i*d + l)`.
         Gradients flow into them. Need `g_cmp`.
+      kv_lengths: `[B]` int, each row's key length `L_b` (`T <= L_b <= TK`; may be traced): row
+        `b`'s keys are `[0, L_b)`, its queries sit at positions `L_b - T + i`, and key slots past
+        `L_b` never count. Defaults to `TK`. Not with `cu_seqlens`.
       backend: force one backend by name (see `ejkernel_nsa.backend_status()`).
 
     Returns:
@@ -91,6 +97,7 @@ def native_sparse_attention(
         cu_seqlens=cu_seqlens, window_size=window_size, max_block_counts=max_block_counts,
         compress_block_size=compress_block_size, compress_stride=compress_stride, key_cmp=key_cmp,
         value_cmp=value_cmp,
+        kv_lengths=kv_lengths,
     )
     return _run(call, _plan(call.problem, backend))
 
@@ -98,8 +105,8 @@ def native_sparse_attention(
 @per_shard
 def apply_native_sparse_attention(
     query: Float[Array, "B T HQ Dk"],
-    key: Float[Array, "B T H Dk"],
-    value: Float[Array, "B T H Dv"],
+    key: Float[Array, "B TK H Dk"],
+    value: Float[Array, "B TK H Dv"],
     block_indices: Int[Array, "B T H S"],
     block_counts: int | Int[Array, "B T H"] = 16,
     block_size: int = 64,
@@ -107,9 +114,13 @@ def apply_native_sparse_attention(
     cu_seqlens: Int[Array, " N+1"] | None = None,
     token_indices: Int[Array, "T 2"] | None = None,
     *,
+    kv_lengths: Int[Array, " B"] | None = None,
     backend: str | None = None,
 ) -> Float[Array, "B T HQ Dv"]:
     """Attention over given blocks only (SPEC section 4): the selected branch without gates.
+
+    As in `native_sparse_attention`, `key` / `value` may be longer than `query` and `kv_lengths`
+    gives each row's key length (SPEC section 10).
 
     `block_indices` is `[B, T, H, S]` (local block indices, -1 for empty slots); each (token, kv
     head) uses the distinct entries of its first `block_counts` slots that are not in its future.
@@ -119,19 +130,20 @@ def apply_native_sparse_attention(
     call = check_nsa_call(
         query, key, value, block_indices=block_indices, block_counts=block_counts,
         block_size=block_size, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
-        token_indices=token_indices,
+        token_indices=token_indices, kv_lengths=kv_lengths,
     )
     return _run(call, _plan(call.problem, backend))
 
 
-def explain(query: Float[Array, "B T HQ Dk"], key: Float[Array, "B T H Dk"], value: Float[Array, "B T H Dv"],
+def explain(query: Float[Array, "B T HQ Dk"], key: Float[Array, "B TK H Dk"], value: Float[Array, "B TK H Dv"],
             g_cmp: Float[Array, "B T HQ"] | None = None, g_slc: Float[Array, "B T HQ"] | None = None,
             block_indices: Int[Array, "B T H S"] | None = None, block_counts: int | Int[Array, "B T H"] = 16,
             block_size: int = 64, softmax_scale: float | None = None, cu_seqlens: Int[Array, " N+1"] | None = None,
             *, g_swa: Float[Array, "B T HQ"] | None = None, window_size: int = 0,
             max_block_counts: int | None = None, compress_block_size: int | None = None,
             compress_stride: int | None = None, key_cmp: Float[Array, "B NC H Dk"] | None = None,
-            value_cmp: Float[Array, "B NC H Dv"] | None = None, backend: str | None = None) -> registry.Plan:
+            value_cmp: Float[Array, "B NC H Dv"] | None = None, kv_lengths: Int[Array, " B"] | None = None,
+            backend: str | None = None) -> registry.Plan:
     """Which implementation each piece of this call would use, and why each other one was not.
 
     Takes the arguments of `native_sparse_attention`, checks them the same way, and runs nothing.
@@ -143,6 +155,7 @@ def explain(query: Float[Array, "B T HQ Dk"], key: Float[Array, "B T H Dk"], val
         cu_seqlens=cu_seqlens, window_size=window_size, max_block_counts=max_block_counts,
         compress_block_size=compress_block_size, compress_stride=compress_stride, key_cmp=key_cmp,
         value_cmp=value_cmp,
+        kv_lengths=kv_lengths,
     )
     return _plan(call.problem, backend)
 
@@ -152,10 +165,15 @@ def _plan(problem: NSAProblem, backend: str | None, pieces: tuple[Piece, ...] | 
     return registry.resolve(problem, forced, forced_by, pieces)
 
 
-def _run(call: NSACall, plan: registry.Plan) -> jax.Array:
+def _run(call: NSACall, plan: registry.Plan, compressed: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Run the plan's pieces; `compressed` (a serving cache's `(key_cmp, value_cmp)`) replaces
+    the compression piece."""
     problem, segments, scale = call.problem, call.segments, call.scale
     q, k, v = call.query, call.key, call.value
     block_size = problem.block_size
+    # SPEC section 10's row lengths reach only the implementations registered for them (the
+    # registry declines the others), so a TQ == TK call passes exactly what it always did.
+    rows = {} if call.kv_lengths is None else {"kv_lengths": call.kv_lengths}
     out = jnp.zeros(q.shape[:3] + (v.shape[3],), jnp.float32)
     if is_empty_call(q):  # no token (B or T is 0): the defined result is the empty output
         return out.astype(q.dtype)
@@ -164,26 +182,30 @@ def _run(call: NSACall, plan: registry.Plan) -> jax.Array:
     # for the default geometry, so those of sections 1-3 are called exactly as before).
     geometry = {} if call.geometry is None else call.geometry.piece_kwargs()
     if call.g_cmp is not None:
-        if call.key_cmp is not None:
-            k_cmp, v_cmp = call.key_cmp, call.value_cmp
+        supplied = compressed if compressed is not None else (
+            None if call.key_cmp is None else (call.key_cmp, call.value_cmp))
+        if supplied is not None:
+            k_cmp, v_cmp = supplied
         else:
-            k_cmp, v_cmp = plan[Piece.COMPRESSION](k, v, block_size=block_size, segments=segments, **geometry)
+            k_cmp, v_cmp = plan[Piece.COMPRESSION](k, v, block_size=block_size, segments=segments, **geometry,
+                                                   **rows)
         o_cmp, lse = plan[Piece.COMPRESSED_ATTENTION](q, k_cmp, v_cmp, block_size=block_size, scale=scale,
-                                                      segments=segments, **geometry)
+                                                      segments=segments, **geometry, **rows)
         out += _gated(o_cmp, call.g_cmp)
         if block_indices is None:
             # The selection is piecewise constant in its inputs: it carries no gradient.
             q_sel, k_sel, lse_sel = jax.lax.stop_gradient((q, k_cmp, lse))
             block_indices = plan[Piece.SELECTION](
                 q_sel, k_sel, lse_sel, block_counts=call.block_counts, num_slots=problem.num_slots,
-                block_size=block_size, scale=scale, segments=segments, **geometry,
+                block_size=block_size, scale=scale, segments=segments, **geometry, **rows,
             )
     if block_indices.shape[-1] > 0:  # S = 0 slots select nothing: the selected branch is 0
         o_slc = plan[Piece.SELECTED_ATTENTION](q, k, v, block_indices, call.block_counts, block_size=block_size,
-                                               scale=scale, segments=segments)
+                                               scale=scale, segments=segments, **rows)
         out += _gated(o_slc, call.g_slc)
     if call.g_swa is not None:
-        o_swa = plan[Piece.SLIDING_WINDOW](q, k, v, window_size=problem.window_size, scale=scale, segments=segments)
+        o_swa = plan[Piece.SLIDING_WINDOW](q, k, v, window_size=problem.window_size, scale=scale, segments=segments,
+                                           **rows)
         out += _gated(o_swa, call.g_swa)
     return out.astype(q.dtype)
 

@@ -62,6 +62,17 @@ class NSAProblem:
         length = self.compress_block_size or self.block_size
         return length == self.block_size and (self.compress_stride or length) == length
 
+    # SPEC section 10 (queries against a longer key sequence). `query_len` is TQ when it differs
+    # from `seq_len`, which is then the key length TK; `kv_lengths` says the call carries per-row
+    # key lengths. Both keep their defaults for a TQ == TK call, so its description is unchanged.
+    query_len: int | None = None
+    kv_lengths: bool = False
+
+    @property
+    def against_longer_keys(self) -> bool:
+        """Whether the call is SPEC section 10's: queries shorter than the keys, or row lengths."""
+        return self.query_len is not None or self.kv_lengths
+
     @property
     def group_size(self) -> int:
         return self.num_q_heads // self.num_kv_heads

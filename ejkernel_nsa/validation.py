@@ -172,12 +172,22 @@ class NSACall:
     geometry: CompressionGeometry | None = None
     key_cmp: jax.Array | None = None
     value_cmp: jax.Array | None = None
+    # `[B]` int32 key length per row for SPEC section 10's calls (TK each when not given); else None.
+    kv_lengths: jax.Array | None = None
 
 
-def check_qkv(checker: ShapeChecker, query, key, value) -> tuple[jax.Array, jax.Array, jax.Array]:
+def check_qkv(checker: ShapeChecker, query, key, value, longer_keys: bool = False
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """With `longer_keys`, the keys may be longer than the query (SPEC section 10: TQ <= TK)."""
     query = checker.array("query", query, "float", "B T HQ Dk")
-    key = checker.array("key", key, "float", "B T H Dk")
-    value = checker.array("value", value, "float", "B T H Dv")
+    key_tokens = "TK" if longer_keys else "T"
+    key = checker.array("key", key, "float", f"B {key_tokens} H Dk")
+    if key.shape[1] < query.shape[1]:
+        raise ValueError(
+            f"key: expected at least the query's T={query.shape[1]} tokens (the queries are the last "
+            f"T positions of the keys, SPEC section 10), got shape {key.shape}"
+        )
+    value = checker.array("value", value, "float", f"B {key_tokens} H Dv")
     for name, x in (("key", key), ("value", value)):
         if x.dtype != query.dtype:
             raise TypeError(f"{name}: expected dtype {query.dtype} (the query's), got {x.dtype}")
@@ -207,9 +217,10 @@ def check_nsa_call(
     compress_stride=None,
     key_cmp=None,
     value_cmp=None,
+    kv_lengths=None,
 ) -> NSACall:
     checker = ShapeChecker()
-    query, key, value = check_qkv(checker, query, key, value)
+    query, key, value = check_qkv(checker, query, key, value, longer_keys=True)
     batch, num_tokens, num_q_heads, head_dim = query.shape
     block_size = static_int("block_size", block_size, 1)
     geometry = check_geometry(block_size, compress_block_size, compress_stride)
@@ -221,8 +232,10 @@ def check_nsa_call(
     block_indices = checker.optional("block_indices", block_indices, "int", "B T H S")
     block_indices = None if block_indices is None else saturated_int32(block_indices)
     block_counts = block_counts_of(checker, block_counts)
+    kv_lengths = kv_lengths_of(checker, kv_lengths, num_tokens, key.shape[1], cu_seqlens)
     segments = segments_of(checker, cu_seqlens, batch, num_tokens, token_indices)
-    key_cmp, value_cmp = check_supplied_compression(checker, key_cmp, value_cmp, num_tokens, geometry, segments,
+    # Supplied blocks compress the keys (TK tokens, longer than the query's under SPEC 10).
+    key_cmp, value_cmp = check_supplied_compression(checker, key_cmp, value_cmp, key.shape[1], geometry, segments,
                                                     g_cmp is not None)
 
     if g_swa is not None and window_size == 0:
@@ -240,7 +253,7 @@ def check_nsa_call(
 
     problem = NSAProblem(
         batch=batch,
-        seq_len=num_tokens,
+        seq_len=key.shape[1],  # TK: the key length (SPEC section 10), T for a full-length call
         num_q_heads=num_q_heads,
         num_kv_heads=key.shape[2],
         head_dim=head_dim,
@@ -257,10 +270,14 @@ def check_nsa_call(
         has_g_swa=g_swa is not None,
         platform=platform_of(query, key, value),
         **problem_geometry(geometry, key_cmp is not None),
+        query_len=None if key.shape[1] == num_tokens else num_tokens,
+        kv_lengths=kv_lengths is not None,
     )
+    if problem.against_longer_keys and kv_lengths is None:
+        kv_lengths = jnp.full((batch,), key.shape[1], jnp.int32)
     return NSACall(
         query, key, value, g_cmp, g_slc, g_swa, block_indices, block_counts, segments,
-        softmax_scale_of(softmax_scale, head_dim), problem, geometry, key_cmp, value_cmp,
+        softmax_scale_of(softmax_scale, head_dim), problem, geometry, key_cmp, value_cmp, kv_lengths,
     )
 
 
@@ -311,6 +328,27 @@ def check_supplied_compression(checker: ShapeChecker, key_cmp, value_cmp, num_to
     key_cmp, value_cmp = check_compressed(checker, key_cmp, value_cmp, num_tokens, geometry.block_size, segments,
                                           geometry)
     return key_cmp.astype(jnp.float32), value_cmp.astype(jnp.float32)
+
+
+def kv_lengths_of(checker: ShapeChecker, kv_lengths, query_len: int, key_len: int, cu_seqlens
+                  ) -> jax.Array | None:
+    """SPEC section 10's per-row key lengths `[B]`, checked against `[TQ, TK]` when concrete."""
+    if cu_seqlens is not None and (kv_lengths is not None or query_len != key_len):
+        raise ValueError(
+            "cu_seqlens: packed sequences take queries as long as the keys and no kv_lengths; queries "
+            f"against a longer key sequence (TQ={query_len}, TK={key_len}"
+            f"{', kv_lengths given' if kv_lengths is not None else ''}) need one sequence per batch row"
+        )
+    if kv_lengths is None:
+        return None
+    lengths = checker.array("kv_lengths", kv_lengths, "integer", "B")
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        if np.any(values < query_len) or np.any(values > key_len):
+            raise ValueError(
+                f"kv_lengths: expected each row's key length in [TQ={query_len}, TK={key_len}], got {values.tolist()}"
+            )
+    return lengths.astype(jnp.int32)
 
 
 def check_compressed(checker: ShapeChecker, k_cmp, v_cmp, num_tokens: int, block_size: int, segments,

@@ -62,8 +62,14 @@ class Implementation:
     # the selection block). Implementations opt in; the others decline such calls here, so that
     # none silently computes the disjoint mean-pool geometry instead.
     compression_geometry: bool = False
+    # Whether it computes SPEC section 10 (queries shorter than the keys, per-row kv_lengths).
+    longer_keys: bool = False
 
     def decline_reason(self, problem: NSAProblem) -> str | None:
+        if problem.against_longer_keys and not self.longer_keys:
+            return ("computes only queries as long as the keys without kv_lengths (SPEC section 10: "
+                    f"TQ={problem.query_len or problem.seq_len}, TK={problem.seq_len}, "
+                    f"kv_lengths {'given' if problem.kv_lengths else 'not given'})")
         if problem.platform not in self.platforms:
             return f"runs on {sorted(self.platforms)}, the inputs are on {problem.platform}"
         if self.piece in GEOMETRY_PIECES and not problem.default_geometry and not self.compression_geometry:
@@ -122,18 +128,20 @@ def register(
     priority: int,
     supports: SupportsFn = lambda problem: None,
     compression_geometry: bool = False,
+    longer_keys: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator: add `fn` to the table as `backend`'s implementation of `piece`.
 
     `compression_geometry=True` declares that `fn` computes SPEC section 9's geometry: it is then
     called with `compress_block_size=` and `compress_stride=` whenever they differ from the
-    defaults (never otherwise)."""
+    defaults (never otherwise). With `longer_keys`, `fn` also takes `kv_lengths=` and computes
+    SPEC section 10's calls."""
 
     def add(fn: Callable) -> Callable:
         with _lock:
             _implementations.append(
                 Implementation(backend, Piece(piece), fn, frozenset(platforms), priority, supports,
-                               compression_geometry)
+                               compression_geometry, longer_keys)
             )
         return fn
 

@@ -729,3 +729,154 @@ def _supplied_compression(key_cmp, value_cmp, key, value, stride, cu_seqlens):
         if x.shape != (B, rows, H, dim):
             raise ValueError(f"{name} has shape {x.shape}, expected {(B, rows, H, dim)}")
     return key_cmp, value_cmp
+
+
+# SPEC section 10: queries against a longer key sequence (decoding, chunked prefill)
+# ----------------------------------------------------------------------------------------------
+# query [B, TQ, HQ, Dk] against key [B, TK, H, Dk] with per-row key lengths L_b (default TK):
+# query i of row b sits at position L_b - TQ + i and sees the keys [0, L_b) only. Written on its
+# own (not through the packed-sequence plans above) so that the test comparing it with the last
+# TQ rows of a full-sequence call compares two independent readings of the SPEC.
+
+
+def row_lengths(batch, query_len, key_len, kv_lengths):
+    """Each row's key length L_b, checked: TQ <= L_b <= TK."""
+    if query_len > key_len:
+        raise ValueError(f"TQ={query_len} exceeds TK={key_len}")
+    lengths = [key_len] * batch if kv_lengths is None else [int(x) for x in np.asarray(kv_lengths).reshape(-1)]
+    if len(lengths) != batch or any(not query_len <= n <= key_len for n in lengths):
+        raise ValueError(f"kv_lengths must be {batch} ints in [TQ={query_len}, TK={key_len}], got {lengths}")
+    return lengths
+
+
+def _cached_queries(lengths, query_len):
+    """(b, query row, position) for every query."""
+    return [(b, i, n - query_len + i) for b, n in enumerate(lengths) for i in range(query_len)]
+
+
+def mean_pool_cached(key, value, block_size, lengths):
+    """[B, ceil(TK / BS), H, D] block means over each row's keys [0, L_b); blocks past L_b are 0."""
+    key, value = _as_f64(key), _as_f64(value)
+    B, TK, H, _ = key.shape
+    num_blocks = _num_blocks(TK, block_size)
+    k_cmp = np.zeros((B, num_blocks, H, key.shape[-1]))
+    v_cmp = np.zeros((B, num_blocks, H, value.shape[-1]))
+    for b, n in enumerate(lengths):
+        for c in range(_num_blocks(n, block_size)):
+            lo, hi = c * block_size, min((c + 1) * block_size, n)
+            k_cmp[b, c] = key[b, lo:hi].mean(axis=0)
+            v_cmp[b, c] = value[b, lo:hi].mean(axis=0)
+    return k_cmp, v_cmp
+
+
+def _cached_plans(queries, num_q_heads, group, block_size, window_size, block_indices, counts):
+    """The compressed, selected and window plans (as above: (b, row, i, h, key rows))."""
+    cmp_plan, slc_plan, swa_plan = [], [], []
+    for b, row, t in queries:
+        current_block = t // block_size
+        for i in range(num_q_heads):
+            h = i // group
+            cmp_plan.append((b, row, i, h, np.arange((t + 1) // block_size)))
+            if block_indices is not None:
+                n = min(int(counts[b, row, h]), block_indices.shape[-1])
+                chosen = sorted({int(c) for c in block_indices[b, row, h, :n] if 0 <= c <= current_block})
+                keys = [j for c in chosen for j in range(c * block_size, min((c + 1) * block_size, t + 1))]
+                slc_plan.append((b, row, i, h, np.asarray(keys, dtype=np.int64)))
+            if window_size > 0:
+                swa_plan.append((b, row, i, h, np.arange(max(0, t - window_size + 1), t + 1)))
+    return cmp_plan, slc_plan, swa_plan
+
+
+def _cached_selection_scores(query, k_cmp, lse, queries, group, block_size, scale):
+    B, TQ, HQ, _ = query.shape
+    H = k_cmp.shape[2]
+    scores = np.full((B, TQ, H, k_cmp.shape[1]), -np.inf)
+    for b, row, t in queries:
+        current_block = t // block_size
+        for h in range(H):
+            score = np.zeros(current_block + 1)
+            for c in range(current_block):
+                for i in range(h * group, (h + 1) * group):
+                    score[c] += math.exp(scale * (query[b, row, i] @ k_cmp[b, c, h]) - lse[b, row, i])
+            for c in {0, current_block} | ({current_block - 1} if current_block >= 1 else set()):
+                score[c] = float(group)
+            scores[b, row, h, : current_block + 1] = score
+    return scores
+
+
+def nsa_forward_cached(
+    query, key, value, kv_lengths=None, g_cmp=None, g_slc=None, block_indices=None, block_counts=16,
+    block_size=64, scale=None, g_swa=None, window_size=0, max_block_counts=None,
+) -> dict:
+    """SPEC section 10: NSA of the TQ queries against the first L_b keys of each row."""
+    query, key, value = _as_f64(query), _as_f64(key), _as_f64(value)
+    B, TQ, HQ, Dk = query.shape
+    TK, H = key.shape[1:3]
+    group, block_size, scale = _group_size(HQ, H), _check_block_size(block_size), _resolve_scale(scale, Dk)
+    gates = {name: _check_gate(g, (B, TQ, HQ), name) for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc),
+                                                                     ("g_swa", g_swa))}
+    if gates["g_cmp"] is None and block_indices is None:
+        raise ValueError("block_indices is required when g_cmp is not given")
+    lengths = row_lengths(B, TQ, TK, kv_lengths)
+    queries = _cached_queries(lengths, TQ)
+    counts = _counts_array(block_counts, (B, TQ, H))
+    window_size = int(window_size)
+
+    k_cmp = v_cmp = o_cmp = lse = scores = None
+    if gates["g_cmp"] is not None:
+        k_cmp, v_cmp = mean_pool_cached(key, value, block_size, lengths)
+        cmp_plan, _, _ = _cached_plans(queries, HQ, group, block_size, 0, None, counts)
+        o_cmp, lse = _run_plan(cmp_plan, query, k_cmp, v_cmp, scale)
+    if block_indices is None:
+        num_slots = int(max_block_counts) if max_block_counts is not None else int(block_counts)
+        scores = _cached_selection_scores(query, k_cmp, lse, queries, group, block_size, scale)
+        block_indices = select_blocks(scores, counts, num_slots)
+    else:
+        block_indices = _check_block_indices(block_indices, (B, TQ, H))
+        num_slots = block_indices.shape[-1]
+    cmp_plan, slc_plan, swa_plan = _cached_plans(queries, HQ, group, block_size, window_size, block_indices, counts)
+    o_slc, _ = _run_plan(slc_plan, query, key, value, scale)
+    o = o_slc * gates["g_slc"][..., None] if gates["g_slc"] is not None else o_slc.copy()
+    if gates["g_cmp"] is not None:
+        o = o + gates["g_cmp"][..., None] * o_cmp
+    o_swa = None
+    if gates["g_swa"] is not None:
+        o_swa, _ = _run_plan(swa_plan, query, key, value, scale)
+        o = o + gates["g_swa"][..., None] * o_swa
+    return dict(
+        o=o, o_cmp=o_cmp, o_slc=o_slc, o_swa=o_swa, lse=lse, block_indices=block_indices, scores=scores,
+        num_slots=num_slots, k_cmp=k_cmp, v_cmp=v_cmp, lengths=lengths,
+        _plans=(cmp_plan, slc_plan, swa_plan), _gates=gates, _scale=scale, _block_size=block_size,
+    )
+
+
+def nsa_vjp_cached(query, key, value, d_out, kv_lengths=None, **options) -> dict:
+    """Analytic gradients of sum(o * d_out) for `nsa_forward_cached`, the selection held fixed."""
+    fwd = nsa_forward_cached(query, key, value, kv_lengths, **options)
+    query, key, value, d_out = _as_f64(query), _as_f64(key), _as_f64(value), _as_f64(d_out)
+    cmp_plan, slc_plan, swa_plan = fwd["_plans"]
+    gates, scale = fwd["_gates"], fwd["_scale"]
+    grads = {"g_cmp": None, "g_slc": None, "g_swa": None}
+    d_slc = d_out
+    if gates["g_slc"] is not None:
+        grads["g_slc"] = np.sum(d_out * fwd["o_slc"], axis=-1)
+        d_slc = d_out * gates["g_slc"][..., None]
+    d_query, d_key, d_value = _run_plan_backward(slc_plan, query, key, value, scale, d_slc)
+    if gates["g_cmp"] is not None:
+        grads["g_cmp"] = np.sum(d_out * fwd["o_cmp"], axis=-1)
+        dq, d_k_cmp, d_v_cmp = _run_plan_backward(
+            cmp_plan, query, fwd["k_cmp"], fwd["v_cmp"], scale, d_out * gates["g_cmp"][..., None]
+        )
+        d_query += dq
+        block_size = fwd["_block_size"]
+        for b, n in enumerate(fwd["lengths"]):
+            for c in range(_num_blocks(n, block_size)):
+                lo, hi = c * block_size, min((c + 1) * block_size, n)
+                d_key[b, lo:hi] += d_k_cmp[b, c] / (hi - lo)
+                d_value[b, lo:hi] += d_v_cmp[b, c] / (hi - lo)
+    if gates["g_swa"] is not None:
+        grads["g_swa"] = np.sum(d_out * fwd["o_swa"], axis=-1)
+        dq, dk, dv = _run_plan_backward(swa_plan, query, key, value, scale, d_out * gates["g_swa"][..., None])
+        d_query, d_key, d_value = d_query + dq, d_key + dk, d_value + dv
+    grads.update(query=d_query, key=d_key, value=d_value)
+    return grads

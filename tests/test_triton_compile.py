@@ -10,7 +10,7 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="the test extra installs triton")
 
-MODULES = ("compression", "compressed_attention", "selection", "selected_attention", "sliding_window")
+MODULES = ("compression", "compressed_attention", "selection", "selected_attention", "sliding_window", "decode")
 
 
 def all_specs():

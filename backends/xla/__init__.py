@@ -25,4 +25,5 @@ for piece, fn in [
     (Piece.SELECTED_ATTENTION, selected_attention),
     (Piece.SLIDING_WINDOW, sliding_window_attention),
 ]:
-    register(piece, backend=NAME, platforms=PLATFORMS, priority=PRIORITY, compression_geometry=True)(fn)
+    register(piece, backend=NAME, platforms=PLATFORMS, priority=PRIORITY, compression_geometry=True,
+             longer_keys=True)(fn)

@@ -23,6 +23,7 @@ from ejkernel_nsa.backends.xla.layout import (
     merge_heads,
     nonfinite_rows,
     poisoned,
+    query_positions,
     split_heads,
 )
 from ejkernel_nsa.geometry import CompressionGeometry, geometry_of
@@ -43,15 +44,28 @@ def _visible(pos, first_block, num_blocks, geometry: CompressionGeometry):
     return (blocks >= first_block[:, None]) & (blocks < (first_block + complete)[:, None])
 
 
+def complete_blocks_only(k_cmp, v_cmp, kv_lengths, geometry: CompressionGeometry):
+    """SPEC section 10: zero the compressed blocks past each row's last complete one, which no
+    query of the row can see, so that whatever they hold (a serving cache's stale blocks, NaN)
+    never meets a zero probability in a product."""
+    if kv_lengths is None:
+        return k_cmp, v_cmp
+    complete = jnp.arange(k_cmp.shape[1])[None, :] < geometry.num_visible(kv_lengths - 1)[:, None]
+    return tuple(jnp.where(complete[:, :, None, None], x, 0) for x in (k_cmp, v_cmp))
+
+
 def compressed_attention(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segments | None,
-                         compress_block_size: int | None = None, compress_stride: int | None = None):
+                         compress_block_size: int | None = None, compress_stride: int | None = None,
+                         kv_lengths=None):
     batch, num_tokens, num_q_heads, _ = query.shape
     num_blocks, num_kv_heads = k_cmp.shape[1:3]
     geometry = geometry_of(block_size, compress_block_size, compress_stride)
     layout = token_layout(num_tokens, geometry.stride, segments)
+    positions = query_positions(layout.pos, batch, kv_lengths)
+    k_cmp, v_cmp = complete_blocks_only(k_cmp, v_cmp, kv_lengths, geometry)
     chunk = chunk_len(num_tokens, batch * num_q_heads * num_blocks * 4 * 4)
 
-    def row(q, kc, vc):
+    def row(q, kc, vc, row_pos):
         bad = nonfinite_rows(kc, vc)
         kc, vc = finite_or_zero(kc), finite_or_zero(vc)
 
@@ -64,14 +78,14 @@ def compressed_attention(query, k_cmp, v_cmp, *, block_size: int, scale: float, 
             out, lse = poisoned(out, seen_bad), poisoned(lse, seen_bad)
             return merge_heads(out).astype(q.dtype), lse.reshape(lse.shape[0], num_q_heads)
 
-        return map_query_chunks(body, chunk, q, layout.pos, layout.first_block)
+        return map_query_chunks(body, chunk, q, row_pos, layout.first_block)
 
-    return jax.vmap(row)(query, k_cmp, v_cmp)
+    return jax.vmap(row)(query, k_cmp, v_cmp, positions)
 
 
 def select_blocks(
     query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, scale: float, segments: Segments | None,
-    compress_block_size: int | None = None, compress_stride: int | None = None,
+    compress_block_size: int | None = None, compress_stride: int | None = None, kv_lengths=None,
 ):
     """Top-`n` compressed blocks per (token, kv head), as local block indices `[B, T, H, S]`.
 
@@ -83,16 +97,19 @@ def select_blocks(
     if isinstance(block_counts, int):
         block_counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
     geometry = geometry_of(block_size, compress_block_size, compress_stride)
+    k_cmp, _ = complete_blocks_only(k_cmp, k_cmp, kv_lengths, geometry)
     if not geometry.is_default:
-        return _select_transferred(query, k_cmp, lse, block_counts, num_slots, geometry, scale, segments)
+        return _select_transferred(query, k_cmp, lse, block_counts, num_slots, geometry, scale, segments,
+                                   kv_lengths)
     num_blocks = k_cmp.shape[1]
     group = num_q_heads // num_kv_heads
     layout = token_layout(num_tokens, block_size, segments)
+    positions = query_positions(layout.pos, batch, kv_lengths)
     top = min(num_slots, num_blocks)
     chunk = chunk_len(num_tokens, batch * num_q_heads * num_blocks * 4 * 4)
     blocks = jnp.arange(num_blocks, dtype=jnp.int32)
 
-    def row(q, kc, row_lse, counts):
+    def row(q, kc, row_lse, counts, row_pos):
         def body(start, q_chunk, lse_chunk, counts_chunk, pos, first_block):
             scores = _scores(split_heads(q_chunk, num_kv_heads), kc, scale)
             visible = _visible(pos, first_block, num_blocks, geometry)[:, None, None, :]
@@ -114,9 +131,9 @@ def select_blocks(
             chosen = jnp.where(keep, chosen, NO_BLOCK).astype(jnp.int32)
             return jnp.pad(chosen, ((0, 0), (0, 0), (0, num_slots - top)), constant_values=NO_BLOCK)
 
-        return map_query_chunks(body, chunk, q, row_lse, counts, layout.pos, layout.first_block)
+        return map_query_chunks(body, chunk, q, row_lse, counts, row_pos, layout.first_block)
 
-    return jax.vmap(row)(query, k_cmp, lse, block_counts.astype(jnp.int32))
+    return jax.vmap(row)(query, k_cmp, lse, block_counts.astype(jnp.int32), positions)
 
 
 def _top_blocks(block_scores, pos, counts_chunk, group: int, block_size: int, num_slots: int):
@@ -154,19 +171,23 @@ def _transfer(probs, geometry: CompressionGeometry, num_selection_blocks: int):
 
 
 def _select_transferred(query, k_cmp, lse, block_counts, num_slots, geometry: CompressionGeometry, scale,
-                        segments):
+                        segments, kv_lengths):
     """SPEC 9's selection: scores of the selection blocks by the transfer of each chunk's
     compressed probabilities, in each token's local block frame."""
     batch, num_tokens, num_q_heads, _ = query.shape
     num_blocks, num_kv_heads = k_cmp.shape[1:3]
     group = num_q_heads // num_kv_heads
     layout = token_layout(num_tokens, geometry.stride, segments)
-    # A sequence has at most ceil(T / d) compressed and ceil(T / l') selection blocks.
-    local_blocks = -(-num_tokens // geometry.stride)
-    selection_blocks = -(-num_tokens // geometry.block_size)
+    positions = query_positions(layout.pos, batch, kv_lengths)
+    # A sequence has at most ceil(TK / d) compressed and ceil(TK / l') selection blocks. Against
+    # longer keys (SPEC 10, one sequence per row) TK is not the query's T: the block axis gives
+    # ceil(TK / d) * d keys, which round up to the same selection blocks since d divides l'.
+    key_tokens = num_tokens if kv_lengths is None else num_blocks * geometry.stride
+    local_blocks = -(-key_tokens // geometry.stride)
+    selection_blocks = -(-key_tokens // geometry.block_size)
     chunk = chunk_len(num_tokens, batch * num_q_heads * (num_blocks + local_blocks + selection_blocks) * 4 * 4)
 
-    def row(q, kc, row_lse, counts):
+    def row(q, kc, row_lse, counts, row_pos):
         def body(start, q_chunk, lse_chunk, counts_chunk, pos, first_block):
             scores = _scores(split_heads(q_chunk, num_kv_heads), kc, scale)
             visible = _visible(pos, first_block, num_blocks, geometry)[:, None, None, :]
@@ -182,6 +203,6 @@ def _select_transferred(query, k_cmp, lse, block_counts, num_slots, geometry: Co
             block_scores = _transfer(probs, geometry, selection_blocks)
             return _top_blocks(block_scores, pos, counts_chunk, group, geometry.block_size, num_slots)
 
-        return map_query_chunks(body, chunk, q, row_lse, counts, layout.pos, layout.first_block)
+        return map_query_chunks(body, chunk, q, row_lse, counts, row_pos, layout.first_block)
 
-    return jax.vmap(row)(query, k_cmp, lse, block_counts.astype(jnp.int32))
+    return jax.vmap(row)(query, k_cmp, lse, block_counts.astype(jnp.int32), positions)

@@ -22,11 +22,24 @@ MIN_CHUNK, MAX_CHUNK = 16, 1024
 def chunk_len(num_tokens: int, bytes_per_query: int) -> int:
     """Largest power-of-two chunk within `CHUNK_BYTES`, clamped to [MIN_CHUNK, MAX_CHUNK] and to
     the (rounded-up) sequence length."""
+    if num_tokens < MIN_CHUNK:
+        # A decoding step's one query (or a handful) is one chunk of its own size: padding it
+        # to MIN_CHUNK would multiply the step's work.
+        return max(num_tokens, 1)
     limit = max(MIN_CHUNK, min(MAX_CHUNK, CHUNK_BYTES // max(bytes_per_query, 1)))
     chunk = MIN_CHUNK
     while chunk * 2 <= limit and chunk < num_tokens:
         chunk *= 2
     return chunk
+
+
+def query_positions(pos: jax.Array, batch: int, kv_lengths: jax.Array | None) -> jax.Array:
+    """`[B, T]` int32: each query's position in its sequence. Without `kv_lengths`, the token
+    layout's `pos` in every row; with them (SPEC section 10), query i of row b sits at
+    `L_b - T + i`, the queries being the last `T` tokens of the row's `L_b` keys."""
+    if kv_lengths is None:
+        return jnp.broadcast_to(pos, (batch,) + pos.shape)
+    return (kv_lengths[:, None] - pos.shape[0] + pos[None, :]).astype(jnp.int32)
 
 
 def map_query_chunks(body: Callable, chunk: int, *per_token):

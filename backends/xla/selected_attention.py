@@ -1,12 +1,14 @@
 """Attention over the selected blocks (SPEC section 4), in plain XLA.
 
 Two layouts, chosen per call by which reads fewer keys per query:
-- gathered (`S * BS < T`): per query chunk and kv head, the `S` selected blocks are gathered as
+- gathered (`S * BS < TK`, the key count): per query chunk and kv head, the `S` selected blocks are gathered as
   `BS`-row slices (contiguous, one head at a time) and shared by the `G` query heads of the group;
   the gather's transpose (a scatter-add) is the backward into `key` and `value`.
-- dense (`S * BS >= T`, short rows or huge selections): every key of the row, masked by the
-  selected blocks. Its cost follows `T`, not `S * BS`, so a tiny `T` with a huge block or slot
+- dense (`S * BS >= TK`, short rows or huge selections): every key of the row, masked by the
+  selected blocks. Its cost follows `TK`, not `S * BS`, so a tiny `TK` with a huge block or slot
   count stays within the chunk budget.
+With keys longer than the queries (SPEC 10) each query sits at its row's `L_b - TQ + i`; keys at
+or past `L_b` are never in a query's mask, and containment keeps whatever they hold out.
 Either way each distinct block counts once (slots are sorted, repeats dropped: `O(S log S)`).
 """
 
@@ -25,6 +27,7 @@ from ejkernel_nsa.backends.xla.layout import (
     merge_heads,
     nonfinite_rows,
     poisoned,
+    query_positions,
     split_heads,
 )
 from ejkernel_nsa.problem import Segments, token_layout
@@ -51,29 +54,33 @@ def distinct_selected_blocks(indices, counts, pos, block_size):
 
 
 def selected_attention(
-    query, key, value, block_indices, block_counts, *, block_size: int, scale: float, segments: Segments | None
+    query, key, value, block_indices, block_counts, *, block_size: int, scale: float, segments: Segments | None,
+    kv_lengths=None,
 ):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads, value_dim = key.shape[2], value.shape[3]
     num_slots = block_indices.shape[-1]
+    num_keys = key.shape[1]
     layout = token_layout(num_tokens, block_size, segments)
+    positions = query_positions(layout.pos, batch, kv_lengths)
     if isinstance(block_counts, int):
         block_counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
-    dense = num_slots * block_size * DENSE_READ_RATIO >= num_tokens
-    span = num_tokens if dense else num_slots * block_size
+    dense = num_slots * block_size * DENSE_READ_RATIO >= num_keys
+    span = num_keys if dense else num_slots * block_size
     gathered_bytes = 0 if dense else num_kv_heads * span * (head_dim + value_dim) * key.dtype.itemsize
     slot_bytes = num_kv_heads * num_slots * 4 * 4
     chunk = chunk_len(num_tokens, batch * (gathered_bytes + slot_bytes + num_q_heads * span * 4 * 3
                                            + num_kv_heads * span * 4 * 2))
     body = _dense_body if dense else _gathered_body
 
-    def row(q, k, v, indices, counts):
+    def row(q, k, v, indices, counts, row_pos):
         bad = nonfinite_rows(k, v)
         k, v = finite_or_zero(k), finite_or_zero(v)
         run = body(q, k, v, bad, block_size=block_size, scale=scale)
-        return map_query_chunks(run, chunk, q, indices, counts, layout.pos, layout.seq_start)
+        return map_query_chunks(run, chunk, q, indices, counts, row_pos, layout.seq_start)
 
-    return jax.vmap(row)(query, key, value, block_indices.astype(jnp.int32), block_counts.astype(jnp.int32))
+    return jax.vmap(row)(query, key, value, block_indices.astype(jnp.int32), block_counts.astype(jnp.int32),
+                         positions)
 
 
 def _attend(q_chunk, k_rows, v_rows, key_mask, seen_bad, scale, spec_k, spec_v, dtype):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from ejkernel_nsa.backends.xla.layout import (
     CHUNK_BYTES,
+    chunk_len,
     count_visible,
     finite_or_zero,
     map_query_chunks,
@@ -35,7 +36,10 @@ def band_length(window_size: int) -> int:
     return band
 
 
-def sliding_window_attention(query, key, value, *, window_size: int, scale: float, segments: Segments | None):
+def sliding_window_attention(query, key, value, *, window_size: int, scale: float, segments: Segments | None,
+                             kv_lengths=None):
+    if kv_lengths is not None:
+        return _window_against_longer_keys(query, key, value, window_size, scale, kv_lengths)
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads, value_dim = key.shape[2], value.shape[3]
     band = band_length(min(window_size, num_tokens))
@@ -78,3 +82,44 @@ def sliding_window_attention(query, key, value, *, window_size: int, scale: floa
         return outs.reshape((padded,) + outs.shape[2:])[:num_tokens]
 
     return jax.vmap(row)(query, key, value)
+
+
+def _window_against_longer_keys(query, key, value, window_size: int, scale: float, kv_lengths):
+    """SPEC section 10: the queries are the last `T` of each row's `L_b` keys.
+
+    A chunk's span of `C + W - 1` keys is sliced straight from the cache (its start clamped into
+    it, which still covers every real query's window), never from a padded copy: a decoding step
+    must not read or copy the whole cache. Whatever the span holds outside a query's window (past
+    the row's length included) is contained as in the banded path.
+    """
+    batch, num_tokens, num_q_heads, _ = query.shape
+    num_keys, num_kv_heads = key.shape[1:3]
+    window = min(window_size, num_keys)
+    chunk = chunk_len(num_tokens, batch * num_q_heads * 2 * window * 4 * 3)
+    span = chunk + window - 1
+    if span > num_keys:
+        # Only for caches shorter than one chunk's span: pad them once (they are small).
+        pad = ((0, span - num_keys), (0, 0), (0, 0))
+        key, value = jnp.pad(key, ((0, 0),) + pad), jnp.pad(value, ((0, 0),) + pad)
+
+    def row(q, k, v, length):
+        first_query = length - num_tokens
+
+        def body(start, q_chunk):
+            pos = first_query + start + jnp.arange(q_chunk.shape[0], dtype=jnp.int32)
+            span_start = jnp.clip(pos[0] - (window - 1), 0, k.shape[0] - span)
+            k_span = jax.lax.dynamic_slice_in_dim(k, span_start, span)
+            v_span = jax.lax.dynamic_slice_in_dim(v, span_start, span)
+            bad = nonfinite_rows(k_span, v_span)
+            k_span, v_span = finite_or_zero(k_span), finite_or_zero(v_span)
+            key_pos = span_start + jnp.arange(span, dtype=jnp.int32)
+            visible = (key_pos[None, :] > pos[:, None] - window) & (key_pos[None, :] <= pos[:, None])
+            scores = matmul("chgd,khd->chgk", split_heads(q_chunk, num_kv_heads), k_span)
+            probs, _ = masked_softmax(scores * scale, visible[:, None, None, :])
+            out = matmul("chgk,khd->chgd", probs.astype(v.dtype), v_span)
+            out = poisoned(out, count_visible("ck,kh->ch", visible, bad))
+            return merge_heads(out).astype(q.dtype)
+
+        return map_query_chunks(body, chunk, q)
+
+    return jax.vmap(row)(query, key, value, kv_lengths)
