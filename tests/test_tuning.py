@@ -37,7 +37,7 @@ def fake_device(monkeypatch, tmp_path):
 def fake_kernel(monkeypatch):
     """A priority-10 'triton' compressed attention (available here, delegating to XLA) that
     declines Dk > 16."""
-    return install_fake_triton(monkeypatch, platforms=("cpu",),
+    return install_fake_triton(monkeypatch,
                                supports=lambda p: None if p.head_dim <= 16 else f"head_dim {p.head_dim} > 16")
 
 
@@ -85,7 +85,7 @@ def test_an_entry_for_another_device_or_shape_class_does_not_apply(fake_kernel, 
 
 
 def test_the_order_only_ranks_backends_that_accept_the_call(fake_kernel, fake_device):
-    # pallas_mosaic is unavailable (or has no such piece) here; triton declines Dk = 32.
+    # pallas_mosaic has no implementation in the fake's table; triton declines Dk = 32.
     write_table(fake_device, ["pallas_mosaic", "triton", "xla"])
     assert nsa.explain(**CALL).chosen[Piece.COMPRESSED_ATTENTION].backend == "triton"
     wide = dict(CALL, query=np.tile(q, 2), key=np.tile(k, 2))
