@@ -99,10 +99,14 @@ def info() -> int:
         print(f"  {'':<14} {registry.backend_description(name) or '(no description)'}")
         impls = registry.implementations(backend=name)
         priorities = {impl.priority for impl in impls}
+        # A piece with a second kernel for SPEC 10's calls only (Triton's decoding step) says so.
+        only_some_longer = len({impl.longer_keys for impl in impls}) > 1
+        labels = [impl.piece.value + (" (longer keys)" if only_some_longer and impl.longer_keys else "")
+                  for impl in impls]
         if len(priorities) == 1:
-            pieces = f"{', '.join(impl.piece.value for impl in impls)} (priority {priorities.pop()})"
+            pieces = f"{', '.join(labels)} (priority {priorities.pop()})"
         else:
-            pieces = ", ".join(f"{impl.piece.value} (priority {impl.priority})" for impl in impls)
+            pieces = ", ".join(f"{label} (priority {impl.priority})" for label, impl in zip(labels, impls))
         print(f"  {'':<14} pieces: {pieces or 'none registered'}")
     return 0
 
