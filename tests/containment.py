@@ -4,7 +4,9 @@ sequence of a packed row). Shared by every backend's test file, so each checks i
 
 The check: the whole call (all three branches, computed selection) on fresh random inputs, once
 clean and once with the poison planted; the outputs of the queries that cannot see the planted
-position must be finite and equal to the clean ones.
+position must be finite and equal to the clean ones, and the planted token itself (which sees its
+own key and value through the window) must not come out finite where its own arithmetic would not
+(a NaN, or an Inf value): containment must not turn an undefined result into a number.
 """
 
 from __future__ import annotations
@@ -58,3 +60,7 @@ def check_containment(backend: str, poisons=(np.nan, np.inf), plantings=PLANTING
                 where = f"{backend}: {poison} in {tensor} at {position} ({name})"
                 assert np.all(np.isfinite(seen)), f"{where} reached tokens {np.unique(np.nonzero(~np.isfinite(seen))[0])}"
                 np.testing.assert_allclose(seen, clean[key][0, blind], rtol=1e-5, atol=1e-6, err_msg=where)
+                # Its own arithmetic is non-finite for a NaN anywhere or an Inf value (an Inf key may
+                # score -inf, a legitimate zero weight).
+                if tensor == "value" or np.isnan(poison):
+                    assert not np.all(np.isfinite(out[0, position])), f"{where}: the planted token's output is finite"
