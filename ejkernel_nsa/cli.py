@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import statistics
 import subprocess
@@ -22,6 +21,7 @@ import numpy as np
 
 import ejkernel_nsa
 from ejkernel_nsa import config, registry
+from ejkernel_nsa.testing import oracle
 
 # SPEC section 8: relative L2 error of the output against a float64 reference.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
@@ -259,8 +259,7 @@ def _random_inputs(key, dtype, *, B, T, HQ, H, D, with_window) -> dict[str, jax.
 
 
 def _float64_reference(inputs, options, tokens, kv_heads, q_heads):
-    """The demo's slice recomputed in float64: by the independent NumPy oracle of the test suite
-    when this is a source checkout, else by the XLA backend under x64.
+    """The demo's slice recomputed by the independent float64 NumPy oracle (ejkernel_nsa.testing).
 
     Returns the reference output, a mask of the heads to compare (the oracle leaves out heads
     whose top-k is a near tie, which lower precision may legitimately resolve the other way, as
@@ -269,23 +268,10 @@ def _float64_reference(inputs, options, tokens, kv_heads, q_heads):
     heads = {"query": q_heads, "key": kv_heads, "value": kv_heads}
     sliced = {name: np.asarray(x[:1, :tokens, : heads.get(name, q_heads)].astype(jnp.float32), np.float64)
               for name, x in inputs.items()}
-    oracle = _load_oracle()
-    if oracle is not None:
-        expected = oracle.nsa_forward(**sliced, **options)
-        group = q_heads // kv_heads
-        separated = oracle.near_tie_mask(expected["scores"], options["block_counts"], options["block_counts"], group)
-        return expected["o"], np.repeat(separated, group, axis=2), "the float64 NumPy oracle (tests/oracle.py)"
-    with jax.enable_x64(True):
-        out = ejkernel_nsa.native_sparse_attention(
-            **{name: jnp.asarray(x) for name, x in sliced.items()}, **options, backend="xla"
-        )
-        out = np.asarray(out)
-    return out, np.ones(out.shape[:3], bool), "the float64 XLA reference"
-
-
-def _test_suite() -> Path:
-    """The repository's tests/ beside the package source (absent when installed from a wheel)."""
-    return _source_file("tests")
+    expected = oracle.nsa_forward(**sliced, **options)
+    group = q_heads // kv_heads
+    separated = oracle.near_tie_mask(expected["scores"], options["block_counts"], options["block_counts"], group)
+    return expected["o"], np.repeat(separated, group, axis=2), f"the float64 NumPy oracle ({oracle.__name__})"
 
 
 def _source_file(relative: str) -> Path:
@@ -293,21 +279,11 @@ def _source_file(relative: str) -> Path:
     return Path(ejkernel_nsa.__file__).resolve().parent.parent / relative
 
 
-def _load_oracle():
-    path = _test_suite() / "oracle.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("ejkernel_nsa_test_oracle", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # ---- check -------------------------------------------------------------------------------------
 
 
 def check(pytest_args: list[str]) -> int:
-    tests = _test_suite()
+    tests = _source_file("tests")
     if not tests.is_dir():
         print(f"ejkernel-nsa check: no test suite at {tests}. The cross-backend suite ships with the source "
               "checkout, not the wheel: clone the repository, `pip install -e '.[test]'`, and run it there.",

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
-import oracle
+from ejkernel_nsa.testing import oracle
 
 # SPEC section 8: (output, gradient) relative L2 tolerances by input dtype.
 TOLERANCES = {"float32": (1e-4, 1e-3), "bfloat16": (2e-2, 5e-2), "float16": (2e-2, 5e-2)}
