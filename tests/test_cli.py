@@ -67,6 +67,7 @@ tests = {tests!r}
 from_tests = sorted(name for name, module in list(sys.modules.items())
                     if (getattr(module, "__file__", None) or "").startswith(tests))
 print("modules from tests/:", from_tests or "none")
+print("test frameworks loaded:", sorted({{"pytest", "hypothesis"}} & set(sys.modules)) or "none")
 sys.exit(code)
 """
 
@@ -90,6 +91,7 @@ def test_check_runs_without_the_test_suite_on_the_packaged_oracle(tmp_path):
                      out, re.M), out
     assert "1 passed, 0 failed, 0 declined" in out
     assert "modules from tests/: none" in out
+    assert "test frameworks loaded: none" in out  # a wheel installed without the [test] extra has neither
 
 
 def test_check_fails_a_backend_whose_output_is_off(monkeypatch):
