@@ -288,7 +288,11 @@ def check(argv: list[str]) -> int:
     # `--suite` hands everything after it to pytest, options included, so argparse never sees it.
     if argv[:1] == ["--suite"]:
         return _check_suite(argv[1:])
-    args = _check_parser().parse_args(argv)
+    parser = _check_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # `check` used to hand its arguments to pytest: say where they go now
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (pytest arguments go after --suite: "
+                     f"ejkernel-nsa check --suite {' '.join(unknown)})")
     dtypes = args.dtype or ["float32", "bfloat16"]
     selected = [problem for problem in testing.PROBLEMS if args.problem is None or problem.name in args.problem]
     status = registry.backend_status()

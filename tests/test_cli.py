@@ -132,3 +132,10 @@ def test_check_suite_and_bench_from_a_wheel_say_what_they_need(monkeypatch, tmp_
     assert "needs an NVIDIA GPU" in err
     if not has_gpu():
         assert "none here: JAX sees only cpu devices" in err
+
+
+def test_check_points_pytest_arguments_to_suite(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["check", "-x", "-k", "errors"])
+    assert exit_info.value.code == 2
+    assert "pytest arguments go after --suite: ejkernel-nsa check --suite -x -k errors" in capsys.readouterr().err
