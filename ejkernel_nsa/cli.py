@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import statistics
 import subprocess
@@ -22,9 +21,10 @@ import numpy as np
 
 import ejkernel_nsa
 from ejkernel_nsa import config, registry
+from ejkernel_nsa import testing
 
 # SPEC section 8: relative L2 error of the output against a float64 reference.
-TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+TOLERANCE = {dtype: testing.TOLERANCES[dtype][0] for dtype in ("float32", "bfloat16")}
 # The accuracy check recomputes a slice in float64. Causality makes a token prefix independent of
 # later tokens, and kv groups never mix, so the slice's outputs equal those of the full run. The
 # prefix is long enough (32 blocks of 64) for the top-k selection to have a real choice.
@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ejkernel-nsa", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="platform, devices, versions and every backend's status")
-    commands.add_parser("check", help="run the cross-backend test suite (arguments go to pytest)", add_help=False)
+    commands.add_parser("check", help="each backend against the float64 oracle (--help for its options; --suite "
+                                      "[pytest arguments]: the source checkout's test suite)", add_help=False)
     commands.add_parser("bench", help="time NSA against its peers (benchmarks/nsa_bench.py; --help for its options)",
                         add_help=False)
     demo_parser = commands.add_parser("demo", help="NSA on random inputs: plan, timing, accuracy")
@@ -263,8 +264,7 @@ def _random_inputs(key, dtype, *, B, T, HQ, H, D, with_window) -> dict[str, jax.
 
 
 def _float64_reference(inputs, options, tokens, kv_heads, q_heads):
-    """The demo's slice recomputed in float64: by the independent NumPy oracle of the test suite
-    when this is a source checkout, else by the XLA backend under x64.
+    """The demo's slice recomputed by the independent float64 NumPy oracle (ejkernel_nsa.testing).
 
     Returns the reference output, a mask of the heads to compare (the oracle leaves out heads
     whose top-k is a near tie, which lower precision may legitimately resolve the other way, as
@@ -273,23 +273,11 @@ def _float64_reference(inputs, options, tokens, kv_heads, q_heads):
     heads = {"query": q_heads, "key": kv_heads, "value": kv_heads}
     sliced = {name: np.asarray(x[:1, :tokens, : heads.get(name, q_heads)].astype(jnp.float32), np.float64)
               for name, x in inputs.items()}
-    oracle = _load_oracle()
-    if oracle is not None:
-        expected = oracle.nsa_forward(**sliced, **options)
-        group = q_heads // kv_heads
-        separated = oracle.near_tie_mask(expected["scores"], options["block_counts"], options["block_counts"], group)
-        return expected["o"], np.repeat(separated, group, axis=2), "the float64 NumPy oracle (tests/oracle.py)"
-    with jax.enable_x64(True):
-        out = ejkernel_nsa.native_sparse_attention(
-            **{name: jnp.asarray(x) for name, x in sliced.items()}, **options, backend="xla"
-        )
-        out = np.asarray(out)
-    return out, np.ones(out.shape[:3], bool), "the float64 XLA reference"
-
-
-def _test_suite() -> Path:
-    """The repository's tests/ beside the package source (absent when installed from a wheel)."""
-    return _source_file("tests")
+    expected = testing.oracle.nsa_forward(**sliced, **options)
+    group = q_heads // kv_heads
+    counts = options["block_counts"]
+    separated = testing.oracle.near_tie_mask(expected["scores"], counts, counts, group)
+    return expected["o"], np.repeat(separated, group, axis=2), f"the float64 NumPy oracle ({testing.oracle.__name__})"
 
 
 def _source_file(relative: str) -> Path:
@@ -297,25 +285,65 @@ def _source_file(relative: str) -> Path:
     return Path(ejkernel_nsa.__file__).resolve().parent.parent / relative
 
 
-def _load_oracle():
-    path = _test_suite() / "oracle.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("ejkernel_nsa_test_oracle", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # ---- check -------------------------------------------------------------------------------------
 
 
-def check(pytest_args: list[str]) -> int:
-    tests = _test_suite()
+def check(argv: list[str]) -> int:
+    # `--suite` hands everything after it to pytest, options included, so argparse never sees it.
+    if argv[:1] == ["--suite"]:
+        return _check_suite(argv[1:])
+    parser = _check_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # `check` used to hand its arguments to pytest: say where they go now
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (pytest arguments go after --suite: "
+                     f"ejkernel-nsa check --suite {' '.join(unknown)})")
+    dtypes = args.dtype or ["float32", "bfloat16"]
+    selected = [problem for problem in testing.PROBLEMS if args.problem is None or problem.name in args.problem]
+    status = registry.backend_status()
+    backends = args.backend or [name for name, reason in status.items() if reason is None]
+    problems = f"{len(selected)} problem{'s' * (len(selected) > 1)}"
+    print(f"cross-backend check: {', '.join(backends)}, each forced on {problems} x {', '.join(dtypes)}: "
+          f"output{'' if args.no_gradients else ' and gradients'} against the float64 NumPy oracle "
+          f"({testing.oracle.__name__}), SPEC section 8's tolerances")
+    for name, reason in status.items():
+        if reason is not None and not args.backend:
+            print(f"not checked: {name} cannot run here: {reason}")
+    outcomes = testing.check_backends(backends, dtypes, selected, gradients=not args.no_gradients, seed=args.seed,
+                                      on_outcome=lambda outcome: print(outcome, flush=True))
+    counts = {kind: sum(outcome.status == kind for outcome in outcomes) for kind in ("pass", "fail", "declined")}
+    print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['declined']} declined"
+          + (" (a declined problem is one the forced backend cannot run, with its reason: not an error)"
+             if counts["declined"] else ""))
+    if counts["fail"]:
+        return 1
+    return 0 if counts["pass"] else 2
+
+
+def _check_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ejkernel-nsa check",
+        description="Force each backend that runs here on a few NSA problems (one per SPEC feature) and compare "
+                    "its output and gradients with the float64 oracle shipped in ejkernel_nsa.testing. "
+                    "`ejkernel-nsa check --suite [pytest arguments]` runs the full test suite of a source checkout "
+                    "instead.")
+    parser.add_argument("--backend", action="append", choices=list(registry.backend_status()),
+                        help="check this backend (repeatable; default: every backend that can run here)")
+    parser.add_argument("--dtype", action="append", choices=sorted(testing.TOLERANCES),
+                        help="input dtype (repeatable; default: float32 and bfloat16)")
+    parser.add_argument("--problem", action="append", choices=[problem.name for problem in testing.PROBLEMS],
+                        help="run only this problem (repeatable; default: all)")
+    parser.add_argument("--no-gradients", action="store_true", help="compare outputs only")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    return parser
+
+
+def _check_suite(pytest_args: list[str]) -> int:
+    tests = _source_file("tests")
     if not tests.is_dir():
-        print(f"ejkernel-nsa check: no test suite at {tests}. The cross-backend suite ships with the source "
-              "checkout, not the wheel: clone the repository, `pip install -e '.[test]'`, and run it there.",
-              file=sys.stderr)
+        print(f"ejkernel-nsa check --suite: no test suite at {tests}: the full suite (hypothesis draws, every "
+              "backend's kernels) ships with the source checkout, not the wheel. Clone the repository, "
+              "`pip install -e '.[test]'`, and run it there; `ejkernel-nsa check` (no --suite) is the installed "
+              "cross-backend check.", file=sys.stderr)
         return 2
     return subprocess.call([sys.executable, "-m", "pytest", str(tests), "-q", *pytest_args])
 
@@ -326,8 +354,15 @@ def check(pytest_args: list[str]) -> int:
 def bench(bench_args: list[str]) -> int:
     script = _source_file("benchmarks/nsa_bench.py")
     if not script.is_file():
-        print(f"ejkernel-nsa bench: no benchmark harness at {script}. It ships with the source checkout, not "
-              "the wheel: clone the repository, `pip install -e '.[bench]'`, and run it there.", file=sys.stderr)
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        print(f"ejkernel-nsa bench: needs the source checkout's benchmarks/ (benchmarks/nsa_bench.py and its "
+              f"bench_*.py modules, not in the wheel; looked for {script}). Clone the repository, "
+              "`pip install -e '.[bench,gpu]'` (matplotlib for the plot; the peers fla, ejkernel and torch are "
+              "optional and recorded as 'not installed' when missing), and run `ejkernel-nsa bench` there. Its "
+              "default plan times GPU kernels and needs an NVIDIA GPU "
+              + (f"(here: {gpus[0].device_kind})" if gpus else f"(none here: JAX sees only {jax.default_backend()} "
+                 "devices; `--shapes tiny --seq-lens 256 --impls auto,xla` is its CPU check)") + ".",
+              file=sys.stderr)
         return 2
     # A fresh process: this one has imported JAX already, and the harness must configure JAX's
     # GPU memory (no preallocation, so the PyTorch peer fits beside it) before JAX starts.

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import oracle
+from ejkernel_nsa.testing import oracle
 from cases import (
     TOLERANCES,
     Case,

@@ -8,10 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
-import oracle
-
-# SPEC section 8: (output, gradient) relative L2 tolerances by input dtype.
-TOLERANCES = {"float32": (1e-4, 1e-3), "bfloat16": (2e-2, 5e-2), "float16": (2e-2, 5e-2)}
+# SPEC section 8's tolerances and error, shared with the installed check (`ejkernel-nsa check`).
+from ejkernel_nsa.testing import TOLERANCES, oracle, rel_l2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,16 +149,6 @@ def oracle_kwargs(args: dict) -> dict:
     kwargs = dict(args)
     kwargs["scale"] = kwargs.pop("softmax_scale", None)
     return kwargs
-
-
-def rel_l2(actual, expected) -> float:
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    if not np.all(np.isfinite(actual)):
-        return float("inf")
-    error = np.linalg.norm(actual - expected)
-    scale = np.linalg.norm(expected)
-    return float(error / scale) if scale > 0 else float(error)
 
 
 def assert_close(name: str, actual, expected, tolerance: float) -> None:

@@ -12,7 +12,8 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
-# The test helpers (oracle, cases, backend_suite) are plain modules beside this file.
+# The test helpers (cases, backend_suite, ...) are plain modules beside this file; the oracle ships
+# in the package (ejkernel_nsa.testing).
 sys.path.insert(0, str(Path(__file__).parent))
 
 # Interpreted kernels (EJKERNEL_NSA_INTERPRET=1, no GPU) are orders of magnitude slower: they

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import oracle
+from ejkernel_nsa.testing import oracle
 from backend_suite import BackendSuite, jitted_nsa
 from cases import (
     TOLERANCES,

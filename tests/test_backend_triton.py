@@ -91,7 +91,7 @@ def test_compressed_attention_with_overlapping_blocks(length, stride, block_size
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import oracle
+    from ejkernel_nsa.testing import oracle
     from cases import assert_close
 
     rng = np.random.default_rng(length + stride)
@@ -131,7 +131,7 @@ def test_overlapping_mean_pool(length, stride):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import oracle
+    from ejkernel_nsa.testing import oracle
     from cases import assert_close
 
     rng = np.random.default_rng(length * stride)
@@ -159,7 +159,7 @@ def test_selection_with_the_fused_score_transfer(length, stride, block_size):
     if nsa.backend_status()["triton"] is not None:
         pytest.skip(f"triton cannot run here: {nsa.backend_status()['triton']}")
     import numpy as np
-    import oracle
+    from ejkernel_nsa.testing import oracle
     from cases import same_slot_sets
 
     rng = np.random.default_rng(length + block_size)

@@ -13,8 +13,8 @@ import pytest
 from cases import assert_close
 
 import ejkernel_nsa as nsa
-import oracle
 from ejkernel_nsa import cache as kv_cache
+from ejkernel_nsa.testing import oracle
 
 B, H, G, DK, DV, BS, CAPACITY = 2, 2, 2, 16, 8, 8, 96
 HQ = G * H

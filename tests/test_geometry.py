@@ -9,10 +9,10 @@ from cases import assert_close
 from fake_backend import install_fake_triton
 
 import ejkernel_nsa as nsa
-import oracle
 from ejkernel_nsa import compressor
 from ejkernel_nsa.config import BACKEND_ENV
 from ejkernel_nsa.problem import Piece
+from ejkernel_nsa.testing import oracle
 
 rng = np.random.default_rng(913)
 T, H, G, D, DV = 90, 2, 2, 8, 6

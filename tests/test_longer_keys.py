@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ejkernel_nsa as nsa
-import oracle
 from ejkernel_nsa import registry
+from ejkernel_nsa.testing import oracle
 
 # The backends whose every piece is registered for SPEC section 10.
 LONGER_KEY_BACKENDS = sorted(

@@ -5,20 +5,13 @@
 (c) finiteness on random inputs.
 """
 
-import importlib.util
 import math
-import pathlib
 import zlib
 
 import numpy as np
 import pytest
 
-# pytest runs with --import-mode=importlib, so the tests folder is not on sys.path: load by path.
-_spec = importlib.util.spec_from_file_location(
-    "nsa_oracle", pathlib.Path(__file__).with_name("oracle.py")
-)
-oracle = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(oracle)
+from ejkernel_nsa.testing import oracle
 
 
 def _rng(seed):

@@ -5,7 +5,7 @@ that row's first L_b keys, in value and in gradient; key slots past L_b never ma
 import numpy as np
 import pytest
 
-import oracle
+from ejkernel_nsa.testing import oracle
 
 BLOCK = 8
 

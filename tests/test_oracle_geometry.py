@@ -1,16 +1,10 @@
 """The float64 oracle's SPEC section 9 (compression geometry, supplied compression) checked
 against section 1-3's independent code, by hand, and by central finite differences."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 
-# pytest runs with --import-mode=importlib: load the oracle by path, as test_oracle does.
-_spec = importlib.util.spec_from_file_location("nsa_oracle_geometry", pathlib.Path(__file__).with_name("oracle.py"))
-oracle = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(oracle)
+from ejkernel_nsa.testing import oracle
 
 
 def _inputs(rng, T, H, G, Dk, Dv, B=1):

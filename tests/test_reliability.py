@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import ejkernel_nsa as nsa
-import oracle
+from ejkernel_nsa.testing import oracle
 from cases import rel_l2
 
 rng = np.random.default_rng(11)
@@ -165,7 +165,7 @@ FIRST_LOAD_INSIDE_INTERPRET_MODE = r"""
 import json, os
 import numpy as np
 import ejkernel_nsa as nsa
-import oracle
+from ejkernel_nsa.testing import oracle
 from ejkernel_nsa import config
 
 rng = np.random.default_rng(3)

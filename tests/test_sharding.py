@@ -333,7 +333,7 @@ def check_context_parallel_given_selection_oracle():
     """The caller's block indices, sequence over 8 devices, against the float64 oracle."""
     jax, jnp, inputs, rel = _setup()
     import numpy as np
-    import oracle
+    from ejkernel_nsa.testing import oracle
     from ejkernel_nsa.context_parallel import context_parallel_nsa
 
     mesh = jax.make_mesh((8,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))

@@ -10,7 +10,7 @@ import pytest
 from cases import TOLERANCES, assert_close
 
 import ejkernel_nsa as nsa
-import oracle
+from ejkernel_nsa.testing import oracle
 
 
 @pytest.fixture(autouse=True)

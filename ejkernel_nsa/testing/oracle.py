@@ -1,4 +1,4 @@
-"""Slow float64 NumPy reading of /work/shared/SPEC.md (the NSA contract).
+"""Slow float64 NumPy reading of SPEC.md (the NSA contract; docs/semantics.md in prose).
 
 This is the test oracle every ejkernel_nsa backend is compared against. It is deliberately
 naive: explicit Python loops over (sequence, token, head), one small softmax per query, float64
