@@ -70,7 +70,8 @@ def _register_pieces() -> None:
                  compression_geometry=getattr(module, "COMPRESSION_GEOMETRY", False))(module.run)
     # A decoding step's selected attention (SPEC section 10, one query per row): its own kernel,
     # declining everything else, beside the full-length one above, which declines decoding.
-    decode = importlib.import_module("ejkernel_nsa.backends.triton.decode")
+    with launch.triton_interpreter():
+        decode = importlib.import_module("ejkernel_nsa.backends.triton.decode")
     register(decode.PIECE, backend=NAME, platforms=("gpu", "cpu") if launch.INTERPRETED else ("gpu",),
              priority=PRIORITY, supports=decode.supports, longer_keys=True)(decode.run)
 
