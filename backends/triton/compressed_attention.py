@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ejkernel_nsa import sparsity
-from ejkernel_nsa.backends.triton.containment import finite_values, nonfinite_seen
+from ejkernel_nsa.backends.triton.containment import finite_values, nonfinite_in
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
@@ -87,7 +87,7 @@ def _row_base(ptr, b, t0, h, head0, T, HQ: tl.constexpr, G: tl.constexpr, D: tl.
 
 @triton.jit
 def compressed_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, v_flags_ptr, pos_ptr, first_block_ptr,
+    q_ptr, k_ptr, v_ptr, v_bad_ptr, pos_ptr, first_block_ptr,
     T, NB,
     o_ptr, lse_ptr,
     H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
@@ -119,9 +119,7 @@ def compressed_attention_fwd_kernel(
     # Scalar 64-bit pointers to the tile's first block, advanced block tile by block tile.
     k_tile = k_ptr + ((b.to(tl.int64) * NB + c_lo) * H + h) * DK
     v_tile = v_ptr + ((b.to(tl.int64) * NB + c_lo) * H + h) * DV
-    flags_tile = v_flags_ptr + (b.to(tl.int64) * NB + c_lo) * H + h
     block = tl.arange(0, BC)
-    bad_seen = tl.zeros([BT * HP], dtype=tl.float32)
 
     m_i = tl.full([BT * HP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BT * HP], dtype=tl.float32)
@@ -131,10 +129,8 @@ def compressed_attention_fwd_kernel(
         col_ok = cols < c_hi
         k = tl.load(k_tile + block[:, None] * (H * DK) + dk[None, :], mask=col_ok[:, None] & dk_ok[None, :], other=0.0)
         v = tl.load(v_tile + block[:, None] * (H * DV) + dv[None, :], mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-        flags = tl.load(flags_tile + block * H, mask=col_ok, other=0.0)
         k_tile += BC * H * DK
         v_tile += BC * H * DV
-        flags_tile += BC * H
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (SCALE * LOG2E)
         visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
         s = tl.where(visible, s, float("-inf"))
@@ -146,13 +142,13 @@ def compressed_attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         # A tensor-core dot takes both operands in one dtype: p in [0, 1] rounds to v's 16-bit
         # dtype (relative error at most 2^-8 in bf16) and the sum over blocks stays float32.
-        bad_seen = nonfinite_seen(bad_seen, flags, visible)  # SPEC 8 (containment.py)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    out = tl.where(bad_seen[:, None] > 0.0, float("nan"), out)
+    # SPEC 8 (containment.py): the values came zeroed where non-finite; rows that see one are NaN.
+    out = tl.where(nonfinite_in(v_bad_ptr, b, h, lo, hi, row_ok, NB, H)[:, None], float("nan"), out)
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     o_base = _row_base(o_ptr, b, t0, h, head0, T, HQ, G, DV)
     tl.store(o_base + row[:, None] * DV + dv[None, :], out.to(o_ptr.dtype.element_ty),
@@ -348,9 +344,9 @@ def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, length: int, sc
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     config = _config("fwd", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length)
     head_tiles = launch.cdiv(config["G"], config["HP"])
-    v_finite, v_flags = finite_values(v_cmp)
+    v_finite, v_bad = finite_values(v_cmp)
     return launch.triton_call(
-        query, k_cmp, v_finite, v_flags, pos, first_block, num_tokens, num_blocks,
+        query, k_cmp, v_finite, v_bad, pos, first_block, num_tokens, num_blocks,
         kernel=compressed_attention_fwd_kernel,
         out_shape=[jax.ShapeDtypeStruct((batch, num_tokens, num_q_heads, value_dim), query.dtype),
                    jax.ShapeDtypeStruct((batch, num_tokens, num_q_heads), jnp.float32)],
@@ -465,7 +461,7 @@ def compile_specs() -> list[launch.CompileSpec]:
         # The kernels get the blocks in the query's dtype (`_blocks_for_dots`); dk/dv partials stay float32.
         q, f32, i32 = launch.pointer(dtype), "*fp32", "*i32"
         layout = {"pos_ptr": i32, "first_block_ptr": i32}
-        fwd = {"q_ptr": q, "k_ptr": q, "v_ptr": q, "v_flags_ptr": f32, **layout, **ints, "o_ptr": q, "lse_ptr": f32}
+        fwd = {"q_ptr": q, "k_ptr": q, "v_ptr": q, "v_bad_ptr": i32, **layout, **ints, "o_ptr": q, "lse_ptr": f32}
         grads = {"q_ptr": q, "k_ptr": q, "v_ptr": q, "do_ptr": q, "lse_ptr": f32, "delta_ptr": f32, **layout}
         dq = {**grads, **ints, "dq_ptr": q}
         dkv = {**grads, "viewer_lo_ptr": i32, "viewer_hi_ptr": i32, **ints, "SPLIT_TOKENS": "i32",

@@ -3,14 +3,18 @@
 A key tile is shared by query rows that see different keys; a masked row has `p = 0`, and
 `0 * NaN` (or `0 * Inf`) is NaN, so a NaN value in a row's future or in another packed sequence
 would reach it through the `p @ v` dot. So the forward kernels take the values with their
-non-finite entries zeroed and one flag per value row (`finite_values`, one fused elementwise pass
-before the launch), and a row whose visible keys hold a flagged one ends as NaN, as its own
-arithmetic would have made it (`nonfinite_seen`).
+non-finite entries zeroed, and a row whose visible keys hold a non-finite value ends as NaN, as its
+own arithmetic would have made it. Every forward kernel's rows see a contiguous range of value
+rows (per selected block for the selected branch), so one prefix count of the non-finite rows,
+read twice per row after the loop, says which rows saw one (`finite_values`, one fused
+elementwise pass and a cumulative sum before the launch). Nothing is added to the inner loop.
 
-Why not inside the kernel: zeroing the values per tile (`where(isfinite(v), v, 0)`) makes the value
-tile an elementwise operand, so it no longer streams straight into the tensor-core dot; on an
-H200 that cost the compressed and window forwards about 2x and the block-major selected forward
-about 1.4x. Non-finite keys need nothing: a masked score is replaced by -inf before the softmax.
+Why not inside the loop: zeroing the values per tile (`where(isfinite(v), v, 0)`) makes the value
+tile an elementwise operand, no longer streamed straight into the tensor-core dot; on an H200
+(bf16, 64k, G=1) that took the compressed forward from 2.8 to 5.9 ms, the window from 3.3 to 5.3 ms
+and block-major selected attention from 12.1 to 16.8 ms. Loading one flag per key and reducing it
+over the visible mask in the loop instead still cost the G=1 compressed forward 10.6 ms.
+Non-finite keys need nothing: a masked score is replaced by -inf before the softmax.
 """
 
 import jax
@@ -20,15 +24,19 @@ import triton.language as tl
 
 
 def finite_values(value: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`value` `[..., D]` with its non-finite entries zeroed, and `[...]` float32 flags: 1 where
-    the row held a NaN or Inf."""
+    """`value` `[B, N, H, D]` with its non-finite entries zeroed, and `[B, N + 1, H]` int32: the
+    number of rows `< n` (per batch row and head) that held a NaN or Inf."""
     finite = jnp.isfinite(value)
-    flags = (~jnp.all(finite, axis=-1)).astype(jnp.float32)
-    return jnp.where(finite, value, jnp.zeros((), value.dtype)), flags
+    flags = (~jnp.all(finite, axis=-1)).astype(jnp.int32)
+    prefix = jnp.pad(jnp.cumsum(flags, axis=1), ((0, 0), (1, 0), (0, 0)))
+    return jnp.where(finite, value, jnp.zeros((), value.dtype)), prefix
 
 
 @triton.jit
-def nonfinite_seen(seen, flags, visible):
-    """`seen` `[rows]` (float, > 0 once a row saw a flagged value) updated with this tile: `flags`
-    `[keys]` of its value rows, `visible` `[rows, keys]`."""
-    return tl.maximum(seen, tl.max(tl.where(visible, flags[None, :], 0.0), axis=1))
+def nonfinite_in(prefix_ptr, b, h, lo, hi, mask, N, H):
+    """Per row: whether value rows `[lo, hi)` of batch row `b`, kv head `h` hold a non-finite
+    entry (`prefix_ptr` is `finite_values`' count, `N` the value rows per batch row)."""
+    base = prefix_ptr + b.to(tl.int64) * (N + 1) * H + h
+    count_hi = tl.load(base + hi * H, mask=mask, other=0)
+    count_lo = tl.load(base + lo * H, mask=mask, other=0)
+    return mask & (hi > lo) & (count_hi > count_lo)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ejkernel_nsa import sparsity
-from ejkernel_nsa.backends.triton.containment import finite_values, nonfinite_seen
+from ejkernel_nsa.backends.triton.containment import finite_values, nonfinite_in
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.backends.triton.launch import CompileSpec, cdiv, next_pow2, pointer
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments
@@ -250,7 +250,7 @@ def _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block, sub, b, h, nu
 
 @triton.jit
 def selected_attention_fwd_kernel_by_block(
-    q_ptr, k_ptr, v_ptr, v_flags_ptr, pairs_ptr, offsets_ptr, tile_block_ptr, tile_chunk_ptr, block_start_ptr, block_len_ptr,
+    q_ptr, k_ptr, v_ptr, v_bad_ptr, pairs_ptr, offsets_ptr, tile_block_ptr, tile_chunk_ptr, block_start_ptr, block_len_ptr,
     num_tokens, num_blocks, num_tiles,
     o_part_ptr, lse_part_ptr,
     H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, CHUNKS: tl.constexpr,
@@ -270,9 +270,8 @@ def selected_attention_fwd_kernel_by_block(
     dv = tl.arange(0, DVP)
     if SUBS == 1:
         # The whole block in one tile: its keys and values are read once for every chunk.
-        k, v, key_token, key_ok, key_rows = _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block, 0, b, h,
-                                                      num_tokens, H, DK, DV, DKP, DVP, BK)
-        flags = tl.load(v_flags_ptr + key_rows, mask=key_ok, other=0.0)
+        k, v, key_token, key_ok, _ = _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block, 0, b, h,
+                                               num_tokens, H, DK, DV, DKP, DVP, BK)
     qk_scale = SCALE * LOG2E
     for chunk in range(chunk_lo, chunk_hi):
         row_ok, token, q_row, part_row = _chunk_rows(pairs_ptr, list_base, chunk, num_rows, num_tokens, b, h,
@@ -281,12 +280,10 @@ def selected_attention_fwd_kernel_by_block(
         m = tl.full([ROWS], float("-inf"), tl.float32)
         l = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, DVP], tl.float32)
-        bad_seen = tl.zeros([ROWS], tl.float32)
         for sub in tl.static_range(SUBS):
             if SUBS > 1:
-                k, v, key_token, key_ok, key_rows = _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block,
-                                                              sub, b, h, num_tokens, H, DK, DV, DKP, DVP, BK)
-                flags = tl.load(v_flags_ptr + key_rows, mask=key_ok, other=0.0)
+                k, v, key_token, key_ok, _ = _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block, sub, b,
+                                                       h, num_tokens, H, DK, DV, DKP, DVP, BK)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             # A block and its readers share one sequence: causality compares rows of the batch row.
             visible = row_ok[:, None] & key_ok[None, :] & (key_token[None, :] <= token[:, None])
@@ -296,12 +293,16 @@ def selected_attention_fwd_kernel_by_block(
             alpha = tl.exp2(m - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l = l * alpha + tl.sum(p, axis=1)
-            bad_seen = nonfinite_seen(bad_seen, flags, visible)  # SPEC 8 (containment.py)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
         # A counted block starts at or before its reader, so every real row saw a key (l > 0).
         safe_l = tl.where(l > 0.0, l, 1.0)
-        out = tl.where(bad_seen[:, None] > 0.0, float("nan"), acc / safe_l[:, None])
+        # SPEC 8 (containment.py): the values came zeroed where non-finite; a row sees the block's
+        # keys [start, min(end, token + 1)) and is NaN if one of their values was not finite.
+        start = tl.load(block_start_ptr + block) + tl.zeros_like(token)
+        end = tl.minimum(start + tl.load(block_len_ptr + block), token + 1)
+        bad = nonfinite_in(v_bad_ptr, b, h, start, end, row_ok, num_tokens, H)
+        out = tl.where(bad[:, None], float("nan"), acc / safe_l[:, None])
         tl.store(o_part_ptr + part_row[:, None] * DV + dv[None, :], out.to(o_part_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (dv[None, :] < DV))
         tl.store(lse_part_ptr + part_row, m + tl.log2(safe_l), mask=row_ok)
@@ -568,9 +569,9 @@ def _forward_by_block(q, k, v, sel: SelectedBlocks, readers: Readers, block_size
     # 16-bit problems keep their partial outputs in 16 bits (the merge is in float32).
     part_dtype = q.dtype if q.dtype.itemsize == 2 else jnp.float32
     num_parts = batch * num_tokens * num_kv_heads * num_slots * group
-    v_finite, v_flags = finite_values(v)
+    v_finite, v_bad = finite_values(v)
     o_part, lse_part = launch.triton_call(
-        q, k, v_finite, v_flags, readers.pairs, readers.offsets, tiles.block, tiles.chunk, sel.block_start, sel.block_len,
+        q, k, v_finite, v_bad, readers.pairs, readers.offsets, tiles.block, tiles.chunk, sel.block_start, sel.block_len,
         num_tokens, num_blocks, tiles.block.shape[1],
         kernel=selected_attention_fwd_kernel_by_block,
         out_shape=[jax.ShapeDtypeStruct((num_parts, value_dim), part_dtype),
@@ -712,7 +713,7 @@ def compile_specs() -> list[CompileSpec]:
                      block_len_ptr=i32, num_tokens="i32", num_blocks="i32", num_tiles="i32")
         part = ptr if itemsize == 2 else f32
         fwd_cfg = block_config(block_size, head_dim, value_dim, itemsize)
-        by_block_sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, v_flags_ptr=f32, **tiles, o_part_ptr=part,
+        by_block_sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, v_bad_ptr=i32, **tiles, o_part_ptr=part,
                             lse_part_ptr=f32)
         combine_sig = dict(o_part_ptr=part, lse_part_ptr=f32, keep_ptr=i8, num_tokens="i32", o_ptr=ptr, lse_ptr=f32)
         combine_meta = dict(H=num_kv_heads, G=group, S=num_slots, ROWS=_combine_rows(value_dim), DV=value_dim,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-from ejkernel_nsa.backends.triton.containment import finite_values, nonfinite_seen
+from ejkernel_nsa.backends.triton.containment import finite_values, nonfinite_in
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
@@ -60,7 +60,7 @@ def _query_rows(t0, g0, T, BT: tl.constexpr, GB: tl.constexpr, G: tl.constexpr):
 
 @triton.jit
 def sliding_window_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, v_flags_ptr, seq_start_ptr,
+    q_ptr, k_ptr, v_ptr, v_bad_ptr, seq_start_ptr,
     T, H, W,
     o_ptr, lse_ptr,
     G: tl.constexpr, GB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -98,7 +98,6 @@ def sliding_window_fwd_kernel(
     m_i = tl.full([BT * GB], float("-inf"), tl.float32)
     l_i = tl.zeros([BT * GB], tl.float32)
     acc = tl.zeros([BT * GB, DVP], tl.float32)
-    bad_seen = tl.zeros([BT * GB], tl.float32)
     kv_head = b * T * H + h  # int64: (token 0, kv head h) on the [B*T*H] axis
     jj = tl.arange(0, BK)
     for j0 in range(lo, hi, BK):
@@ -109,7 +108,6 @@ def sliding_window_fwd_kernel(
                       mask=key_ok[None, :] & (dk[:, None] < DK), other=0.0)
         v = tl.load(v_ptr + kv_row * DV + (jj * H * DV)[:, None] + dv[None, :],
                     mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        flags = tl.load(v_flags_ptr + kv_row + jj * H, mask=key_ok, other=0.0)
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
         visible = valid[:, None] & (j[None, :] >= row_lo[:, None]) & (j[None, :] <= tok[:, None])
         s = tl.where(visible, s, float("-inf"))
@@ -119,13 +117,14 @@ def sliding_window_fwd_kernel(
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        bad_seen = nonfinite_seen(bad_seen, flags, visible)  # SPEC 8 (containment.py)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
-    o = tl.where(bad_seen[:, None] > 0.0, float("nan"), acc / l_safe[:, None])
+    # SPEC 8 (containment.py): the values came zeroed where non-finite; rows that see one are NaN.
+    bad = nonfinite_in(v_bad_ptr, b, h, row_lo, tok + 1, valid, T, H)
+    o = tl.where(bad[:, None], float("nan"), acc / l_safe[:, None])
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
     tl.store(o_ptr + head_row * DV + row_off[:, None] * DV + dv[None, :], o.to(o_ptr.dtype.element_ty),
              mask=valid[:, None] & (dv[None, :] < DV))
@@ -395,9 +394,9 @@ def sliding_window_fwd(query, key, value, seq_start, window: int, scale: float):
         jax.ShapeDtypeStruct(query.shape[:3] + (value_dim,), query.dtype),
         jax.ShapeDtypeStruct(query.shape[:3], jnp.float32),
     ]
-    v_finite, v_flags = finite_values(value)
+    v_finite, v_bad = finite_values(value)
     return launch.triton_call(
-        query, key, v_finite, v_flags, seq_start, num_tokens, num_kv_heads, window,
+        query, key, v_finite, v_bad, seq_start, num_tokens, num_kv_heads, window,
         kernel=sliding_window_fwd_kernel, out_shape=out_shape,
         grid=_query_grid(config, batch, num_tokens, num_kv_heads, group),
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -501,7 +500,7 @@ def compile_specs() -> list[launch.CompileSpec]:
         fwd = _fwd_config(group, window, head_dim, value_dim, dtype)
         specs.append(launch.CompileSpec(
             f"sliding_window_fwd_kernel[{tag}]", sliding_window_fwd_kernel,
-            _signature(io + [("v_flags_ptr", "float32"), ("seq_start_ptr", "int32"), ("T", None), ("H", None),
+            _signature(io + [("v_bad_ptr", "int32"), ("seq_start_ptr", "int32"), ("T", None), ("H", None),
                              ("W", None), ("o_ptr", dtype), ("lse_ptr", "float32")]),
             fwd.constexprs(group, head_dim, value_dim, dtype, head_dim**-0.5), fwd.num_warps, fwd.num_stages,
         ))
