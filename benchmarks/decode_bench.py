@@ -118,6 +118,21 @@ class Skipped(Exception):
     """A baseline that cannot run here (cuDNN without a GPU)."""
 
 
+class Records(list):
+    """The run's records, rewritten to `path` after every one: a run cut short keeps them."""
+
+    def __init__(self, path: Path, header: dict):
+        super().__init__()
+        self.path, self.header = path, header
+
+    def append(self, record: dict) -> None:
+        super().append(record)
+        self.save()
+
+    def save(self, **extra) -> None:
+        self.path.write_text(json.dumps(dict(self.header, records=list(self), **extra), indent=1))
+
+
 def run_case(records, name, batch, context, fn, *, repeats, max_s, extra=None):
     record = dict(name=name, batch=batch, context=context, **(extra or {}))
     try:
@@ -310,23 +325,26 @@ def main(argv=None) -> int:
     print(f"NSA decoding on {kind}: HQ={config['heads']} H={config['kv_heads']} D={config['head_dim']} "
           f"S={config['block_counts']} BS={config['block_size']} W={config['window']} {dtype.name}", flush=True)
     start = time.perf_counter()
-    records: list[dict] = []
-    # Batch 1 runs first: its recompute times are scaled for batches too large to recompute.
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
+    path = args.json or Path(__file__).parent / "results" / f"decode_{kind}_{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = dict(device_kind=kind, platform=device.platform, jax_version=jax.__version__, config=config)
+    records = Records(path, header)
+    # Batch 1 runs first: its recompute times are scaled for batches too large to recompute. The
+    # chunked prefill follows it, so a run cut short still judges that target.
     recompute_batch_1: dict[int, dict] = {}
-    for batch in sorted(set(config["batches"]) | {1}):
+    batches = sorted(set(config["batches"]) | {1})
+    for context in config["contexts"]:
+        decode_cases(records, args, config, dtype, 1, context, recompute_batch_1)
+    prefill_cases(records, args, config, dtype)
+    for batch in batches[1:]:
         for context in config["contexts"]:
             decode_cases(records, args, config, dtype, batch, context, recompute_batch_1)
-    prefill_cases(records, args, config, dtype)
     verdicts = judge(records, config)
     for verdict in verdicts:
         print(f"target: {verdict['target']}: {'met' if verdict['met'] else 'NOT met' if verdict['met'] is False else 'not measured'}"
               f"  {json.dumps({k: v for k, v in verdict.items() if k not in ('target', 'met')})}")
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
-    path = args.json or Path(__file__).parent / "results" / f"decode_{kind}_{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(device_kind=kind, platform=device.platform, jax_version=jax.__version__,
-                                    config=config, records=records, targets=verdicts,
-                                    wall_s=time.perf_counter() - start), indent=1))
+    records.save(targets=verdicts, wall_s=time.perf_counter() - start)
     print(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
     if args.png:
         plot(path, records, config)
