@@ -25,6 +25,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from ejkernel_nsa.backends.common.vjp import attention_delta
 from ejkernel_nsa.backends.pallas_mosaic import tiles
 from ejkernel_nsa.backends.pallas_mosaic.tiles import LOG2E, ROWS
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, block_layout, token_layout
@@ -326,10 +327,9 @@ def _attend_bwd(shape, residuals, cotangents):
     d_out, d_lse = cotangents
     tiling = shape.tiling
     do_packed = tiling.pack(d_out.astype(jnp.float32), shape.dv)
-    # The output as the caller saw it (rounded to its dtype) defines delta = rowsum(do * o).
-    o_rows = o_rows.astype(shape.dtype).astype(jnp.float32)
-    # d lse / d s = p: the lse cotangent enters the softmax backward as a shift of delta.
-    delta = jnp.sum(do_packed * o_rows, axis=-1) - tiling.pack_scalar(d_lse.astype(jnp.float32))
+    # The residuals are packed rows, so delta is taken there (backends/common/vjp.py), with the
+    # output as the caller saw it (rounded to its dtype) and the lse cotangent packed alike.
+    delta = attention_delta(do_packed, o_rows.astype(shape.dtype), tiling.pack_scalar(d_lse.astype(jnp.float32)))
     do_rows = tiles.split(do_packed, shape.q_parts, shape.operand)
     dq_rows = _launch_dq(shape, q_rows, k_blocks, v_blocks, do_rows, lse_rows, delta, meta)
     dk, dv = _launch_dkv(shape, q_rows, k_blocks, v_blocks, do_rows, lse_rows, delta, meta, spans)

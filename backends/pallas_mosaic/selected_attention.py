@@ -26,6 +26,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from ejkernel_nsa.backends.common.vjp import attention_delta
 from ejkernel_nsa.backends.pallas_mosaic import tiles
 from ejkernel_nsa.backends.pallas_mosaic.tiles import LOG2E, ROWS
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, num_compressed_blocks, token_layout
@@ -395,8 +396,8 @@ def _attend_bwd(shape, residuals, d_out):
     B, HN = q_rows.shape[:2]
     H = tiling.num_kv_heads
     do_packed = tiling.pack(d_out.astype(jnp.float32), shape.dv)
-    # delta = rowsum(do * o) with the output as the caller saw it (rounded to its dtype).
-    delta = jnp.sum(do_packed * o_rows.astype(dtype).astype(jnp.float32), axis=-1)
+    # delta = rowsum(do * o) on the packed rows, the output as the caller saw it (its dtype).
+    delta = attention_delta(do_packed, o_rows.astype(dtype))
     do_rows = tiles.split(do_packed, shape.parts, shape.operand)
     body, scratch = _dq_kernel(shape)
     dq_rows = tiles.kernel(

@@ -15,13 +15,12 @@ float32 partial sums, added in XLA (deterministic, no atomics). The cotangent of
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.pallas_triton import common
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
@@ -225,29 +224,21 @@ def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo
     return (d_k.reshape((splits,) + k_cmp.shape).sum(axis=0), d_v.reshape((splits,) + v_cmp.shape).sum(axis=0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _attend(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size: int, scale: float):
-    return _fwd(query, k_cmp, v_cmp, pos, first_block, block_size, scale)
-
-
-def _attend_fwd(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size, scale):
+def _attend_forward(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size: int, scale: float):
     out, lse = _fwd(query, k_cmp, v_cmp, pos, first_block, block_size, scale)
-    return (out, lse), (query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, out, lse)
+    return out, lse, (query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi)
 
 
-def _attend_bwd(block_size, scale, residuals, cotangents):
-    query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, out, lse = residuals
-    d_out, d_lse = cotangents
-    d_out = d_out.astype(query.dtype)
-    # d lse / d s = p: the lse cotangent enters the softmax backward as a shift of delta.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
+def _attend_backward(block_size, scale, saved, d_out, lse, delta):
+    query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi = saved
     dq = _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, scale)
     dk, dv = _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
                       block_size, scale)
     return dq, dk, dv, None, None, None, None
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+# The lse is an output too (the selection reads it); its cotangent is folded into delta.
+_attend = attention_vjp(_attend_forward, _attend_backward, nondiff_argnums=(7, 8), returns_lse=True)
 
 
 def run(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segments | None):

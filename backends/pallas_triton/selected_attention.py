@@ -18,13 +18,12 @@ interpreted, and partial buffers keep the result deterministic).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.pallas_triton import common
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments
 from ejkernel_nsa.sparsity import SelectedBlocks
@@ -257,26 +256,19 @@ def _backward_dkv(q, k, v, do, lse, delta, sel: SelectedBlocks, block_size: int,
 # ---- the differentiable piece --------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _selected_attention(q, k, v, sel: SelectedBlocks, block_size: int, scale: float):
-    return _forward(q, k, v, sel, block_size, scale)[0]
-
-
-def _selected_attention_fwd(q, k, v, sel, block_size, scale):
+def _selected_attention_forward(q, k, v, sel: SelectedBlocks, block_size: int, scale: float):
     out, lse = _forward(q, k, v, sel, block_size, scale)
-    return out, (q, k, v, sel, out, lse)
+    return out, lse, (q, k, v, sel)
 
 
-def _selected_attention_bwd(block_size, scale, residuals, d_out):
-    q, k, v, sel, out, lse = residuals
-    d_out = d_out.astype(q.dtype)
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+def _selected_attention_backward(block_size, scale, saved, d_out, lse, delta):
+    q, k, v, sel = saved
     dq = _backward_dq(q, k, v, d_out, lse, delta, sel, block_size, scale)
     dk, dv = _backward_dkv(q, k, v, d_out, lse, delta, sel, block_size, scale)
     return dq, dk, dv, None
 
 
-_selected_attention.defvjp(_selected_attention_fwd, _selected_attention_bwd)
+_selected_attention = attention_vjp(_selected_attention_forward, _selected_attention_backward, nondiff_argnums=(4, 5))
 
 
 def run(query, key, value, block_indices, block_counts, *, block_size: int, scale: float, segments: Segments | None):

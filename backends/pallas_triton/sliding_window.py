@@ -12,12 +12,11 @@ across programs, so no atomics and no partial buffers.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.pallas_triton import common
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
@@ -168,20 +167,13 @@ def _fwd(query, key, value, seq_start, window, scale):
     return out.reshape(query.shape[:3] + (value.shape[3],)), lse.reshape(query.shape[:3])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend(query, key, value, seq_start, window: int, scale: float):
-    return _fwd(query, key, value, seq_start, window, scale)[0]
-
-
-def _attend_fwd(query, key, value, seq_start, window, scale):
+def _attend_forward(query, key, value, seq_start, window: int, scale: float):
     out, lse = _fwd(query, key, value, seq_start, window, scale)
-    return out, (query, key, value, seq_start, out, lse)
+    return out, lse, (query, key, value, seq_start)
 
 
-def _attend_bwd(window, scale, residuals, d_out):
-    query, key, value, seq_start, out, lse = residuals
-    d_out = d_out.astype(query.dtype)
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+def _attend_backward(window, scale, saved, d_out, lse, delta):
+    query, key, value, seq_start = saved
     config = _config(query, key, value, window, scale)
     grads = (query, key, value, d_out, lse, delta, seq_start)
     dq = _launch(sliding_window_bwd_kernel_dq, "sliding_window_bwd_dq", _query_grid(query, config),
@@ -194,7 +186,7 @@ def _attend_bwd(window, scale, residuals, d_out):
     return dq.reshape(query.shape), dk.reshape(key.shape), dv.reshape(value.shape), None
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+_attend = attention_vjp(_attend_forward, _attend_backward, nondiff_argnums=(4, 5))
 
 
 def run(query, key, value, *, window_size: int, scale: float, segments: Segments | None):

@@ -25,7 +25,6 @@ piece, so its cotangent enters through `delta = rowsum(do * o) - dlse`.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.triton.containment import contained_values
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
@@ -394,30 +394,23 @@ def _blocks_for_dots(query, k_cmp, v_cmp):
     return k_cmp.astype(query.dtype), v_cmp.astype(query.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attend(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size: int, length: int,
-            scale: float):
-    return _fwd(query, *_blocks_for_dots(query, k_cmp, v_cmp), pos, first_block, block_size, length, scale)
-
-
-def _attend_fwd(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size, length, scale):
+def _attend_forward(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size: int, length: int,
+                    scale: float):
     k_dots, v_dots = _blocks_for_dots(query, k_cmp, v_cmp)
     out, lse = _fwd(query, k_dots, v_dots, pos, first_block, block_size, length, scale)
-    return (out, lse), (query, k_dots, v_dots, pos, first_block, viewer_lo, viewer_hi, out, lse)
+    return out, lse, (query, k_dots, v_dots, pos, first_block, viewer_lo, viewer_hi)
 
 
-def _attend_bwd(block_size, length, scale, residuals, cotangents):
-    query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, out, lse = residuals
-    d_out, d_lse = cotangents
-    # d lse / d s = p: the lse cotangent enters the softmax backward as a shift of delta.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
+def _attend_backward(block_size, length, scale, saved, d_out, lse, delta):
+    query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi = saved
     dq = _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, length, scale)
     dk, dv = _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
                       block_size, length, scale)
     return dq, dk, dv, None, None, None, None
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+# The lse is an output too (the selection reads it); its cotangent is folded into delta.
+_attend = attention_vjp(_attend_forward, _attend_backward, nondiff_argnums=(7, 8, 9), returns_lse=True)
 
 
 # SPEC section 9: blocks of length l at stride d (the kernels see d as BS and l as CL).

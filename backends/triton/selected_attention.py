@@ -22,7 +22,6 @@ kernels here turn the loop around (docs/triton.md, "Selected attention"):
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -31,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.triton.containment import contained_values
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.backends.triton.launch import CompileSpec, cdiv, next_pow2, pointer
@@ -595,7 +595,7 @@ def _combine_rows(value_dim: int) -> int:
     return max(16, min(64, 4096 // _padded(value_dim)))
 
 
-def _backward(q, k, v, out, d_out, lse, sel: SelectedBlocks, readers: Readers, block_size: int, scale: float,
+def _backward(q, k, v, d_out, lse, delta, sel: SelectedBlocks, readers: Readers, block_size: int, scale: float,
               tiles: Tiles):
     batch, num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
@@ -604,7 +604,6 @@ def _backward(q, k, v, out, d_out, lse, sel: SelectedBlocks, readers: Readers, b
     order = tiles.backward_order or backward_loop_order(group)
     cfg = tiles.backward or block_config(block_size, head_dim, value_dim, q.dtype.itemsize, backward=True)
     work = _tiles_of(readers, sel, group, cfg)
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     fused = order == "fused"
     dq, dk, dv = launch.triton_call(
         q, k, v, d_out, lse, delta, readers.pairs, readers.offsets, work.block, work.chunk,
@@ -646,23 +645,20 @@ def _forward(q, k, v, sel: SelectedBlocks, readers: Readers, block_size: int, sc
 # ---- the differentiable piece --------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _selected_attention(q, k, v, sel: SelectedBlocks, readers: Readers, block_size: int, scale: float, tiles: Tiles):
-    return _forward(q, k, v, sel, readers, block_size, scale, tiles)[0]
-
-
-def _selected_attention_fwd(q, k, v, sel, readers, block_size, scale, tiles):
+def _selected_attention_forward(q, k, v, sel: SelectedBlocks, readers: Readers, block_size: int, scale: float,
+                                tiles: Tiles):
     out, lse = _forward(q, k, v, sel, readers, block_size, scale, tiles)
-    return out, (q, k, v, sel, readers, out, lse)
+    return out, lse, (q, k, v, sel, readers)
 
 
-def _selected_attention_bwd(block_size, scale, tiles, residuals, d_out):
-    q, k, v, sel, readers, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, out, d_out.astype(q.dtype), lse, sel, readers, block_size, scale, tiles)
+def _selected_attention_backward(block_size, scale, tiles, saved, d_out, lse, delta):
+    q, k, v, sel, readers = saved
+    dq, dk, dv = _backward(q, k, v, d_out, lse, delta, sel, readers, block_size, scale, tiles)
     return dq, dk, dv, None, None
 
 
-_selected_attention.defvjp(_selected_attention_fwd, _selected_attention_bwd)
+_selected_attention = attention_vjp(_selected_attention_forward, _selected_attention_backward,
+                                    nondiff_argnums=(5, 6, 7))
 
 
 def run(query, key, value, block_indices, block_counts, *, block_size: int, scale: float, segments: Segments | None,

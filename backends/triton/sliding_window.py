@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.triton.containment import contained_values
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
@@ -435,27 +436,19 @@ def sliding_window_bwd_dkv(query, key, value, d_out, lse, delta, seq_start, wind
 # ------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend(query, key, value, seq_start, window, scale):
-    return sliding_window_fwd(query, key, value, seq_start, window, scale)[0]
-
-
-def _attend_fwd(query, key, value, seq_start, window, scale):
+def _attend_forward(query, key, value, seq_start, window, scale):
     out, lse = sliding_window_fwd(query, key, value, seq_start, window, scale)
-    return out, (query, key, value, seq_start, out, lse)
+    return out, lse, (query, key, value, seq_start)
 
 
-def _attend_bwd(window, scale, residuals, d_out):
-    query, key, value, seq_start, out, lse = residuals
-    d_out = d_out.astype(query.dtype)
-    # delta = rowsum(dO * O): one fused elementwise pass in XLA, no kernel needed.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+def _attend_backward(window, scale, saved, d_out, lse, delta):
+    query, key, value, seq_start = saved
     d_query = sliding_window_bwd_dq(query, key, value, d_out, lse, delta, seq_start, window, scale)
     d_key, d_value = sliding_window_bwd_dkv(query, key, value, d_out, lse, delta, seq_start, window, scale)
     return d_query, d_key, d_value, None
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+_attend = attention_vjp(_attend_forward, _attend_backward, nondiff_argnums=(4, 5))
 
 
 def run(query, key, value, *, window_size: int, scale: float, segments: Segments | None):
