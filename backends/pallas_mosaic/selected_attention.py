@@ -26,29 +26,27 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.backends.common.host import NO_BLOCK
 from ejkernel_nsa.backends.common.vjp import attention_delta
 from ejkernel_nsa.backends.pallas_mosaic import tiles
 from ejkernel_nsa.backends.pallas_mosaic.tiles import LOG2E, ROWS
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, num_compressed_blocks, token_layout
 
 PIECE = Piece.SELECTED_ATTENTION
-NO_BLOCK = -1
 # The per-tile union lives in shared memory: BT * S entries, 16 KiB at most.
 MAX_UNION = 4096
-# Each row compares its S slots with every union block (unrolled), and the [S, 64] slot table
-# is one TMA box (at most 256 rows).
-MAX_SLOTS = 128
 # This piece's row table (`last_key_meta`) keeps the last visible key row where the token was.
 META_LAST_KEY = tiles.META_TOKEN
 
 
 def supports(problem: NSAProblem) -> str | None:
     # float32 runs as two bfloat16 parts per operand (`tiles.split`).
-    reason = tiles.common_decline(problem, float32=True)
+    # Each row compares its S slots with every union block (unrolled), and the [S, 64] slot
+    # table is one TMA box (at most 256 rows).
+    reason = tiles.common_decline(problem, float32=True) or host.too_many_slots(problem)
     if reason is not None:
         return reason
-    if problem.num_slots > MAX_SLOTS:
-        return f"at most {MAX_SLOTS} selected-block slots (S), got {problem.num_slots}"
     tokens = tiles.ROWS // min(problem.group_size, tiles.ROWS)
     if tokens * problem.num_slots > MAX_UNION:
         return (f"{problem.num_slots} slots x {tokens} tokens per 64-row tile exceed the {MAX_UNION}-entry "

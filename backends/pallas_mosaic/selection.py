@@ -28,24 +28,23 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.backends.common.host import NO_BLOCK
 from ejkernel_nsa.backends.pallas_mosaic import tiles
 from ejkernel_nsa.backends.pallas_mosaic.compressed_attention import BLOCK_TILE, split_blocks
 from ejkernel_nsa.backends.pallas_mosaic.tiles import LOG2E, ROWS
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
 PIECE = Piece.SELECTION
-NO_BLOCK = -1
-# The running top-S is merged in S rounds per 64-block tile; beyond this it is the bottleneck.
-MAX_SLOTS = 128
 
 
 def supports(problem: NSAProblem) -> str | None:
     # float32 queries run as two bfloat16 parts (`tiles.split`).
-    reason = tiles.common_decline(problem, float32=True)
+    # The running top-S is merged in S rounds per 64-block tile; beyond host.MAX_SLOTS it is the
+    # bottleneck.
+    reason = tiles.common_decline(problem, float32=True) or host.too_many_slots(problem)
     if reason is not None:
         return reason
-    if problem.num_slots > MAX_SLOTS:
-        return f"at most {MAX_SLOTS} selected-block slots (S), got {problem.num_slots}"
     shape = Shape(tiles.RowTiling(problem.seq_len, problem.num_kv_heads, problem.group_size), problem.block_size,
                   problem.num_slots, 1.0, tiles.padded_dim(problem.head_dim), BLOCK_TILE, problem.group_size,
                   problem.dtype)
@@ -217,8 +216,7 @@ def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, sca
     tok, lo, hi = token_meta(tiling, layout, block_size)
     scalars = jnp.zeros((tiling.num_tiles, 1, ROWS), jnp.int32).at[:, 0, 0].set(lo).at[:, 0, 1].set(hi)
     meta = jnp.concatenate([meta, scalars], axis=1)
-    if isinstance(block_counts, int):
-        block_counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
+    block_counts = host.block_counts_array(block_counts, batch, num_tokens, num_kv_heads)
     BT = tiling.tokens_per_tile
     counts = tiles.pad_axis(block_counts.astype(jnp.int32).transpose(0, 2, 1), 2, tiling.num_tiles * BT)
     counts = tiles.pad_axis(counts.reshape(batch, num_kv_heads, tiling.num_tiles, BT), 3, ROWS)

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from ejkernel_nsa import config
+from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.backends.common.host import LOG2E, cdiv  # noqa: F401 (the pieces read them here)
 from ejkernel_nsa.problem import NSAProblem, TokenLayout
-from ejkernel_nsa.registry.toolchain import gpu_failure
 
 try:
     # Mosaic GPU's interpreter imports the Pallas fuser's jaxpr fusion on its first run, and that
@@ -35,12 +35,11 @@ except ImportError:
     pass
 
 ROWS = 64  # one warpgroup's wgmma M
-LOG2E = 1.4426950408889634
 DTYPES = ("bfloat16", "float16")
 
 
 def interpreted() -> bool:
-    return config.interpret_enabled() and gpu_failure((9, 0)) is not None
+    return host.interpreted_without_gpu((9, 0))
 
 
 def common_decline(problem: NSAProblem, float32: bool = False) -> str | None:
@@ -415,8 +414,4 @@ def saved_softmax(lse_smem, delta_smem, load, spread, shape):
     seen = lse > -jnp.inf
     return (spread(seen, shape), spread(jnp.where(seen, lse * LOG2E, 0.0), shape),
             spread(load(delta_smem), shape))
-
-
-def cdiv(a, b):
-    return (a + b - 1) // b
 

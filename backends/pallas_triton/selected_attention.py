@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.common import host
 from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.pallas_triton import common
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments
@@ -30,20 +31,14 @@ from ejkernel_nsa.sparsity import SelectedBlocks
 
 PIECE = Piece.SELECTED_ATTENTION
 
-# The de-duplication compares every pair of slots in registers ([SP, SP]).
-MAX_SLOTS = 128
 # dk/dv: fewer chunks than this per part are not worth another part.
 MIN_CHUNKS_PER_PART = 2
 MAX_SPLIT = 4
 
 
 def supports(problem: NSAProblem) -> str | None:
-    reason = common.common_decline(problem)
-    if reason is not None:
-        return reason
-    if problem.num_slots > MAX_SLOTS:
-        return f"at most {MAX_SLOTS} selected-block slots (S), got {problem.num_slots}"
-    return None
+    # The de-duplication compares every pair of slots in registers ([SP, SP]).
+    return common.common_decline(problem) or host.too_many_slots(problem)
 
 
 # ---- kernels ------------------------------------------------------------------------------------

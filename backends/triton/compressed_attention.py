@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.common import host
 from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.triton.containment import contained_values
 from ejkernel_nsa.backends.triton import launch
@@ -39,8 +40,8 @@ from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
 PIECE = Piece.COMPRESSED_ATTENTION
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(host.LOG2E)
+LN2 = tl.constexpr(host.LN2)
 
 
 def supports(problem: NSAProblem) -> str | None:

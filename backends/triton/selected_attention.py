@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.common import host
 from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.triton.containment import contained_values
 from ejkernel_nsa.backends.triton import launch
@@ -39,21 +40,15 @@ from ejkernel_nsa.sparsity import SelectedBlocks
 
 PIECE = Piece.SELECTED_ATTENTION
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(host.LOG2E)
+LN2 = tl.constexpr(host.LN2)
 
-# The token-major dedup compares every pair of slots in registers ([SP, SP]); beyond this it
-# would spill.
-MAX_SLOTS = 128
 
 
 def supports(problem: NSAProblem) -> str | None:
-    reason = launch.common_decline(problem)
-    if reason is not None:
-        return reason
-    if problem.num_slots > MAX_SLOTS:
-        return f"at most {MAX_SLOTS} selected-block slots (S), got {problem.num_slots}"
-    return None
+    # The token-major dedup compares every pair of slots in registers ([SP, SP]); beyond
+    # host.MAX_SLOTS it would spill.
+    return launch.common_decline(problem) or host.too_many_slots(problem)
 
 
 # ---- kernels: token-major forward ------------------------------------------------------------
@@ -498,7 +493,7 @@ class Tiles:
 
 
 def _padded(dim: int) -> int:
-    return max(16, next_pow2(dim))
+    return host.padded_dim(dim)
 
 
 # ---- one Python wrapper per kernel ---------------------------------------------------------------

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from ejkernel_nsa.backends.common import host
 from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.triton.containment import contained_values
 from ejkernel_nsa.backends.triton import launch
@@ -29,8 +30,8 @@ from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 PIECE = Piece.SLIDING_WINDOW
 
 # Softmax runs in base 2 (exp2 is the native instruction); lse is stored in natural log.
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+LOG2E: tl.constexpr = tl.constexpr(host.LOG2E)
+LN2: tl.constexpr = tl.constexpr(host.LN2)
 
 
 def supports(problem: NSAProblem) -> str | None:
