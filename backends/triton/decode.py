@@ -26,6 +26,8 @@ from ejkernel_nsa.backends.triton.launch import CompileSpec, next_pow2, pointer
 from ejkernel_nsa.problem import NSAProblem, Piece
 
 PIECE = Piece.SELECTED_ATTENTION
+# SPEC section 10: queries against longer keys (`kv_lengths=`), the only calls it takes.
+LONGER_KEYS = True
 
 
 def supports(problem: NSAProblem) -> str | None:
