@@ -8,6 +8,7 @@ Triton and Pallas write the same step differently; only what is the same to the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 from collections.abc import Callable, Sequence
 
@@ -50,6 +51,33 @@ def too_many_slots(problem: NSAProblem, limit: int = MAX_SLOTS) -> str | None:
     if problem.num_slots > limit:
         return f"at most {limit} selected-block slots (S), got {problem.num_slots}"
     return None
+
+
+# ---- selected attention's token-major tiles ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenConfig:
+    """Token-major selected attention (forward, dq): one program per (token, kv head, chunk of
+    query heads), the same tiles for the Triton and the Pallas Triton kernels."""
+
+    rows: int  # query heads per program, padded for the dot
+    head_chunks: int
+    block_tile: int  # keys per inner step (a selected block is `subs` steps)
+    subs: int
+    num_warps: int
+    num_stages: int = 2
+
+
+def token_config(group: int, block_size: int, head_dim: int, value_dim: int, itemsize: int = 2) -> TokenConfig:
+    rows = min(max(16, next_pow2(group)), 64)
+    dkp, dvp = padded_dim(head_dim), padded_dim(value_dim)
+    block_padded = max(16, next_pow2(block_size))
+    # K and V tiles [tile, D] are held whole; float32 tiles take twice the registers.
+    block_tile = min(block_padded, (64 if max(dkp, dvp) <= 128 else 32) * 2 // itemsize)
+    big = rows * max(dkp, dvp) * itemsize >= 64 * 128 * 2
+    return TokenConfig(rows=rows, head_chunks=cdiv(group, rows), block_tile=block_tile,
+                       subs=block_padded // block_tile, num_warps=8 if big else 4)
 
 
 # ---- selection: how many slots a kernel fills, and the rest ------------------------------------

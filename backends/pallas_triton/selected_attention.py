@@ -165,15 +165,11 @@ def selected_attention_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delt
 
 
 def _token_config(group: int, block_size: int, head_dim: int, value_dim: int, num_slots: int, itemsize: int):
-    """Forward and dq: rows = query heads per program (padded for tt.dot), key sub-tile."""
-    rows = min(max(16, common.next_pow2(group)), 64)
-    dkp, dvp = common.padded_dim(head_dim), common.padded_dim(value_dim)
-    block_padded = max(16, common.next_pow2(block_size))
-    # K and V tiles [BK, D] are held whole; float32 tiles take twice the registers.
-    block_tile = max(16, min(block_padded, (64 if max(dkp, dvp) <= 128 else 32) * 2 // itemsize))
-    big = rows * max(dkp, dvp) * itemsize >= 64 * 128 * 2
-    return dict(ROWS=rows, BK=block_tile, SUBS=block_padded // block_tile, SP=max(2, common.next_pow2(num_slots))), (
-        8 if big else 4)
+    """Forward and dq: the token-major tiles (`host.token_config`: query heads per program, key
+    sub-tile) as the kernels' constexprs, and the warps."""
+    tiles = host.token_config(group, block_size, head_dim, value_dim, itemsize)
+    return (dict(ROWS=tiles.rows, BK=tiles.block_tile, SUBS=tiles.subs, SP=max(2, common.next_pow2(num_slots))),
+            tiles.num_warps)
 
 
 def _block_config(num_tokens: int, block_size: int, head_dim: int, value_dim: int, num_slots: int, itemsize: int):

@@ -31,6 +31,8 @@ import triton.language as tl
 
 from ejkernel_nsa import sparsity
 from ejkernel_nsa.backends.common import host
+# The token-major tiles, the same for the Pallas Triton kernels; named here too (Tiles, the benchmarks).
+from ejkernel_nsa.backends.common.host import TokenConfig, token_config
 from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.triton.containment import contained_values
 from ejkernel_nsa.backends.triton import launch
@@ -403,29 +405,6 @@ def selected_attention_bwd_kernel(
 
 
 # ---- launch configuration (shared by the launches and compile_specs) ---------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenConfig:
-    """Token-major forward: one program per (token, kv head, chunk of query heads)."""
-
-    rows: int  # query heads per program, padded for tl.dot
-    head_chunks: int
-    block_tile: int  # keys per inner step (a selected block is `subs` steps)
-    subs: int
-    num_warps: int
-    num_stages: int = 2
-
-
-def token_config(group: int, block_size: int, head_dim: int, value_dim: int, itemsize: int = 2) -> TokenConfig:
-    rows = min(max(16, next_pow2(group)), 64)
-    dkp, dvp = _padded(head_dim), _padded(value_dim)
-    block_padded = max(16, next_pow2(block_size))
-    # K and V tiles [tile, D] are held whole; float32 tiles take twice the registers.
-    block_tile = min(block_padded, (64 if max(dkp, dvp) <= 128 else 32) * 2 // itemsize)
-    big = rows * max(dkp, dvp) * itemsize >= 64 * 128 * 2
-    return TokenConfig(rows=rows, head_chunks=cdiv(group, rows), block_tile=block_tile,
-                       subs=block_padded // block_tile, num_warps=8 if big else 4)
 
 
 @dataclasses.dataclass(frozen=True)
