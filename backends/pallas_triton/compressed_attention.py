@@ -125,18 +125,18 @@ def compressed_attention_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, de
     t_lo = jnp.maximum(jnp.min(common.load_vector(viewer_lo_ref, cols, col_ok, T)), split * SPLIT_TOKENS)
     t_hi = jnp.minimum(jnp.max(common.load_vector(viewer_hi_ref, cols, col_ok, 0)), (split + 1) * SPLIT_TOKENS)
     k, v = _block_tile(k_ref, v_ref, b, h, cols, col_ok, NB=NB, H=H, DK=DK, DV=DV)
-    head_tiles = common.cdiv(G, HP)
+    head_chunks = common.cdiv(G, HP)
 
     def step(i, grads):
-        token_tile, head_tile = common.divmod_static(i, head_tiles)
-        token, row_ok, q_row = common.query_tile(b, h, t_lo + token_tile * BT, head_tile * HP,
+        token_tile, head_chunk = common.divmod_static(i, head_chunks)
+        token, row_ok, q_row = common.query_tile(b, h, t_lo + token_tile * BT, head_chunk * HP,
                                                  T=T, H=H, G=G, HP=HP, BT=BT, end=t_hi)
         lo, hi = _rows_view(pos_ref, first_ref, token, row_ok, BS)
         q, do, lse2, delta = common.row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV, jnp.float32)
         visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
         return common.key_grads(grads, q, do, lse2, delta, k, v, visible, SCALE, PRECISION)
 
-    steps = jnp.maximum(t_hi - t_lo + BT - 1, 0) // BT * head_tiles
+    steps = jnp.maximum(t_hi - t_lo + BT - 1, 0) // BT * head_chunks
     zeros = (jnp.zeros((BC, common.padded_dim(DK)), jnp.float32), jnp.zeros((BC, common.padded_dim(DV)), jnp.float32))
     dk, dv = jax.lax.fori_loop(0, steps, step, zeros)
     # Each split writes its own partial sums (added in XLA).

@@ -110,18 +110,18 @@ def sliding_window_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     k, v = _key_tile(k_ref, v_ref, b, h, keys, key_ok, T=T, H=H, DK=DK, DV=DV)
     # The queries that can see these keys: from the first key to W - 1 past the last.
     q_hi = jnp.minimum(k0 + BK + W - 1, T)
-    head_tiles = common.cdiv(G, HP)
+    head_chunks = common.cdiv(G, HP)
 
     def step(i, grads):
-        token_tile, head_tile = common.divmod_static(i, head_tiles)
-        token, row_ok, q_row = common.query_tile(b, h, k0 + token_tile * BT, head_tile * HP,
+        token_tile, head_chunk = common.divmod_static(i, head_chunks)
+        token, row_ok, q_row = common.query_tile(b, h, k0 + token_tile * BT, head_chunk * HP,
                                                  T=T, H=H, G=G, HP=HP, BT=BT, end=q_hi)
         row_lo = _window_rows(seq_start_ref, token, row_ok, W)
         q, do, lse2, delta = common.row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV)
         visible = _visible(keys, key_ok, token, row_ok, row_lo)
         return common.key_grads(grads, q, do, lse2, delta, k, v, visible, SCALE, PRECISION)
 
-    steps = jnp.maximum(q_hi - k0 + BT - 1, 0) // BT * head_tiles
+    steps = jnp.maximum(q_hi - k0 + BT - 1, 0) // BT * head_chunks
     zeros = (jnp.zeros((BK, common.padded_dim(DK)), jnp.float32), jnp.zeros((BK, common.padded_dim(DV)), jnp.float32))
     dk, dv = jax.lax.fori_loop(0, steps, step, zeros)
     rows = (b * T + keys) * H + h

@@ -92,15 +92,15 @@ def compressed_attention_fwd_kernel(
     T, NB,
     o_ptr, lse_ptr,
     H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
-    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    HEAD_TILES: tl.constexpr = (G + HP - 1) // HP
+    HEAD_CHUNKS: tl.constexpr = (G + HP - 1) // HP
     HQ: tl.constexpr = H * G
     t0 = tl.program_id(0) * BT
     pid = tl.program_id(1)
-    head0 = (pid % HEAD_TILES) * HP
-    bh = pid // HEAD_TILES
+    head0 = (pid % HEAD_CHUNKS) * HP
+    bh = pid // HEAD_CHUNKS
     b = bh // H
     h = bh % H
 
@@ -110,8 +110,8 @@ def compressed_attention_fwd_kernel(
     c_lo = tl.min(tl.where(seen, lo, NB), axis=0)
     c_hi = tl.max(tl.where(seen, hi, 0), axis=0)
 
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
     dk_ok = dk < DK
     dv_ok = dv < DV
     row = dt * HQ + dh
@@ -124,7 +124,7 @@ def compressed_attention_fwd_kernel(
 
     m_i = tl.full([BT * HP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BT * HP], dtype=tl.float32)
-    acc = tl.zeros([BT * HP, BDV], dtype=tl.float32)
+    acc = tl.zeros([BT * HP, DVP], dtype=tl.float32)
     for c0 in range(c_lo, c_hi, BC):
         cols = c0 + block
         col_ok = cols < c_hi
@@ -163,15 +163,15 @@ def compressed_attention_bwd_kernel_dq(
     T, NB,
     dq_ptr,
     H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
-    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    HEAD_TILES: tl.constexpr = (G + HP - 1) // HP
+    HEAD_CHUNKS: tl.constexpr = (G + HP - 1) // HP
     HQ: tl.constexpr = H * G
     t0 = tl.program_id(0) * BT
     pid = tl.program_id(1)
-    head0 = (pid % HEAD_TILES) * HP
-    bh = pid // HEAD_TILES
+    head0 = (pid % HEAD_CHUNKS) * HP
+    bh = pid // HEAD_CHUNKS
     b = bh // H
     h = bh % H
 
@@ -180,8 +180,8 @@ def compressed_attention_bwd_kernel_dq(
     c_lo = tl.min(tl.where(seen, lo, NB), axis=0)
     c_hi = tl.max(tl.where(seen, hi, 0), axis=0)
 
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
     dk_ok = dk < DK
     dv_ok = dv < DV
     row = dt * HQ + dh
@@ -198,7 +198,7 @@ def compressed_attention_bwd_kernel_dq(
     v_tile = v_ptr + ((b.to(tl.int64) * NB + c_lo) * H + h) * DV
     block = tl.arange(0, BC)
 
-    dq = tl.zeros([BT * HP, BDK], dtype=tl.float32)
+    dq = tl.zeros([BT * HP, DKP], dtype=tl.float32)
     for c0 in range(c_lo, c_hi, BC):
         cols = c0 + block
         col_ok = cols < c_hi
@@ -224,10 +224,10 @@ def compressed_attention_bwd_kernel_dkv(
     T, NB, SPLIT_TOKENS,
     dk_ptr, dv_ptr,
     H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
-    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    HEAD_TILES: tl.constexpr = (G + HP - 1) // HP
+    HEAD_CHUNKS: tl.constexpr = (G + HP - 1) // HP
     HQ: tl.constexpr = H * G
     c0 = tl.program_id(0) * BC
     bh = tl.program_id(1)
@@ -245,8 +245,8 @@ def compressed_attention_bwd_kernel_dkv(
     t_lo = tl.maximum(t_lo, split * SPLIT_TOKENS)
     t_hi = tl.minimum(t_hi, (split + 1) * SPLIT_TOKENS)
 
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
     dk_ok = dk < DK
     dv_ok = dv < DV
     k_off = ((b.to(tl.int64) * NB + c0) * H + h) * DK
@@ -256,14 +256,14 @@ def compressed_attention_bwd_kernel_dkv(
     k = tl.load(k_ptr + k_off + k_tile, mask=col_ok[:, None] & dk_ok[None, :], other=0.0)
     v = tl.load(v_ptr + v_off + v_tile, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
 
-    dk_acc = tl.zeros([BC, BDK], dtype=tl.float32)
-    dv_acc = tl.zeros([BC, BDV], dtype=tl.float32)
+    dk_acc = tl.zeros([BC, DKP], dtype=tl.float32)
+    dv_acc = tl.zeros([BC, DVP], dtype=tl.float32)
     for t0 in range(t_lo, t_hi, BT):
         # Unrolled, so that the token loop is the innermost loop, which Triton software-pipelines
         # (the next tile's loads overlap this one's dots); as a nested loop it ran one load-then-
         # compute step at a time.
-        for head_tile in tl.static_range(HEAD_TILES):
-            head0 = head_tile * HP
+        for head_chunk in tl.static_range(HEAD_CHUNKS):
+            head0 = head_chunk * HP
             dt, dh, row_ok, lo, hi = _query_tile(pos_ptr, first_block_ptr, t0, head0, t_hi, G, BS, CL, HP, BT)
             row = dt * HQ + dh
             q = tl.load(_row_base(q_ptr, b, t0, h, head0, T, HQ, G, DK) + row[:, None] * DK + dk[None, :],
@@ -328,7 +328,7 @@ def _config(stage: str, group: int, head_dim: int, value_dim: int, block_size: i
     heads = min(launch.next_pow2(group), rows)
     return {
         "G": group, "HP": heads, "BT": rows // heads, "BC": block_tile, "BS": block_size, "CL": length or block_size,
-        "DK": head_dim, "DV": value_dim, "BDK": padded_k, "BDV": padded_v,
+        "DK": head_dim, "DV": value_dim, "DKP": padded_k, "DVP": padded_v,
         "SCALE": float(scale), "PRECISION": precision, "num_warps": num_warps, "num_stages": num_stages,
     }
 
@@ -344,13 +344,13 @@ def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, length: int, sc
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     config = _config("fwd", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length)
-    head_tiles = launch.cdiv(config["G"], config["HP"])
+    head_chunks = launch.cdiv(config["G"], config["HP"])
     return launch.triton_call(
         query, k_cmp, v_cmp, pos, first_block, num_tokens, num_blocks,
         kernel=compressed_attention_fwd_kernel,
         out_shape=[jax.ShapeDtypeStruct((batch, num_tokens, num_q_heads, value_dim), query.dtype),
                    jax.ShapeDtypeStruct((batch, num_tokens, num_q_heads), jnp.float32)],
-        grid=(launch.cdiv(num_tokens, config["BT"]), batch * num_kv_heads * head_tiles),
+        grid=(launch.cdiv(num_tokens, config["BT"]), batch * num_kv_heads * head_chunks),
         H=num_kv_heads, **config,
     )
 
@@ -359,12 +359,12 @@ def _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     config = _config("dq", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length)
-    head_tiles = launch.cdiv(config["G"], config["HP"])
+    head_chunks = launch.cdiv(config["G"], config["HP"])
     return launch.triton_call(
         query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, num_tokens, num_blocks,
         kernel=compressed_attention_bwd_kernel_dq,
         out_shape=jax.ShapeDtypeStruct(query.shape, query.dtype),
-        grid=(launch.cdiv(num_tokens, config["BT"]), batch * num_kv_heads * head_tiles),
+        grid=(launch.cdiv(num_tokens, config["BT"]), batch * num_kv_heads * head_chunks),
         H=num_kv_heads, **config,
     )
 
