@@ -53,6 +53,21 @@ def too_many_slots(problem: NSAProblem, limit: int = MAX_SLOTS) -> str | None:
     return None
 
 
+# ---- compressed attention's dk/dv pass -----------------------------------------------------------
+
+# One program per block tile; when those are too few to fill a GPU, the query tokens are split
+# across programs (float32 partial sums, added in XLA) until about this many run.
+DKV_TARGET_PROGRAMS = 512
+DKV_MIN_SPLIT_TOKENS = 256
+
+
+def dkv_split_tokens(num_tokens: int, block_programs: int) -> int:
+    """Query tokens per dk/dv program: all of them, unless the block tiles alone (`block_programs`
+    programs) are too few to fill the GPU."""
+    splits = max(1, min(DKV_TARGET_PROGRAMS // max(block_programs, 1), cdiv(num_tokens, DKV_MIN_SPLIT_TOKENS)))
+    return cdiv(num_tokens, splits)
+
+
 # ---- selected attention's token-major tiles ----------------------------------------------------
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.common import host
 from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.pallas_triton import common
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
@@ -37,8 +38,6 @@ _TILES = {
     ("dq", 64, True): (64, 16, 8), ("dq", 128, True): (16, 16, 8), ("dq", 256, True): (16, 16, 8),
     ("dkv", 64, True): (16, 32, 4), ("dkv", 128, True): (16, 16, 8), ("dkv", 256, True): (16, 16, 8),
 }
-_DKV_TARGET_PROGRAMS = 512
-_DKV_MIN_SPLIT_TOKENS = 256
 
 
 def supports(problem: NSAProblem) -> str | None:
@@ -208,9 +207,7 @@ def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo
     config, _ = _config("dkv", query.shape[2] // num_kv_heads, query.shape[3], v_cmp.shape[3], block_size, scale,
                         query.dtype)
     block_tiles = common.cdiv(num_blocks, config["BC"])
-    programs = block_tiles * batch * num_kv_heads
-    splits = max(1, min(_DKV_TARGET_PROGRAMS // programs, common.cdiv(num_tokens, _DKV_MIN_SPLIT_TOKENS)))
-    split_tokens = common.cdiv(num_tokens, splits)
+    split_tokens = host.dkv_split_tokens(num_tokens, block_tiles * batch * num_kv_heads)
     splits = common.cdiv(num_tokens, split_tokens)
     partial = splits * batch * num_blocks * num_kv_heads
     d_k, d_v = _launch(

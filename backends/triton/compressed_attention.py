@@ -312,9 +312,6 @@ _TILES = {
     ("dq", 64, True): (64, 16, 8, 2), ("dq", 128, True): (16, 16, 8, 1), ("dq", 256, True): (16, 16, 8, 1),
     ("dkv", 64, True): (16, 32, 4, 2), ("dkv", 128, True): (16, 16, 8, 1), ("dkv", 256, True): (16, 16, 8, 1),
 }
-# The backward of dk/dv splits the query tokens across programs until about this many run.
-_DKV_TARGET_PROGRAMS = 512
-_DKV_MIN_SPLIT_TOKENS = 256
 
 
 def _config(stage: str, group: int, head_dim: int, value_dim: int, block_size: int, scale: float, dtype,
@@ -331,13 +328,6 @@ def _config(stage: str, group: int, head_dim: int, value_dim: int, block_size: i
         "DK": head_dim, "DV": value_dim, "DKP": padded_k, "DVP": padded_v,
         "SCALE": float(scale), "PRECISION": precision, "num_warps": num_warps, "num_stages": num_stages,
     }
-
-
-def _dkv_split_tokens(num_tokens: int, block_programs: int) -> int:
-    """Query tokens per dk/dv program: all of them, unless the block tiles alone are too few
-    programs to fill the GPU."""
-    splits = max(1, min(_DKV_TARGET_PROGRAMS // max(block_programs, 1), launch.cdiv(num_tokens, _DKV_MIN_SPLIT_TOKENS)))
-    return launch.cdiv(num_tokens, splits)
 
 
 def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, length: int, scale: float):
@@ -375,7 +365,7 @@ def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     config = _config("dkv", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length)
     block_tiles = launch.cdiv(num_blocks, config["BC"])
-    split_tokens = _dkv_split_tokens(num_tokens, block_tiles * batch * num_kv_heads)
+    split_tokens = host.dkv_split_tokens(num_tokens, block_tiles * batch * num_kv_heads)
     splits = launch.cdiv(num_tokens, split_tokens)
     d_k, d_v = launch.triton_call(
         query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
