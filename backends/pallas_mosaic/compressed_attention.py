@@ -1,6 +1,6 @@
 """Compressed attention (SPEC section 2) as Mosaic GPU kernels: forward, dq and dk/dv.
 
-A program owns one 64-row tile (`BT` tokens x `GC` query heads of one kv head, see `tiles.py`),
+A program owns one 64-row tile (`BT` tokens x `HP` query heads of one kv head, see `tiles.py`),
 so every compressed-key tile it loads serves the whole group, and a wgmma is full even at G = 1.
 It walks the union of its rows' visible blocks `[first_block, first_block + (pos + 1) // BS)` in
 tiles of 64 blocks; a per-row mask does the rest (causality, packed sequences, padding rows).
@@ -62,14 +62,14 @@ def _row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile, q
 
 
 def _fwd_kernel(shape):
-    dk, dv, BS, NHC, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
+    dk, dv, BS, HEAD_CHUNKS, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
     qp, vp, pp = shape.q_parts, shape.v_parts, shape.p_parts
     sw = tiles.swizzle_for(ot, dk, dv)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BLOCK_TILE)
 
     def body(q_ref, k_ref, v_ref, meta_ref, o_ref, lse_ref,
              q_smem, k_smem, v_smem, p_smem, o_smem, meta_smem, lse_smem, bars):
-        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], NHC)
+        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], HEAD_CHUNKS)
         tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (meta_ref.at[tile], meta_smem)], bars)
         fb = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
         end = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_CMP_END]), tile_shape)
@@ -103,14 +103,14 @@ def _fwd_kernel(shape):
 
 
 def _dq_kernel(shape):
-    dk, dv, BS, NHC, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
+    dk, dv, BS, HEAD_CHUNKS, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
     qp, vp, pp = shape.q_parts, shape.v_parts, shape.p_parts
     sw = tiles.swizzle_for(ot, dk, dv)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BLOCK_TILE)
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, dq_ref,
              q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, meta_smem, lse_smem, delta_smem, bars):
-        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], NHC)
+        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], HEAD_CHUNKS)
         tiles.fetch(_row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile,
                                      q_smem, do_smem, lse_smem, delta_smem, meta_smem), bars)
         fb = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
@@ -141,7 +141,7 @@ def _dq_kernel(shape):
 
 
 def _dkv_kernel(shape):
-    dk, dv, BS, NHC, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
+    dk, dv, BS, HEAD_CHUNKS, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
     qp, vp, pp = shape.q_parts, shape.v_parts, shape.p_parts
     sw = tiles.swizzle_for(ot, dk, dv)  # one smem tiling for every wgmma operand
     tile_shape = (BLOCK_TILE, ROWS)
@@ -160,7 +160,7 @@ def _dkv_kernel(shape):
 
         def step(i, carry):
             d_k, d_v = carry
-            hn = h * NHC + lax.div(i, num_tiles)
+            hn = h * HEAD_CHUNKS + lax.div(i, num_tiles)
             tile = tile_lo + lax.rem(i, num_tiles)
             rows = pl.ds(tile * ROWS, ROWS)
             tiles.fetch(_row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile,
@@ -178,7 +178,7 @@ def _dkv_kernel(shape):
             d_k = d_k + tiles.matmul_parts(ds_smem, q_smem, (BLOCK_TILE, dk))
             return d_k, d_v
 
-        d_k, d_v = lax.fori_loop(0, num_tiles * NHC, step,
+        d_k, d_v = lax.fori_loop(0, num_tiles * HEAD_CHUNKS, step,
                                  (tiles.zeros((BLOCK_TILE, dk)), tiles.zeros((BLOCK_TILE, dv))))
         dk_smem[...] = d_k * shape.scale
         dv_smem[...] = d_v

@@ -1,6 +1,6 @@
 """Top-k block selection (SPEC section 3) as a Mosaic GPU kernel.
 
-A program owns one 64-row tile of `BT` tokens x `GC` query heads (`tiles.py`; larger groups loop
+A program owns one 64-row tile of `BT` tokens x `HP` query heads (`tiles.py`; larger groups loop
 over their head chunks) and walks the tile's candidate blocks in tiles of 64, keeping no
 `[T, NB]` matrix anywhere:
 
@@ -66,7 +66,7 @@ class Shape(tiles.Operands):
 
 
 def _kernel(shape: Shape):
-    S, dk, NHC = shape.num_slots, shape.dk, shape.tiling.head_chunks
+    S, dk, HEAD_CHUNKS = shape.num_slots, shape.dk, shape.tiling.head_chunks
     ot, qp = shape.operand, shape.q_parts
     sw = tiles.swizzle_for(ot, dk)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BLOCK_TILE)  # rows x blocks, then tokens x blocks
@@ -96,7 +96,7 @@ def _kernel(shape: Shape):
             block_ids = tiles.iota(tile_shape, 1) + j * BLOCK_TILE
 
             def head_chunk(c, scores):
-                hn = h * NHC + c
+                hn = h * HEAD_CHUNKS + c
                 tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (lse_ref.at[b, hn, rows], lse_smem)], bars, 6)
                 lse = tiles.load_rows(lse_smem)
                 seen = tiles.rows(lse > -jnp.inf, tile_shape)
@@ -109,7 +109,7 @@ def _kernel(shape: Shape):
                 return (scores + tiles.matmul(heads_smem, p_smem.at[0], tile_shape)
                         + tiles.matmul(heads_smem, p_smem.at[1], tile_shape))
 
-            scores = lax.fori_loop(0, NHC, head_chunk, tiles.zeros(tile_shape))
+            scores = lax.fori_loop(0, HEAD_CHUNKS, head_chunk, tiles.zeros(tile_shape))
             local = block_ids - tok_fb
             candidate = (local >= 0) & (local <= tok_ic)
             forced = (local == 0) | (local == tok_ic - 1) | (local == tok_ic)
