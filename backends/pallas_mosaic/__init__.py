@@ -10,10 +10,9 @@ Hopper GPU, every kernel runs in `plgpu.InterpretGPUParams` mode on the CPU, and
 uses it only when forced.
 """
 
-import importlib
-
 from ejkernel_nsa import config
-from ejkernel_nsa.registry import Backend, register, register_backend
+from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.registry import Backend, register_backend
 from ejkernel_nsa.registry.toolchain import gpu_failure, import_failure
 
 NAME = "pallas_mosaic"
@@ -32,7 +31,7 @@ def availability() -> str | None:
 
 
 def interpreted() -> bool:
-    return config.interpret_enabled() and gpu_failure((9, 0)) is not None
+    return host.interpreted_without_gpu((9, 0))
 
 
 register_backend(Backend(NAME, "Pallas, Mosaic GPU lowering (Hopper)", availability, interpreted))
@@ -41,19 +40,15 @@ register_backend(Backend(NAME, "Pallas, Mosaic GPU lowering (Hopper)", availabil
 def _register_pieces() -> None:
     if import_failure("jax.experimental.pallas.mosaic_gpu"):
         return
-    for module_name in MODULES:
-        module = importlib.import_module(f"ejkernel_nsa.backends.{NAME}.{module_name}")
-        # Interpret mode is read per call (config.interpret_mode() may switch it, reversibly), so
-        # the CPU platform is listed and checked in `supports`, as the Pallas Triton backend does.
-        register(module.PIECE, backend=NAME, platforms=("gpu", "cpu"), priority=PRIORITY,
-                 supports=lambda problem, module=module: _on_cpu_only_interpreted(problem) or module.supports(problem),
-                 )(module.run)
+    # Interpret mode is read per call (config.interpret_mode() may switch it, reversibly), so the
+    # CPU platform is listed and checked in `supports`, as the Pallas Triton backend does.
+    host.register_pieces(NAME, MODULES, platforms=("gpu", "cpu"), priority=PRIORITY,
+                         decline_first=_on_cpu_only_interpreted)
 
 
 def _on_cpu_only_interpreted(problem) -> str | None:
-    if problem.platform == "cpu" and not interpreted():
-        return f"inputs on the CPU run only in interpret mode ({config.INTERPRET_ENV}=1 or interpret_mode(), no Hopper GPU)"
-    return None
+    how = f"{config.INTERPRET_ENV}=1 or interpret_mode(), no Hopper GPU"
+    return host.cpu_only_interpreted(problem, interpreted, how)
 
 
 _register_pieces()

@@ -1,6 +1,6 @@
 """Compressed attention (SPEC section 2) as Mosaic GPU kernels: forward, dq and dk/dv.
 
-A program owns one 64-row tile (`BT` tokens x `GC` query heads of one kv head, see `tiles.py`),
+A program owns one 64-row tile (`BT` tokens x `HP` query heads of one kv head, see `tiles.py`),
 so every compressed-key tile it loads serves the whole group, and a wgmma is full even at G = 1.
 It walks the union of its rows' visible blocks `[first_block, first_block + (pos + 1) // BS)` in
 tiles of 64 blocks; a per-row mask does the rest (causality, packed sequences, padding rows).
@@ -25,6 +25,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from ejkernel_nsa.backends.common.vjp import attention_delta
 from ejkernel_nsa.backends.pallas_mosaic import tiles
 from ejkernel_nsa.backends.pallas_mosaic.tiles import LOG2E, ROWS
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, block_layout, token_layout
@@ -61,14 +62,14 @@ def _row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile, q
 
 
 def _fwd_kernel(shape):
-    dk, dv, BS, NHC, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
+    dk, dv, BS, HEAD_CHUNKS, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
     qp, vp, pp = shape.q_parts, shape.v_parts, shape.p_parts
     sw = tiles.swizzle_for(ot, dk, dv)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BLOCK_TILE)
 
     def body(q_ref, k_ref, v_ref, meta_ref, o_ref, lse_ref,
              q_smem, k_smem, v_smem, p_smem, o_smem, meta_smem, lse_smem, bars):
-        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], NHC)
+        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], HEAD_CHUNKS)
         tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (meta_ref.at[tile], meta_smem)], bars)
         fb = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
         end = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_CMP_END]), tile_shape)
@@ -102,14 +103,14 @@ def _fwd_kernel(shape):
 
 
 def _dq_kernel(shape):
-    dk, dv, BS, NHC, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
+    dk, dv, BS, HEAD_CHUNKS, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
     qp, vp, pp = shape.q_parts, shape.v_parts, shape.p_parts
     sw = tiles.swizzle_for(ot, dk, dv)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BLOCK_TILE)
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, dq_ref,
              q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, meta_smem, lse_smem, delta_smem, bars):
-        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], NHC)
+        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], HEAD_CHUNKS)
         tiles.fetch(_row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile,
                                      q_smem, do_smem, lse_smem, delta_smem, meta_smem), bars)
         fb = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
@@ -140,7 +141,7 @@ def _dq_kernel(shape):
 
 
 def _dkv_kernel(shape):
-    dk, dv, BS, NHC, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
+    dk, dv, BS, HEAD_CHUNKS, ot = shape.dk, shape.dv, shape.block_size, shape.tiling.head_chunks, shape.operand
     qp, vp, pp = shape.q_parts, shape.v_parts, shape.p_parts
     sw = tiles.swizzle_for(ot, dk, dv)  # one smem tiling for every wgmma operand
     tile_shape = (BLOCK_TILE, ROWS)
@@ -159,7 +160,7 @@ def _dkv_kernel(shape):
 
         def step(i, carry):
             d_k, d_v = carry
-            hn = h * NHC + lax.div(i, num_tiles)
+            hn = h * HEAD_CHUNKS + lax.div(i, num_tiles)
             tile = tile_lo + lax.rem(i, num_tiles)
             rows = pl.ds(tile * ROWS, ROWS)
             tiles.fetch(_row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile,
@@ -177,7 +178,7 @@ def _dkv_kernel(shape):
             d_k = d_k + tiles.matmul_parts(ds_smem, q_smem, (BLOCK_TILE, dk))
             return d_k, d_v
 
-        d_k, d_v = lax.fori_loop(0, num_tiles * NHC, step,
+        d_k, d_v = lax.fori_loop(0, num_tiles * HEAD_CHUNKS, step,
                                  (tiles.zeros((BLOCK_TILE, dk)), tiles.zeros((BLOCK_TILE, dv))))
         dk_smem[...] = d_k * shape.scale
         dv_smem[...] = d_v
@@ -326,10 +327,9 @@ def _attend_bwd(shape, residuals, cotangents):
     d_out, d_lse = cotangents
     tiling = shape.tiling
     do_packed = tiling.pack(d_out.astype(jnp.float32), shape.dv)
-    # The output as the caller saw it (rounded to its dtype) defines delta = rowsum(do * o).
-    o_rows = o_rows.astype(shape.dtype).astype(jnp.float32)
-    # d lse / d s = p: the lse cotangent enters the softmax backward as a shift of delta.
-    delta = jnp.sum(do_packed * o_rows, axis=-1) - tiling.pack_scalar(d_lse.astype(jnp.float32))
+    # The residuals are packed rows, so delta is taken there (backends/common/vjp.py), with the
+    # output as the caller saw it (rounded to its dtype) and the lse cotangent packed alike.
+    delta = attention_delta(do_packed, o_rows.astype(shape.dtype), tiling.pack_scalar(d_lse.astype(jnp.float32)))
     do_rows = tiles.split(do_packed, shape.q_parts, shape.operand)
     dq_rows = _launch_dq(shape, q_rows, k_blocks, v_blocks, do_rows, lse_rows, delta, meta)
     dk, dv = _launch_dkv(shape, q_rows, k_blocks, v_blocks, do_rows, lse_rows, delta, meta, spans)

@@ -1,7 +1,7 @@
 """Attention over the selected blocks (SPEC section 4) as Mosaic GPU kernels: forward, dq, dk/dv.
 
 Tokens choose their own blocks, yet a wgmma needs 64 rows. A program owns one 64-row tile (`BT`
-consecutive tokens x `GC` query heads, `tiles.py`) and walks the **union** of the blocks its
+consecutive tokens x `HP` query heads, `tiles.py`) and walks the **union** of the blocks its
 tokens selected, built in XLA (sorted, de-duplicated, static capacity `BT * S`). Each block's
 `[BS, D]` keys are loaded once for the whole tile; a row takes part only if its own token chose
 that block (its `S` selected block starts are compared with the block's) and the key is not in
@@ -26,28 +26,27 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.backends.common.host import NO_BLOCK
+from ejkernel_nsa.backends.common.vjp import attention_delta
 from ejkernel_nsa.backends.pallas_mosaic import tiles
 from ejkernel_nsa.backends.pallas_mosaic.tiles import LOG2E, ROWS
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, num_compressed_blocks, token_layout
 
 PIECE = Piece.SELECTED_ATTENTION
-NO_BLOCK = -1
 # The per-tile union lives in shared memory: BT * S entries, 16 KiB at most.
 MAX_UNION = 4096
-# Each row compares its S slots with every union block (unrolled), and the [S, 64] slot table
-# is one TMA box (at most 256 rows).
-MAX_SLOTS = 128
 # This piece's row table (`last_key_meta`) keeps the last visible key row where the token was.
 META_LAST_KEY = tiles.META_TOKEN
 
 
 def supports(problem: NSAProblem) -> str | None:
     # float32 runs as two bfloat16 parts per operand (`tiles.split`).
-    reason = tiles.common_decline(problem, float32=True)
+    # Each row compares its S slots with every union block (unrolled), and the [S, 64] slot
+    # table is one TMA box (at most 256 rows).
+    reason = tiles.common_decline(problem, float32=True) or host.too_many_slots(problem)
     if reason is not None:
         return reason
-    if problem.num_slots > MAX_SLOTS:
-        return f"at most {MAX_SLOTS} selected-block slots (S), got {problem.num_slots}"
     tokens = tiles.ROWS // min(problem.group_size, tiles.ROWS)
     if tokens * problem.num_slots > MAX_UNION:
         return (f"{problem.num_slots} slots x {tokens} tokens per 64-row tile exceed the {MAX_UNION}-entry "
@@ -101,14 +100,14 @@ def _union_entry(union_smem, i):
 
 
 def _fwd_kernel(shape: Shape):
-    BS, S, dk, dv, NHC = shape.block_size, shape.num_slots, shape.dk, shape.dv, shape.tiling.head_chunks
+    BS, S, dk, dv, HEAD_CHUNKS = shape.block_size, shape.num_slots, shape.dk, shape.dv, shape.tiling.head_chunks
     ot, P = shape.operand, shape.parts
     sw = tiles.swizzle_for(ot, dk, dv, BS)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BS)
 
     def body(q_ref, k_ref, v_ref, meta_ref, union_ref, sel_ref, o_ref, lse_ref,
              q_smem, k_smem, v_smem, p_smem, o_smem, meta_smem, union_smem, sel_smem, lse_smem, bars):
-        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], NHC)
+        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], HEAD_CHUNKS)
         tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (meta_ref.at[tile], meta_smem),
                      (union_ref.at[b, h, tile], union_smem), (sel_ref.at[b, h, tile], sel_smem)], bars)
         last_key = tiles.rows(tiles.load_rows(meta_smem.at[META_LAST_KEY]), tile_shape)
@@ -144,7 +143,7 @@ def _fwd_kernel(shape: Shape):
 
 
 def _dq_kernel(shape: Shape):
-    BS, S, dk, dv, NHC = shape.block_size, shape.num_slots, shape.dk, shape.dv, shape.tiling.head_chunks
+    BS, S, dk, dv, HEAD_CHUNKS = shape.block_size, shape.num_slots, shape.dk, shape.dv, shape.tiling.head_chunks
     ot, P = shape.operand, shape.parts
     sw = tiles.swizzle_for(ot, dk, dv, BS)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BS)
@@ -152,7 +151,7 @@ def _dq_kernel(shape: Shape):
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, union_ref, sel_ref, dq_ref,
              q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, meta_smem, union_smem, sel_smem,
              lse_smem, delta_smem, bars):
-        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], NHC)
+        tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], HEAD_CHUNKS)
         tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (do_ref.at[b, hn, :, rows], do_smem),
                      (meta_ref.at[tile], meta_smem), (union_ref.at[b, h, tile], union_smem),
                      (sel_ref.at[b, h, tile], sel_smem), (lse_ref.at[b, hn, rows], lse_smem),
@@ -187,7 +186,7 @@ def _dq_kernel(shape: Shape):
 
 
 def _dkv_kernel(shape: Shape):
-    BS, S, dk, dv, NHC, KT = (shape.block_size, shape.num_slots, shape.dk, shape.dv, shape.tiling.head_chunks,
+    BS, S, dk, dv, HEAD_CHUNKS, KT = (shape.block_size, shape.num_slots, shape.dk, shape.dv, shape.tiling.head_chunks,
                               shape.key_rows)
     ot, P = shape.operand, shape.parts
     sw = tiles.swizzle_for(ot, dk, dv, BS)  # one smem tiling for every wgmma operand
@@ -225,7 +224,7 @@ def _dkv_kernel(shape: Shape):
 
             def head_chunk(c, carry):
                 d_k, d_v = carry
-                hn = h * NHC + c
+                hn = h * HEAD_CHUNKS + c
                 tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (do_ref.at[b, hn, :, rows], do_smem),
                              (lse_ref.at[b, hn, rows], lse_smem), (delta_ref.at[b, hn, rows], delta_smem)], bars, 6)
                 seen, lse, delta = tiles.saved_softmax(lse_smem, delta_smem, tiles.load_cols, tiles.cols, tile_shape)
@@ -237,7 +236,7 @@ def _dkv_kernel(shape: Shape):
                 tiles.store_parts(ds_smem, p_t * (dp_t - delta), P)
                 return d_k + tiles.matmul_parts(ds_smem, q_smem, (KT, dk)), d_v
 
-            return lax.fori_loop(0, NHC, head_chunk, carry)
+            return lax.fori_loop(0, HEAD_CHUNKS, head_chunk, carry)
 
         d_k, d_v = lax.fori_loop(lo, hi, reader, (tiles.zeros((KT, dk)), tiles.zeros((KT, dv))))
         dk_smem[...] = d_k * shape.scale
@@ -282,7 +281,7 @@ def tile_unions(blocks, shape: Shape):
     with."""
     tiling = shape.tiling
     B, T, H, S = blocks.shape
-    BT, GC = tiling.tokens_per_tile, tiling.heads_per_chunk
+    BT, HP = tiling.tokens_per_tile, tiling.heads_per_chunk
     per_tile = tiles.pad_axis(blocks.transpose(0, 2, 1, 3), 2, tiling.num_tiles * BT, NO_BLOCK)
     per_tile = per_tile.reshape(B, H, tiling.num_tiles, BT, S)
     big = jnp.iinfo(jnp.int32).max
@@ -292,8 +291,8 @@ def tile_unions(blocks, shape: Shape):
     count = jnp.sum(flat < big, axis=-1, dtype=jnp.int32)
     union = jnp.concatenate([count[..., None], jnp.where(flat < big, flat, 0)], axis=-1)
     union = tiles.pad_axis(union, 3, shape.union)
-    # Row r of a tile is token r // GC of the tile; padding rows select nothing.
-    rows = jnp.repeat(per_tile, GC, axis=3)
+    # Row r of a tile is token r // HP of the tile; padding rows select nothing.
+    rows = jnp.repeat(per_tile, HP, axis=3)
     rows = tiles.pad_axis(rows, 3, ROWS, NO_BLOCK).transpose(0, 1, 2, 4, 3)
     return union, rows
 
@@ -395,8 +394,8 @@ def _attend_bwd(shape, residuals, d_out):
     B, HN = q_rows.shape[:2]
     H = tiling.num_kv_heads
     do_packed = tiling.pack(d_out.astype(jnp.float32), shape.dv)
-    # delta = rowsum(do * o) with the output as the caller saw it (rounded to its dtype).
-    delta = jnp.sum(do_packed * o_rows.astype(dtype).astype(jnp.float32), axis=-1)
+    # delta = rowsum(do * o) on the packed rows, the output as the caller saw it (its dtype).
+    delta = attention_delta(do_packed, o_rows.astype(dtype))
     do_rows = tiles.split(do_packed, shape.parts, shape.operand)
     body, scratch = _dq_kernel(shape)
     dq_rows = tiles.kernel(

@@ -1,6 +1,6 @@
 """Top-k block selection (SPEC section 3) as a Mosaic GPU kernel.
 
-A program owns one 64-row tile of `BT` tokens x `GC` query heads (`tiles.py`; larger groups loop
+A program owns one 64-row tile of `BT` tokens x `HP` query heads (`tiles.py`; larger groups loop
 over their head chunks) and walks the tile's candidate blocks in tiles of 64, keeping no
 `[T, NB]` matrix anywhere:
 
@@ -28,24 +28,23 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.backends.common.host import NO_BLOCK
 from ejkernel_nsa.backends.pallas_mosaic import tiles
 from ejkernel_nsa.backends.pallas_mosaic.compressed_attention import BLOCK_TILE, split_blocks
 from ejkernel_nsa.backends.pallas_mosaic.tiles import LOG2E, ROWS
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
 PIECE = Piece.SELECTION
-NO_BLOCK = -1
-# The running top-S is merged in S rounds per 64-block tile; beyond this it is the bottleneck.
-MAX_SLOTS = 128
 
 
 def supports(problem: NSAProblem) -> str | None:
     # float32 queries run as two bfloat16 parts (`tiles.split`).
-    reason = tiles.common_decline(problem, float32=True)
+    # The running top-S is merged in S rounds per 64-block tile; beyond host.MAX_SLOTS it is the
+    # bottleneck.
+    reason = tiles.common_decline(problem, float32=True) or host.too_many_slots(problem)
     if reason is not None:
         return reason
-    if problem.num_slots > MAX_SLOTS:
-        return f"at most {MAX_SLOTS} selected-block slots (S), got {problem.num_slots}"
     shape = Shape(tiles.RowTiling(problem.seq_len, problem.num_kv_heads, problem.group_size), problem.block_size,
                   problem.num_slots, 1.0, tiles.padded_dim(problem.head_dim), BLOCK_TILE, problem.group_size,
                   problem.dtype)
@@ -67,7 +66,7 @@ class Shape(tiles.Operands):
 
 
 def _kernel(shape: Shape):
-    S, dk, NHC = shape.num_slots, shape.dk, shape.tiling.head_chunks
+    S, dk, HEAD_CHUNKS = shape.num_slots, shape.dk, shape.tiling.head_chunks
     ot, qp = shape.operand, shape.q_parts
     sw = tiles.swizzle_for(ot, dk)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BLOCK_TILE)  # rows x blocks, then tokens x blocks
@@ -97,7 +96,7 @@ def _kernel(shape: Shape):
             block_ids = tiles.iota(tile_shape, 1) + j * BLOCK_TILE
 
             def head_chunk(c, scores):
-                hn = h * NHC + c
+                hn = h * HEAD_CHUNKS + c
                 tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (lse_ref.at[b, hn, rows], lse_smem)], bars, 6)
                 lse = tiles.load_rows(lse_smem)
                 seen = tiles.rows(lse > -jnp.inf, tile_shape)
@@ -110,7 +109,7 @@ def _kernel(shape: Shape):
                 return (scores + tiles.matmul(heads_smem, p_smem.at[0], tile_shape)
                         + tiles.matmul(heads_smem, p_smem.at[1], tile_shape))
 
-            scores = lax.fori_loop(0, NHC, head_chunk, tiles.zeros(tile_shape))
+            scores = lax.fori_loop(0, HEAD_CHUNKS, head_chunk, tiles.zeros(tile_shape))
             local = block_ids - tok_fb
             candidate = (local >= 0) & (local <= tok_ic)
             forced = (local == 0) | (local == tok_ic - 1) | (local == tok_ic)
@@ -217,8 +216,7 @@ def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, sca
     tok, lo, hi = token_meta(tiling, layout, block_size)
     scalars = jnp.zeros((tiling.num_tiles, 1, ROWS), jnp.int32).at[:, 0, 0].set(lo).at[:, 0, 1].set(hi)
     meta = jnp.concatenate([meta, scalars], axis=1)
-    if isinstance(block_counts, int):
-        block_counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
+    block_counts = host.block_counts_array(block_counts, batch, num_tokens, num_kv_heads)
     BT = tiling.tokens_per_tile
     counts = tiles.pad_axis(block_counts.astype(jnp.int32).transpose(0, 2, 1), 2, tiling.num_tiles * BT)
     counts = tiles.pad_axis(counts.reshape(batch, num_kv_heads, tiling.num_tiles, BT), 3, ROWS)

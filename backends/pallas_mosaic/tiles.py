@@ -1,11 +1,11 @@
 """Row tiles, shared-memory layouts and the kernel launch shared by the Mosaic GPU pieces.
 
 A wgmma needs 64 rows (one warpgroup). NSA queries come as `[B, T, G*H, D]` with small groups
-(G = 1..16 is common), so a tile's 64 rows are `BT = 64 // GC` consecutive tokens times `GC`
-query heads of one kv head (`GC = min(G, 64)`; larger groups are split into `NHC` head chunks).
-`pack_rows` lays the query (or its cotangent) out as `[B, H * NHC, NT * 64, D]`, so one tile is
-one contiguous `[64, D]` TMA box; padding rows (the group padded to `BT * GC <= 64`, and the last
-tile's missing tokens) have position -1 and see nothing.
+(G = 1..16 is common), so a tile's 64 rows are `BT = 64 // HP` consecutive tokens times `HP`
+query heads of one kv head (`HP = min(G, 64)`; larger groups are split into `HEAD_CHUNKS` head
+chunks). `pack_rows` lays the query (or its cotangent) out as `[B, H * HEAD_CHUNKS, NT * 64, D]`,
+so one tile is one contiguous `[64, D]` TMA box; padding rows (the group padded to `BT * HP <= 64`,
+and the last tile's missing tokens) have position -1 and see nothing.
 
 Head dims are zero-padded to what a swizzled wgmma operand needs (16, 32, 64 or a multiple of
 64 elements): zero columns change no dot product, and padded output columns are sliced off.
@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from ejkernel_nsa import config
+from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.backends.common.host import LOG2E, cdiv  # noqa: F401 (the pieces read them here)
 from ejkernel_nsa.problem import NSAProblem, TokenLayout
-from ejkernel_nsa.registry.toolchain import gpu_failure
 
 try:
     # Mosaic GPU's interpreter imports the Pallas fuser's jaxpr fusion on its first run, and that
@@ -35,12 +35,11 @@ except ImportError:
     pass
 
 ROWS = 64  # one warpgroup's wgmma M
-LOG2E = 1.4426950408889634
 DTYPES = ("bfloat16", "float16")
 
 
 def interpreted() -> bool:
-    return config.interpret_enabled() and gpu_failure((9, 0)) is not None
+    return host.interpreted_without_gpu((9, 0))
 
 
 def common_decline(problem: NSAProblem, float32: bool = False) -> str | None:
@@ -136,11 +135,11 @@ class RowTiling:
     group: int
 
     @property
-    def heads_per_chunk(self) -> int:  # GC
+    def heads_per_chunk(self) -> int:  # HP
         return min(self.group, ROWS)
 
     @property
-    def head_chunks(self) -> int:  # NHC
+    def head_chunks(self) -> int:  # HEAD_CHUNKS
         return -(-self.group // self.heads_per_chunk)
 
     @property
@@ -156,26 +155,27 @@ class RowTiling:
         return self.num_tiles * ROWS
 
     def pack(self, x, width: int):
-        """`[B, T, G*H, D]` -> `[B, H*NHC, NT*64, width]` (zero padding)."""
+        """`[B, T, G*H, D]` -> `[B, H*HEAD_CHUNKS, NT*64, width]` (zero padding)."""
         B, T, _, D = x.shape
-        GC, NHC, BT = self.heads_per_chunk, self.head_chunks, self.tokens_per_tile
+        HP, HEAD_CHUNKS, BT = self.heads_per_chunk, self.head_chunks, self.tokens_per_tile
         x = x.reshape(B, T, self.num_kv_heads, self.group, D)
-        x = pad_axis(pad_axis(x, 3, NHC * GC), 4, width)
-        x = x.reshape(B, T, self.num_kv_heads, NHC, GC, width).transpose(0, 2, 3, 1, 4, 5)
-        x = pad_axis(x, 3, self.num_tiles * BT).reshape(B, self.num_kv_heads * NHC, self.num_tiles, BT * GC, width)
-        return pad_axis(x, 3, ROWS).reshape(B, self.num_kv_heads * NHC, self.num_rows, width)
+        x = pad_axis(pad_axis(x, 3, HEAD_CHUNKS * HP), 4, width)
+        x = x.reshape(B, T, self.num_kv_heads, HEAD_CHUNKS, HP, width).transpose(0, 2, 3, 1, 4, 5)
+        x = pad_axis(x, 3, self.num_tiles * BT)
+        x = x.reshape(B, self.num_kv_heads * HEAD_CHUNKS, self.num_tiles, BT * HP, width)
+        return pad_axis(x, 3, ROWS).reshape(B, self.num_kv_heads * HEAD_CHUNKS, self.num_rows, width)
 
     def unpack(self, x, dim: int):
-        """Inverse of `pack`: `[B, H*NHC, NT*64, W]` -> `[B, T, G*H, dim]`."""
+        """Inverse of `pack`: `[B, H*HEAD_CHUNKS, NT*64, W]` -> `[B, T, G*H, dim]`."""
         B, W = x.shape[0], x.shape[-1]
-        GC, NHC, BT = self.heads_per_chunk, self.head_chunks, self.tokens_per_tile
-        x = x.reshape(B, self.num_kv_heads, NHC, self.num_tiles, ROWS, W)[:, :, :, :, : BT * GC]
-        x = x.reshape(B, self.num_kv_heads, NHC, self.num_tiles * BT, GC, W)[:, :, :, : self.num_tokens]
-        x = x.transpose(0, 3, 1, 2, 4, 5).reshape(B, self.num_tokens, self.num_kv_heads, NHC * GC, W)
+        HP, HEAD_CHUNKS, BT = self.heads_per_chunk, self.head_chunks, self.tokens_per_tile
+        x = x.reshape(B, self.num_kv_heads, HEAD_CHUNKS, self.num_tiles, ROWS, W)[:, :, :, :, : BT * HP]
+        x = x.reshape(B, self.num_kv_heads, HEAD_CHUNKS, self.num_tiles * BT, HP, W)[:, :, :, : self.num_tokens]
+        x = x.transpose(0, 3, 1, 2, 4, 5).reshape(B, self.num_tokens, self.num_kv_heads, HEAD_CHUNKS * HP, W)
         return x[:, :, :, : self.group, :dim].reshape(B, self.num_tokens, self.num_kv_heads * self.group, dim)
 
     def pack_scalar(self, x):
-        """`[B, T, G*H]` -> `[B, H*NHC, NT*64]`."""
+        """`[B, T, G*H]` -> `[B, H*HEAD_CHUNKS, NT*64]`."""
         return self.pack(x[..., None], 1)[..., 0]
 
     def unpack_scalar(self, x):
@@ -185,9 +185,9 @@ class RowTiling:
         """`[NT*64]` int32: the token of each row, -1 for padding rows (same for every head chunk)."""
         rows = jnp.arange(ROWS, dtype=jnp.int32)
         tiles = jnp.arange(self.num_tiles, dtype=jnp.int32)[:, None]
-        GC, BT = self.heads_per_chunk, self.tokens_per_tile
-        token = tiles * BT + rows[None, :] // GC
-        valid = (rows[None, :] < BT * GC) & (token < self.num_tokens)
+        HP, BT = self.heads_per_chunk, self.tokens_per_tile
+        token = tiles * BT + rows[None, :] // HP
+        valid = (rows[None, :] < BT * HP) & (token < self.num_tokens)
         return jnp.where(valid, token, -1).reshape(-1)
 
     def per_row(self, per_token, fill):
@@ -415,8 +415,4 @@ def saved_softmax(lse_smem, delta_smem, load, spread, shape):
     seen = lse > -jnp.inf
     return (spread(seen, shape), spread(jnp.where(seen, lse * LOG2E, 0.0), shape),
             spread(load(delta_smem), shape))
-
-
-def cdiv(a, b):
-    return (a + b - 1) // b
 

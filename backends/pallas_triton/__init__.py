@@ -10,7 +10,8 @@ only when forced, never by automatic choice. See docs/pallas.md.
 
 from ejkernel_nsa import config
 from ejkernel_nsa.problem import NSAProblem
-from ejkernel_nsa.registry import Backend, register, register_backend
+from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.registry import Backend, register_backend
 from ejkernel_nsa.registry.toolchain import gpu_failure, import_failure
 
 NAME = "pallas_triton"
@@ -28,28 +29,17 @@ def availability() -> str | None:
 def interpreted() -> bool:
     """The kernels run in the Pallas interpreter: interpret mode asked for, and no GPU here
     (read at trace time, so `config.interpret_mode()` applies; the kernels' `interpret=` flag)."""
-    return config.interpret_enabled() and gpu_failure() is not None
+    return host.interpreted_without_gpu()
 
 
 register_backend(Backend(NAME, "Pallas, Triton lowering (NVIDIA GPU)", availability, interpreted))
 
 
 def _on_cpu_only_interpreted(problem: NSAProblem) -> str | None:
-    if problem.platform == "cpu" and not interpreted():
-        return "inputs on the CPU run only in interpret mode (EJKERNEL_NSA_INTERPRET=1, no GPU)"
-    return None
+    return host.cpu_only_interpreted(problem, interpreted, "EJKERNEL_NSA_INTERPRET=1, no GPU")
 
 
-def _register_pieces() -> None:
-    import importlib
-
-    for module_name in ("compression", "compressed_attention", "selection", "selected_attention", "sliding_window"):
-        module = importlib.import_module(f"ejkernel_nsa.backends.pallas_triton.{module_name}")
-        # Interpret mode is decided per call (config.interpret_mode() may switch it), so the CPU
-        # platform is listed and checked in `supports`.
-        register(module.PIECE, backend=NAME, platforms=("gpu", "cpu"), priority=PRIORITY,
-                 supports=lambda problem, module=module: _on_cpu_only_interpreted(problem) or module.supports(problem),
-                 )(module.run)
-
-
-_register_pieces()
+# Interpret mode is decided per call (config.interpret_mode() may switch it), so the CPU platform
+# is listed and checked in `supports`.
+host.register_pieces(NAME, ("compression", "compressed_attention", "selection", "selected_attention", "sliding_window"),
+                     platforms=("gpu", "cpu"), priority=PRIORITY, decline_first=_on_cpu_only_interpreted)

@@ -24,23 +24,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+# Shared with the other Triton-family backends; the pieces read them as `common.*`.
+from ejkernel_nsa.backends.common.host import LN2, LOG2E, cdiv, next_pow2, padded_dim  # noqa: F401
 from ejkernel_nsa.backends.pallas_triton import interpreted
 from ejkernel_nsa.registry.toolchain import triton_kernel_decline
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # jax 0.11 deprecates the Pallas Triton lowering (it still works); the warning is raised while
 # lowering, inside the user's jit, so it is filtered once here, by its exact text.
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning)
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def divmod_static(x, n: int):
@@ -53,11 +44,6 @@ def divmod_static(x, n: int):
         return x, jnp.zeros_like(x)
     divisor = jnp.int32(n)
     return jax.lax.div(x, divisor), jax.lax.rem(x, divisor)
-
-
-def padded_dim(dim: int) -> int:
-    """A head dim padded to a power of two of at least 16 (the smallest `tt.dot` operand)."""
-    return max(16, next_pow2(dim))
 
 
 # What none of the kernels do; each piece adds its own limits.

@@ -15,13 +15,13 @@ float32 partial sums, added in XLA (deterministic, no atomics). The cotangent of
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.pallas_triton import common
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
@@ -38,8 +38,6 @@ _TILES = {
     ("dq", 64, True): (64, 16, 8), ("dq", 128, True): (16, 16, 8), ("dq", 256, True): (16, 16, 8),
     ("dkv", 64, True): (16, 32, 4), ("dkv", 128, True): (16, 16, 8), ("dkv", 256, True): (16, 16, 8),
 }
-_DKV_TARGET_PROGRAMS = 512
-_DKV_MIN_SPLIT_TOKENS = 256
 
 
 def supports(problem: NSAProblem) -> str | None:
@@ -126,18 +124,18 @@ def compressed_attention_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, de
     t_lo = jnp.maximum(jnp.min(common.load_vector(viewer_lo_ref, cols, col_ok, T)), split * SPLIT_TOKENS)
     t_hi = jnp.minimum(jnp.max(common.load_vector(viewer_hi_ref, cols, col_ok, 0)), (split + 1) * SPLIT_TOKENS)
     k, v = _block_tile(k_ref, v_ref, b, h, cols, col_ok, NB=NB, H=H, DK=DK, DV=DV)
-    head_tiles = common.cdiv(G, HP)
+    head_chunks = common.cdiv(G, HP)
 
     def step(i, grads):
-        token_tile, head_tile = common.divmod_static(i, head_tiles)
-        token, row_ok, q_row = common.query_tile(b, h, t_lo + token_tile * BT, head_tile * HP,
+        token_tile, head_chunk = common.divmod_static(i, head_chunks)
+        token, row_ok, q_row = common.query_tile(b, h, t_lo + token_tile * BT, head_chunk * HP,
                                                  T=T, H=H, G=G, HP=HP, BT=BT, end=t_hi)
         lo, hi = _rows_view(pos_ref, first_ref, token, row_ok, BS)
         q, do, lse2, delta = common.row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV, jnp.float32)
         visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
         return common.key_grads(grads, q, do, lse2, delta, k, v, visible, SCALE, PRECISION)
 
-    steps = jnp.maximum(t_hi - t_lo + BT - 1, 0) // BT * head_tiles
+    steps = jnp.maximum(t_hi - t_lo + BT - 1, 0) // BT * head_chunks
     zeros = (jnp.zeros((BC, common.padded_dim(DK)), jnp.float32), jnp.zeros((BC, common.padded_dim(DV)), jnp.float32))
     dk, dv = jax.lax.fori_loop(0, steps, step, zeros)
     # Each split writes its own partial sums (added in XLA).
@@ -209,9 +207,7 @@ def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo
     config, _ = _config("dkv", query.shape[2] // num_kv_heads, query.shape[3], v_cmp.shape[3], block_size, scale,
                         query.dtype)
     block_tiles = common.cdiv(num_blocks, config["BC"])
-    programs = block_tiles * batch * num_kv_heads
-    splits = max(1, min(_DKV_TARGET_PROGRAMS // programs, common.cdiv(num_tokens, _DKV_MIN_SPLIT_TOKENS)))
-    split_tokens = common.cdiv(num_tokens, splits)
+    split_tokens = host.dkv_split_tokens(num_tokens, block_tiles * batch * num_kv_heads)
     splits = common.cdiv(num_tokens, split_tokens)
     partial = splits * batch * num_blocks * num_kv_heads
     d_k, d_v = _launch(
@@ -225,29 +221,21 @@ def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo
     return (d_k.reshape((splits,) + k_cmp.shape).sum(axis=0), d_v.reshape((splits,) + v_cmp.shape).sum(axis=0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _attend(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size: int, scale: float):
-    return _fwd(query, k_cmp, v_cmp, pos, first_block, block_size, scale)
-
-
-def _attend_fwd(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size, scale):
+def _attend_forward(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size: int, scale: float):
     out, lse = _fwd(query, k_cmp, v_cmp, pos, first_block, block_size, scale)
-    return (out, lse), (query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, out, lse)
+    return out, lse, (query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi)
 
 
-def _attend_bwd(block_size, scale, residuals, cotangents):
-    query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, out, lse = residuals
-    d_out, d_lse = cotangents
-    d_out = d_out.astype(query.dtype)
-    # d lse / d s = p: the lse cotangent enters the softmax backward as a shift of delta.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
+def _attend_backward(block_size, scale, saved, d_out, lse, delta):
+    query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi = saved
     dq = _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, scale)
     dk, dv = _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
                       block_size, scale)
     return dq, dk, dv, None, None, None, None
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+# The lse is an output too (the selection reads it); its cotangent is folded into delta.
+_attend = attention_vjp(_attend_forward, _attend_backward, nondiff_argnums=(7, 8), returns_lse=True)
 
 
 def run(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segments | None):

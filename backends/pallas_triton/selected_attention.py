@@ -18,33 +18,27 @@ interpreted, and partial buffers keep the result deterministic).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.pallas_triton import common
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments
 from ejkernel_nsa.sparsity import SelectedBlocks
 
 PIECE = Piece.SELECTED_ATTENTION
 
-# The de-duplication compares every pair of slots in registers ([SP, SP]).
-MAX_SLOTS = 128
 # dk/dv: fewer chunks than this per part are not worth another part.
 MIN_CHUNKS_PER_PART = 2
 MAX_SPLIT = 4
 
 
 def supports(problem: NSAProblem) -> str | None:
-    reason = common.common_decline(problem)
-    if reason is not None:
-        return reason
-    if problem.num_slots > MAX_SLOTS:
-        return f"at most {MAX_SLOTS} selected-block slots (S), got {problem.num_slots}"
-    return None
+    # The de-duplication compares every pair of slots in registers ([SP, SP]).
+    return common.common_decline(problem) or host.too_many_slots(problem)
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -171,15 +165,11 @@ def selected_attention_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delt
 
 
 def _token_config(group: int, block_size: int, head_dim: int, value_dim: int, num_slots: int, itemsize: int):
-    """Forward and dq: rows = query heads per program (padded for tt.dot), key sub-tile."""
-    rows = min(max(16, common.next_pow2(group)), 64)
-    dkp, dvp = common.padded_dim(head_dim), common.padded_dim(value_dim)
-    block_padded = max(16, common.next_pow2(block_size))
-    # K and V tiles [BK, D] are held whole; float32 tiles take twice the registers.
-    block_tile = max(16, min(block_padded, (64 if max(dkp, dvp) <= 128 else 32) * 2 // itemsize))
-    big = rows * max(dkp, dvp) * itemsize >= 64 * 128 * 2
-    return dict(ROWS=rows, BK=block_tile, SUBS=block_padded // block_tile, SP=max(2, common.next_pow2(num_slots))), (
-        8 if big else 4)
+    """Forward and dq: the token-major tiles (`host.token_config`: query heads per program, key
+    sub-tile) as the kernels' constexprs, and the warps."""
+    tiles = host.token_config(group, block_size, head_dim, value_dim, itemsize)
+    return (dict(ROWS=tiles.rows, BK=tiles.block_tile, SUBS=tiles.subs, SP=max(2, common.next_pow2(num_slots))),
+            tiles.num_warps)
 
 
 def _block_config(num_tokens: int, block_size: int, head_dim: int, value_dim: int, num_slots: int, itemsize: int):
@@ -257,26 +247,19 @@ def _backward_dkv(q, k, v, do, lse, delta, sel: SelectedBlocks, block_size: int,
 # ---- the differentiable piece --------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _selected_attention(q, k, v, sel: SelectedBlocks, block_size: int, scale: float):
-    return _forward(q, k, v, sel, block_size, scale)[0]
-
-
-def _selected_attention_fwd(q, k, v, sel, block_size, scale):
+def _selected_attention_forward(q, k, v, sel: SelectedBlocks, block_size: int, scale: float):
     out, lse = _forward(q, k, v, sel, block_size, scale)
-    return out, (q, k, v, sel, out, lse)
+    return out, lse, (q, k, v, sel)
 
 
-def _selected_attention_bwd(block_size, scale, residuals, d_out):
-    q, k, v, sel, out, lse = residuals
-    d_out = d_out.astype(q.dtype)
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+def _selected_attention_backward(block_size, scale, saved, d_out, lse, delta):
+    q, k, v, sel = saved
     dq = _backward_dq(q, k, v, d_out, lse, delta, sel, block_size, scale)
     dk, dv = _backward_dkv(q, k, v, d_out, lse, delta, sel, block_size, scale)
     return dq, dk, dv, None
 
 
-_selected_attention.defvjp(_selected_attention_fwd, _selected_attention_bwd)
+_selected_attention = attention_vjp(_selected_attention_forward, _selected_attention_backward, nondiff_argnums=(4, 5))
 
 
 def run(query, key, value, block_indices, block_counts, *, block_size: int, scale: float, segments: Segments | None):

@@ -20,12 +20,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.backends.common.host import NO_BLOCK
 from ejkernel_nsa.backends.pallas_triton import common
-from ejkernel_nsa.problem import NSAProblem, Piece, Segments, num_compressed_blocks, token_layout
+from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
 PIECE = Piece.SELECTION
 
-NO_BLOCK = -1
 # Query rows per program (tokens x padded group), halved for head dims above 128.
 _ROWS = 64
 # Compressed blocks scored per step (at least TOPK).
@@ -125,32 +126,19 @@ def _config(group: int, head_dim: int, num_out: int) -> dict:
     return dict(GP=group_padded, BT=tokens, BC=max(topk, _BLOCKS), TOPK=topk)
 
 
-def _num_out(num_slots: int, num_blocks: int) -> int:
-    # A token never has more candidates than the packed axis has blocks; later slots stay -1.
-    return min(num_slots, num_blocks)
-
-
 def supports(problem: NSAProblem) -> str | None:
-    reason = common.common_decline(problem)
-    if reason is not None:
-        return reason
-    num_blocks = num_compressed_blocks(problem.seq_len, problem.block_size, problem.num_seqs)
-    if _num_out(problem.num_slots, num_blocks) > _MAX_SLOTS:
-        return f"at most {_MAX_SLOTS} selected blocks (the running top-k is merged in registers), got {problem.num_slots}"
-    return None
+    return (common.common_decline(problem)
+            or host.too_many_candidates(problem, _MAX_SLOTS, "the running top-k is merged in registers"))
 
 
 def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, scale: float, segments: Segments | None):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads = k_cmp.shape[1:3]
-    num_out = _num_out(num_slots, num_blocks)
+    num_out = host.selection_outputs(num_slots, num_blocks)
     if num_tokens == 0 or num_out == 0:
         return jnp.full((batch, num_tokens, num_kv_heads, num_slots), NO_BLOCK, jnp.int32)
     layout = token_layout(num_tokens, block_size, segments)
-    if isinstance(block_counts, int):
-        counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
-    else:
-        counts = jnp.asarray(block_counts).astype(jnp.int32)
+    counts = host.block_counts_array(block_counts, batch, num_tokens, num_kv_heads)
     config = _config(num_q_heads // num_kv_heads, head_dim, num_out)
     chosen = common.pallas_call(
         block_selection_fwd_kernel, grid=(common.cdiv(num_tokens, config["BT"]), batch * num_kv_heads),
@@ -160,7 +148,4 @@ def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, sca
         NUM_OUT=num_out, SCALE=float(scale), PRECISION=common.dot_precision(query.dtype, jnp.float32), **config,
     )(query.reshape(-1, head_dim), k_cmp.astype(jnp.float32).reshape(-1, head_dim),
       lse.astype(jnp.float32).reshape(-1), counts.reshape(-1), layout.pos, layout.first_block)
-    chosen = chosen.reshape(batch, num_tokens, num_kv_heads, num_out)
-    if num_out < num_slots:
-        chosen = jnp.pad(chosen, ((0, 0), (0, 0), (0, 0), (0, num_slots - num_out)), constant_values=NO_BLOCK)
-    return chosen
+    return host.pad_slots(chosen.reshape(batch, num_tokens, num_kv_heads, num_out), num_slots)

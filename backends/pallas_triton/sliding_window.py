@@ -12,12 +12,11 @@ across programs, so no atomics and no partial buffers.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.pallas_triton import common
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
@@ -111,18 +110,18 @@ def sliding_window_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     k, v = _key_tile(k_ref, v_ref, b, h, keys, key_ok, T=T, H=H, DK=DK, DV=DV)
     # The queries that can see these keys: from the first key to W - 1 past the last.
     q_hi = jnp.minimum(k0 + BK + W - 1, T)
-    head_tiles = common.cdiv(G, HP)
+    head_chunks = common.cdiv(G, HP)
 
     def step(i, grads):
-        token_tile, head_tile = common.divmod_static(i, head_tiles)
-        token, row_ok, q_row = common.query_tile(b, h, k0 + token_tile * BT, head_tile * HP,
+        token_tile, head_chunk = common.divmod_static(i, head_chunks)
+        token, row_ok, q_row = common.query_tile(b, h, k0 + token_tile * BT, head_chunk * HP,
                                                  T=T, H=H, G=G, HP=HP, BT=BT, end=q_hi)
         row_lo = _window_rows(seq_start_ref, token, row_ok, W)
         q, do, lse2, delta = common.row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, row_ok, DK, DV)
         visible = _visible(keys, key_ok, token, row_ok, row_lo)
         return common.key_grads(grads, q, do, lse2, delta, k, v, visible, SCALE, PRECISION)
 
-    steps = jnp.maximum(q_hi - k0 + BT - 1, 0) // BT * head_tiles
+    steps = jnp.maximum(q_hi - k0 + BT - 1, 0) // BT * head_chunks
     zeros = (jnp.zeros((BK, common.padded_dim(DK)), jnp.float32), jnp.zeros((BK, common.padded_dim(DV)), jnp.float32))
     dk, dv = jax.lax.fori_loop(0, steps, step, zeros)
     rows = (b * T + keys) * H + h
@@ -168,20 +167,13 @@ def _fwd(query, key, value, seq_start, window, scale):
     return out.reshape(query.shape[:3] + (value.shape[3],)), lse.reshape(query.shape[:3])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend(query, key, value, seq_start, window: int, scale: float):
-    return _fwd(query, key, value, seq_start, window, scale)[0]
-
-
-def _attend_fwd(query, key, value, seq_start, window, scale):
+def _attend_forward(query, key, value, seq_start, window: int, scale: float):
     out, lse = _fwd(query, key, value, seq_start, window, scale)
-    return out, (query, key, value, seq_start, out, lse)
+    return out, lse, (query, key, value, seq_start)
 
 
-def _attend_bwd(window, scale, residuals, d_out):
-    query, key, value, seq_start, out, lse = residuals
-    d_out = d_out.astype(query.dtype)
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+def _attend_backward(window, scale, saved, d_out, lse, delta):
+    query, key, value, seq_start = saved
     config = _config(query, key, value, window, scale)
     grads = (query, key, value, d_out, lse, delta, seq_start)
     dq = _launch(sliding_window_bwd_kernel_dq, "sliding_window_bwd_dq", _query_grid(query, config),
@@ -194,7 +186,7 @@ def _attend_bwd(window, scale, residuals, d_out):
     return dq.reshape(query.shape), dk.reshape(key.shape), dv.reshape(value.shape), None
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+_attend = attention_vjp(_attend_forward, _attend_backward, nondiff_argnums=(4, 5))
 
 
 def run(query, key, value, *, window_size: int, scale: float, segments: Segments | None):

@@ -13,13 +13,14 @@ interpreter; `interpret_mode()` cannot switch this backend (its kernels are fixe
 import os
 
 from ejkernel_nsa import config
-from ejkernel_nsa.registry import Backend, register, register_backend
+from ejkernel_nsa.registry import Backend, register_backend
 from ejkernel_nsa.registry.toolchain import gpu_failure, import_failure
 
 NAME = "triton"
 # Above the XLA fallback; kernels of other backends compete through their own priorities.
 PRIORITY = 20
 
+from ejkernel_nsa.backends.common import host  # noqa: E402
 from ejkernel_nsa.backends.triton import launch  # noqa: E402
 
 
@@ -58,22 +59,10 @@ register_backend(Backend(NAME, "Triton kernels via jax-triton (NVIDIA GPU)", ava
                          interpret=lambda: launch.INTERPRETED))
 
 
-def _register_pieces() -> None:
-    import importlib
-
-    for module_name in ("compression", "compressed_attention", "selection", "selected_attention", "sliding_window"):
-        # The kernels are defined (`@triton.jit`) on import: under TRITON_INTERPRET=1 when interpreted.
-        with launch.triton_interpreter():
-            module = importlib.import_module(f"ejkernel_nsa.backends.triton.{module_name}")
-        register(module.PIECE, backend=NAME, platforms=("gpu", "cpu") if launch.INTERPRETED else ("gpu",),
-                 priority=PRIORITY, supports=module.supports,
-                 compression_geometry=getattr(module, "COMPRESSION_GEOMETRY", False))(module.run)
-    # A decoding step's selected attention (SPEC section 10, one query per row): its own kernel,
-    # declining everything else, beside the full-length one above, which declines decoding.
-    with launch.triton_interpreter():
-        decode = importlib.import_module("ejkernel_nsa.backends.triton.decode")
-    register(decode.PIECE, backend=NAME, platforms=("gpu", "cpu") if launch.INTERPRETED else ("gpu",),
-             priority=PRIORITY, supports=decode.supports, longer_keys=True)(decode.run)
-
-
-_register_pieces()
+# `decode` is a decoding step's selected attention (SPEC section 10, one query per row): its own
+# kernel, declining everything else, beside `selected_attention`, which declines decoding. The
+# kernels are defined (`@triton.jit`) on import: under TRITON_INTERPRET=1 when interpreted.
+host.register_pieces(NAME, ("compression", "compressed_attention", "selection", "selected_attention", "sliding_window",
+                            "decode"),
+                     platforms=("gpu", "cpu") if launch.INTERPRETED else ("gpu",), priority=PRIORITY,
+                     importing=launch.triton_interpreter)

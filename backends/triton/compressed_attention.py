@@ -25,7 +25,6 @@ piece, so its cotangent enters through `delta = rowsum(do * o) - dlse`.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +32,16 @@ import triton
 import triton.language as tl
 
 from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.triton.containment import finite_values, nonfinite_in
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
 PIECE = Piece.COMPRESSED_ATTENTION
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(host.LOG2E)
+LN2 = tl.constexpr(host.LN2)
 
 
 def supports(problem: NSAProblem) -> str | None:
@@ -91,15 +92,15 @@ def compressed_attention_fwd_kernel(
     T, NB,
     o_ptr, lse_ptr,
     H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
-    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    HEAD_TILES: tl.constexpr = (G + HP - 1) // HP
+    HEAD_CHUNKS: tl.constexpr = (G + HP - 1) // HP
     HQ: tl.constexpr = H * G
     t0 = tl.program_id(0) * BT
     pid = tl.program_id(1)
-    head0 = (pid % HEAD_TILES) * HP
-    bh = pid // HEAD_TILES
+    head0 = (pid % HEAD_CHUNKS) * HP
+    bh = pid // HEAD_CHUNKS
     b = bh // H
     h = bh % H
 
@@ -109,8 +110,8 @@ def compressed_attention_fwd_kernel(
     c_lo = tl.min(tl.where(seen, lo, NB), axis=0)
     c_hi = tl.max(tl.where(seen, hi, 0), axis=0)
 
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
     dk_ok = dk < DK
     dv_ok = dv < DV
     row = dt * HQ + dh
@@ -123,7 +124,7 @@ def compressed_attention_fwd_kernel(
 
     m_i = tl.full([BT * HP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BT * HP], dtype=tl.float32)
-    acc = tl.zeros([BT * HP, BDV], dtype=tl.float32)
+    acc = tl.zeros([BT * HP, DVP], dtype=tl.float32)
     for c0 in range(c_lo, c_hi, BC):
         cols = c0 + block
         col_ok = cols < c_hi
@@ -162,15 +163,15 @@ def compressed_attention_bwd_kernel_dq(
     T, NB,
     dq_ptr,
     H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
-    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    HEAD_TILES: tl.constexpr = (G + HP - 1) // HP
+    HEAD_CHUNKS: tl.constexpr = (G + HP - 1) // HP
     HQ: tl.constexpr = H * G
     t0 = tl.program_id(0) * BT
     pid = tl.program_id(1)
-    head0 = (pid % HEAD_TILES) * HP
-    bh = pid // HEAD_TILES
+    head0 = (pid % HEAD_CHUNKS) * HP
+    bh = pid // HEAD_CHUNKS
     b = bh // H
     h = bh % H
 
@@ -179,8 +180,8 @@ def compressed_attention_bwd_kernel_dq(
     c_lo = tl.min(tl.where(seen, lo, NB), axis=0)
     c_hi = tl.max(tl.where(seen, hi, 0), axis=0)
 
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
     dk_ok = dk < DK
     dv_ok = dv < DV
     row = dt * HQ + dh
@@ -197,7 +198,7 @@ def compressed_attention_bwd_kernel_dq(
     v_tile = v_ptr + ((b.to(tl.int64) * NB + c_lo) * H + h) * DV
     block = tl.arange(0, BC)
 
-    dq = tl.zeros([BT * HP, BDK], dtype=tl.float32)
+    dq = tl.zeros([BT * HP, DKP], dtype=tl.float32)
     for c0 in range(c_lo, c_hi, BC):
         cols = c0 + block
         col_ok = cols < c_hi
@@ -223,10 +224,10 @@ def compressed_attention_bwd_kernel_dkv(
     T, NB, SPLIT_TOKENS,
     dk_ptr, dv_ptr,
     H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
-    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    HEAD_TILES: tl.constexpr = (G + HP - 1) // HP
+    HEAD_CHUNKS: tl.constexpr = (G + HP - 1) // HP
     HQ: tl.constexpr = H * G
     c0 = tl.program_id(0) * BC
     bh = tl.program_id(1)
@@ -244,8 +245,8 @@ def compressed_attention_bwd_kernel_dkv(
     t_lo = tl.maximum(t_lo, split * SPLIT_TOKENS)
     t_hi = tl.minimum(t_hi, (split + 1) * SPLIT_TOKENS)
 
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
     dk_ok = dk < DK
     dv_ok = dv < DV
     k_off = ((b.to(tl.int64) * NB + c0) * H + h) * DK
@@ -255,14 +256,14 @@ def compressed_attention_bwd_kernel_dkv(
     k = tl.load(k_ptr + k_off + k_tile, mask=col_ok[:, None] & dk_ok[None, :], other=0.0)
     v = tl.load(v_ptr + v_off + v_tile, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
 
-    dk_acc = tl.zeros([BC, BDK], dtype=tl.float32)
-    dv_acc = tl.zeros([BC, BDV], dtype=tl.float32)
+    dk_acc = tl.zeros([BC, DKP], dtype=tl.float32)
+    dv_acc = tl.zeros([BC, DVP], dtype=tl.float32)
     for t0 in range(t_lo, t_hi, BT):
         # Unrolled, so that the token loop is the innermost loop, which Triton software-pipelines
         # (the next tile's loads overlap this one's dots); as a nested loop it ran one load-then-
         # compute step at a time.
-        for head_tile in tl.static_range(HEAD_TILES):
-            head0 = head_tile * HP
+        for head_chunk in tl.static_range(HEAD_CHUNKS):
+            head0 = head_chunk * HP
             dt, dh, row_ok, lo, hi = _query_tile(pos_ptr, first_block_ptr, t0, head0, t_hi, G, BS, CL, HP, BT)
             row = dt * HQ + dh
             q = tl.load(_row_base(q_ptr, b, t0, h, head0, T, HQ, G, DK) + row[:, None] * DK + dk[None, :],
@@ -311,9 +312,6 @@ _TILES = {
     ("dq", 64, True): (64, 16, 8, 2), ("dq", 128, True): (16, 16, 8, 1), ("dq", 256, True): (16, 16, 8, 1),
     ("dkv", 64, True): (16, 32, 4, 2), ("dkv", 128, True): (16, 16, 8, 1), ("dkv", 256, True): (16, 16, 8, 1),
 }
-# The backward of dk/dv splits the query tokens across programs until about this many run.
-_DKV_TARGET_PROGRAMS = 512
-_DKV_MIN_SPLIT_TOKENS = 256
 
 
 def _config(stage: str, group: int, head_dim: int, value_dim: int, block_size: int, scale: float, dtype,
@@ -327,30 +325,23 @@ def _config(stage: str, group: int, head_dim: int, value_dim: int, block_size: i
     heads = min(launch.next_pow2(group), rows)
     return {
         "G": group, "HP": heads, "BT": rows // heads, "BC": block_tile, "BS": block_size, "CL": length or block_size,
-        "DK": head_dim, "DV": value_dim, "BDK": padded_k, "BDV": padded_v,
+        "DK": head_dim, "DV": value_dim, "DKP": padded_k, "DVP": padded_v,
         "SCALE": float(scale), "PRECISION": precision, "num_warps": num_warps, "num_stages": num_stages,
     }
-
-
-def _dkv_split_tokens(num_tokens: int, block_programs: int) -> int:
-    """Query tokens per dk/dv program: all of them, unless the block tiles alone are too few
-    programs to fill the GPU."""
-    splits = max(1, min(_DKV_TARGET_PROGRAMS // max(block_programs, 1), launch.cdiv(num_tokens, _DKV_MIN_SPLIT_TOKENS)))
-    return launch.cdiv(num_tokens, splits)
 
 
 def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, length: int, scale: float):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     config = _config("fwd", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length)
-    head_tiles = launch.cdiv(config["G"], config["HP"])
+    head_chunks = launch.cdiv(config["G"], config["HP"])
     v_finite, v_bad = finite_values(v_cmp)
     return launch.triton_call(
         query, k_cmp, v_finite, v_bad, pos, first_block, num_tokens, num_blocks,
         kernel=compressed_attention_fwd_kernel,
         out_shape=[jax.ShapeDtypeStruct((batch, num_tokens, num_q_heads, value_dim), query.dtype),
                    jax.ShapeDtypeStruct((batch, num_tokens, num_q_heads), jnp.float32)],
-        grid=(launch.cdiv(num_tokens, config["BT"]), batch * num_kv_heads * head_tiles),
+        grid=(launch.cdiv(num_tokens, config["BT"]), batch * num_kv_heads * head_chunks),
         H=num_kv_heads, **config,
     )
 
@@ -359,12 +350,12 @@ def _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     config = _config("dq", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length)
-    head_tiles = launch.cdiv(config["G"], config["HP"])
+    head_chunks = launch.cdiv(config["G"], config["HP"])
     return launch.triton_call(
         query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, num_tokens, num_blocks,
         kernel=compressed_attention_bwd_kernel_dq,
         out_shape=jax.ShapeDtypeStruct(query.shape, query.dtype),
-        grid=(launch.cdiv(num_tokens, config["BT"]), batch * num_kv_heads * head_tiles),
+        grid=(launch.cdiv(num_tokens, config["BT"]), batch * num_kv_heads * head_chunks),
         H=num_kv_heads, **config,
     )
 
@@ -375,7 +366,7 @@ def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     config = _config("dkv", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length)
     block_tiles = launch.cdiv(num_blocks, config["BC"])
-    split_tokens = _dkv_split_tokens(num_tokens, block_tiles * batch * num_kv_heads)
+    split_tokens = host.dkv_split_tokens(num_tokens, block_tiles * batch * num_kv_heads)
     splits = launch.cdiv(num_tokens, split_tokens)
     d_k, d_v = launch.triton_call(
         query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
@@ -395,30 +386,23 @@ def _blocks_for_dots(query, k_cmp, v_cmp):
     return k_cmp.astype(query.dtype), v_cmp.astype(query.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attend(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size: int, length: int,
-            scale: float):
-    return _fwd(query, *_blocks_for_dots(query, k_cmp, v_cmp), pos, first_block, block_size, length, scale)
-
-
-def _attend_fwd(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size, length, scale):
+def _attend_forward(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, block_size: int, length: int,
+                    scale: float):
     k_dots, v_dots = _blocks_for_dots(query, k_cmp, v_cmp)
     out, lse = _fwd(query, k_dots, v_dots, pos, first_block, block_size, length, scale)
-    return (out, lse), (query, k_dots, v_dots, pos, first_block, viewer_lo, viewer_hi, out, lse)
+    return out, lse, (query, k_dots, v_dots, pos, first_block, viewer_lo, viewer_hi)
 
 
-def _attend_bwd(block_size, length, scale, residuals, cotangents):
-    query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi, out, lse = residuals
-    d_out, d_lse = cotangents
-    # d lse / d s = p: the lse cotangent enters the softmax backward as a shift of delta.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
+def _attend_backward(block_size, length, scale, saved, d_out, lse, delta):
+    query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi = saved
     dq = _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, length, scale)
     dk, dv = _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
                       block_size, length, scale)
     return dq, dk, dv, None, None, None, None
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+# The lse is an output too (the selection reads it); its cotangent is folded into delta.
+_attend = attention_vjp(_attend_forward, _attend_backward, nondiff_argnums=(7, 8, 9), returns_lse=True)
 
 
 # SPEC section 9: blocks of length l at stride d (the kernels see d as BS and l as CL).

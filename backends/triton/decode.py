@@ -20,12 +20,14 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from ejkernel_nsa.backends.common import host
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.backends.triton.launch import CompileSpec, next_pow2, pointer
 from ejkernel_nsa.problem import NSAProblem, Piece
 
 PIECE = Piece.SELECTED_ATTENTION
-MAX_SLOTS = 128
+# SPEC section 10: queries against longer keys (`kv_lengths=`), the only calls it takes.
+LONGER_KEYS = True
 
 
 def supports(problem: NSAProblem) -> str | None:
@@ -39,9 +41,7 @@ def supports(problem: NSAProblem) -> str | None:
     block_size = problem.block_size
     if block_size < 16 or block_size & (block_size - 1):
         return f"block_size a power of two >= 16 (one tensor-core tile of keys), got {block_size}"
-    if problem.num_slots > MAX_SLOTS:
-        return f"at most {MAX_SLOTS} selected-block slots (S), got {problem.num_slots}"
-    return None
+    return host.too_many_slots(problem)
 
 
 @triton.jit

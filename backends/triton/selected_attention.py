@@ -22,7 +22,6 @@ kernels here turn the loop around (docs/triton.md, "Selected attention"):
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -31,6 +30,10 @@ import triton
 import triton.language as tl
 
 from ejkernel_nsa import sparsity
+from ejkernel_nsa.backends.common import host
+# The token-major tiles, the same for the Pallas Triton kernels; named here too (Tiles, the benchmarks).
+from ejkernel_nsa.backends.common.host import TokenConfig, token_config
+from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.triton.containment import finite_values, nonfinite_in
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.backends.triton.launch import CompileSpec, cdiv, next_pow2, pointer
@@ -39,21 +42,15 @@ from ejkernel_nsa.sparsity import SelectedBlocks
 
 PIECE = Piece.SELECTED_ATTENTION
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(host.LOG2E)
+LN2 = tl.constexpr(host.LN2)
 
-# The token-major dedup compares every pair of slots in registers ([SP, SP]); beyond this it
-# would spill.
-MAX_SLOTS = 128
 
 
 def supports(problem: NSAProblem) -> str | None:
-    reason = launch.common_decline(problem)
-    if reason is not None:
-        return reason
-    if problem.num_slots > MAX_SLOTS:
-        return f"at most {MAX_SLOTS} selected-block slots (S), got {problem.num_slots}"
-    return None
+    # The token-major dedup compares every pair of slots in registers ([SP, SP]); beyond
+    # host.MAX_SLOTS it would spill.
+    return launch.common_decline(problem) or host.too_many_slots(problem)
 
 
 # ---- kernels: token-major forward ------------------------------------------------------------
@@ -415,29 +412,6 @@ def selected_attention_bwd_kernel(
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenConfig:
-    """Token-major forward: one program per (token, kv head, chunk of query heads)."""
-
-    rows: int  # query heads per program, padded for tl.dot
-    head_chunks: int
-    block_tile: int  # keys per inner step (a selected block is `subs` steps)
-    subs: int
-    num_warps: int
-    num_stages: int = 2
-
-
-def token_config(group: int, block_size: int, head_dim: int, value_dim: int, itemsize: int = 2) -> TokenConfig:
-    rows = min(max(16, next_pow2(group)), 64)
-    dkp, dvp = _padded(head_dim), _padded(value_dim)
-    block_padded = max(16, next_pow2(block_size))
-    # K and V tiles [tile, D] are held whole; float32 tiles take twice the registers.
-    block_tile = min(block_padded, (64 if max(dkp, dvp) <= 128 else 32) * 2 // itemsize)
-    big = rows * max(dkp, dvp) * itemsize >= 64 * 128 * 2
-    return TokenConfig(rows=rows, head_chunks=cdiv(group, rows), block_tile=block_tile,
-                       subs=block_padded // block_tile, num_warps=8 if big else 4)
-
-
-@dataclasses.dataclass(frozen=True)
 class BlockConfig:
     """Block-major kernels: one program per work tile (a key block, `chunks` chunks of `rows`
     reader rows) and batch row x kv head; a block of more than `block_tile` keys is `subs`
@@ -502,7 +476,7 @@ class Tiles:
 
 
 def _padded(dim: int) -> int:
-    return max(16, next_pow2(dim))
+    return host.padded_dim(dim)
 
 
 # ---- one Python wrapper per kernel ---------------------------------------------------------------
@@ -600,7 +574,7 @@ def _combine_rows(value_dim: int) -> int:
     return max(16, min(64, 4096 // _padded(value_dim)))
 
 
-def _backward(q, k, v, out, d_out, lse, sel: SelectedBlocks, readers: Readers, block_size: int, scale: float,
+def _backward(q, k, v, d_out, lse, delta, sel: SelectedBlocks, readers: Readers, block_size: int, scale: float,
               tiles: Tiles):
     batch, num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
@@ -609,7 +583,6 @@ def _backward(q, k, v, out, d_out, lse, sel: SelectedBlocks, readers: Readers, b
     order = tiles.backward_order or backward_loop_order(group)
     cfg = tiles.backward or block_config(block_size, head_dim, value_dim, q.dtype.itemsize, backward=True)
     work = _tiles_of(readers, sel, group, cfg)
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     fused = order == "fused"
     dq, dk, dv = launch.triton_call(
         q, k, v, d_out, lse, delta, readers.pairs, readers.offsets, work.block, work.chunk,
@@ -651,23 +624,20 @@ def _forward(q, k, v, sel: SelectedBlocks, readers: Readers, block_size: int, sc
 # ---- the differentiable piece --------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _selected_attention(q, k, v, sel: SelectedBlocks, readers: Readers, block_size: int, scale: float, tiles: Tiles):
-    return _forward(q, k, v, sel, readers, block_size, scale, tiles)[0]
-
-
-def _selected_attention_fwd(q, k, v, sel, readers, block_size, scale, tiles):
+def _selected_attention_forward(q, k, v, sel: SelectedBlocks, readers: Readers, block_size: int, scale: float,
+                                tiles: Tiles):
     out, lse = _forward(q, k, v, sel, readers, block_size, scale, tiles)
-    return out, (q, k, v, sel, readers, out, lse)
+    return out, lse, (q, k, v, sel, readers)
 
 
-def _selected_attention_bwd(block_size, scale, tiles, residuals, d_out):
-    q, k, v, sel, readers, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, out, d_out.astype(q.dtype), lse, sel, readers, block_size, scale, tiles)
+def _selected_attention_backward(block_size, scale, tiles, saved, d_out, lse, delta):
+    q, k, v, sel, readers = saved
+    dq, dk, dv = _backward(q, k, v, d_out, lse, delta, sel, readers, block_size, scale, tiles)
     return dq, dk, dv, None, None
 
 
-_selected_attention.defvjp(_selected_attention_fwd, _selected_attention_bwd)
+_selected_attention = attention_vjp(_selected_attention_forward, _selected_attention_backward,
+                                    nondiff_argnums=(5, 6, 7))
 
 
 def run(query, key, value, block_indices, block_counts, *, block_size: int, scale: float, segments: Segments | None,

@@ -32,13 +32,14 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.backends.common.host import NO_BLOCK
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.geometry import geometry_of
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, num_compressed_blocks, token_layout
 
 PIECE = Piece.SELECTION
 
-NO_BLOCK = -1
 _NO_BLOCK = tl.constexpr(NO_BLOCK)  # the same, as kernels may read it
 # Query rows (tokens x padded group) per program: one warpgroup's wgmma tile. Measured on an
 # H100 (T=32k, S=16): 64 rows, 32 blocks a step and 4 warps beat 128 rows, 16 or 64 blocks, and
@@ -331,19 +332,9 @@ def index_bits(num_blocks: int, narrow_keys: bool = True) -> int:
     return bits if narrow_keys and bits <= 11 else 32
 
 
-def _num_out(num_slots: int, num_blocks: int) -> int:
-    # A token never has more candidates than the packed axis has blocks; slots past that stay -1.
-    return min(num_slots, num_blocks)
-
-
 def supports(problem: NSAProblem) -> str | None:
-    reason = launch.common_decline(problem)
-    if reason is not None:
-        return reason
-    num_blocks = num_compressed_blocks(problem.seq_len, problem.block_size, problem.num_seqs)
-    if _num_out(problem.num_slots, num_blocks) > _MAX_SLOTS:
-        return f"at most {_MAX_SLOTS} selected blocks (the running top-k lives in registers), got {problem.num_slots}"
-    return None
+    return (launch.common_decline(problem)
+            or host.too_many_candidates(problem, _MAX_SLOTS, "the running top-k lives in registers"))
 
 
 # SPEC section 9: compressed blocks of length l at stride d, selection blocks of block_size, the
@@ -363,20 +354,15 @@ def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, sca
         # The candidates are selection blocks: at most as many as their packed axis holds.
         num_blocks = transfer.tap_base.shape[0]
     layout = token_layout(num_tokens, stride, segments)
-    if isinstance(block_counts, int):
-        counts = jnp.full((batch, num_tokens, num_kv_heads), block_counts, jnp.int32)
-    else:
-        counts = jnp.asarray(block_counts).astype(jnp.int32)
-    num_out = _num_out(num_slots, num_blocks)
+    counts = host.block_counts_array(block_counts, batch, num_tokens, num_kv_heads)
+    num_out = host.selection_outputs(num_slots, num_blocks)
     # One dtype for both dot operands: 16-bit keys for 16-bit queries (as compressed attention
     # rounds them for the lse), float32 for float32 problems. No gradient flows through here.
     chosen = _block_selection_fwd(
         query, k_cmp.astype(query.dtype), lse.astype(jnp.float32), counts, layout.pos, layout.first_block,
         num_out=num_out, block_size=block_size, scale=scale, tiles=tiles, transfer=transfer,
     )
-    if num_out < num_slots:
-        chosen = jnp.pad(chosen, ((0, 0), (0, 0), (0, 0), (0, num_slots - num_out)), constant_values=NO_BLOCK)
-    return chosen
+    return host.pad_slots(chosen, num_slots)
 
 
 def compile_specs() -> list[launch.CompileSpec]:

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.triton.containment import finite_values, nonfinite_in
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
@@ -28,8 +30,8 @@ from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 PIECE = Piece.SLIDING_WINDOW
 
 # Softmax runs in base 2 (exp2 is the native instruction); lse is stored in natural log.
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+LOG2E: tl.constexpr = tl.constexpr(host.LOG2E)
+LN2: tl.constexpr = tl.constexpr(host.LN2)
 
 
 def supports(problem: NSAProblem) -> str | None:
@@ -47,13 +49,13 @@ def supports(problem: NSAProblem) -> str | None:
 
 
 @triton.jit
-def _query_rows(t0, g0, T, BT: tl.constexpr, GB: tl.constexpr, G: tl.constexpr):
-    """Rows of a query tile: `BT` tokens from `t0` times heads `[g0, g0 + GB)` of one group (the
-    group padded to the power of two `GB`). Returns each row's token index, its token offset
+def _query_rows(t0, g0, T, BT: tl.constexpr, HP: tl.constexpr, G: tl.constexpr):
+    """Rows of a query tile: `BT` tokens from `t0` times heads `[g0, g0 + HP)` of one group (the
+    group padded to the power of two `HP`). Returns each row's token index, its token offset
     within the tile, its head offset within the tile, and whether it is a real (token, head)."""
-    rows = tl.arange(0, BT * GB)
-    dt = rows // GB
-    dg = rows % GB
+    rows = tl.arange(0, BT * HP)
+    dt = rows // HP
+    dg = rows % HP
     tok = t0 + dt
     return tok, dt, dg, (tok < T) & (g0 + dg < G)
 
@@ -63,24 +65,24 @@ def sliding_window_fwd_kernel(
     q_ptr, k_ptr, v_ptr, v_bad_ptr, seq_start_ptr,
     T, H, W,
     o_ptr, lse_ptr,
-    G: tl.constexpr, GB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    NHC: tl.constexpr = (G + GB - 1) // GB
+    HEAD_CHUNKS: tl.constexpr = (G + HP - 1) // HP
     num_tiles = tl.cdiv(T, BT)
     pid = tl.program_id(0)
     # Consecutive programs take consecutive tiles of one head: their key spans overlap in L2.
     tile = pid % num_tiles
     bhc = pid // num_tiles
-    g0 = (bhc % NHC) * GB
-    bh = bhc // NHC
+    g0 = (bhc % HEAD_CHUNKS) * HP
+    bh = bhc // HEAD_CHUNKS
     b = (bh // H).to(tl.int64)
     h = bh % H
     HQ = H * G
     t0 = tile * BT
 
-    tok, dt, dg, valid = _query_rows(t0, g0, T, BT, GB, G)
+    tok, dt, dg, valid = _query_rows(t0, g0, T, BT, HP, G)
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
     head_row = (b * T + t0) * HQ + h * G + g0  # int64: (token t0, head g0) on the [B*T*HQ] axis
@@ -95,9 +97,9 @@ def sliding_window_fwd_kernel(
     hi = tl.minimum(t0 + BT, T)
     qk_scale = SCALE * LOG2E
 
-    m_i = tl.full([BT * GB], float("-inf"), tl.float32)
-    l_i = tl.zeros([BT * GB], tl.float32)
-    acc = tl.zeros([BT * GB, DVP], tl.float32)
+    m_i = tl.full([BT * HP], float("-inf"), tl.float32)
+    l_i = tl.zeros([BT * HP], tl.float32)
+    acc = tl.zeros([BT * HP, DVP], tl.float32)
     kv_head = b * T * H + h  # int64: (token 0, kv head h) on the [B*T*H] axis
     jj = tl.arange(0, BK)
     for j0 in range(lo, hi, BK):
@@ -136,23 +138,23 @@ def sliding_window_bwd_kernel_dq(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, seq_start_ptr,
     T, H, W,
     dq_ptr,
-    G: tl.constexpr, GB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    NHC: tl.constexpr = (G + GB - 1) // GB
+    HEAD_CHUNKS: tl.constexpr = (G + HP - 1) // HP
     num_tiles = tl.cdiv(T, BT)
     pid = tl.program_id(0)
     tile = pid % num_tiles
     bhc = pid // num_tiles
-    g0 = (bhc % NHC) * GB
-    bh = bhc // NHC
+    g0 = (bhc % HEAD_CHUNKS) * HP
+    bh = bhc // HEAD_CHUNKS
     b = (bh // H).to(tl.int64)
     h = bh % H
     HQ = H * G
     t0 = tile * BT
 
-    tok, dt, dg, valid = _query_rows(t0, g0, T, BT, GB, G)
+    tok, dt, dg, valid = _query_rows(t0, g0, T, BT, HP, G)
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
     head_row = (b * T + t0) * HQ + h * G + g0
@@ -172,7 +174,7 @@ def sliding_window_bwd_kernel_dq(
     hi = tl.minimum(t0 + BT, T)
     qk_scale = SCALE * LOG2E
 
-    dq = tl.zeros([BT * GB, DKP], tl.float32)
+    dq = tl.zeros([BT * HP, DKP], tl.float32)
     kv_head = b * T * H + h
     jj = tl.arange(0, BK)
     for j0 in range(lo, hi, BK):
@@ -200,11 +202,11 @@ def sliding_window_bwd_kernel_dkv(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, seq_start_ptr,
     T, H, W,
     dk_ptr, dv_ptr,
-    G: tl.constexpr, GB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    NHC: tl.constexpr = (G + GB - 1) // GB
+    HEAD_CHUNKS: tl.constexpr = (G + HP - 1) // HP
     num_key_tiles = tl.cdiv(T, BK)
     pid = tl.program_id(0)
     key_tile = pid % num_key_tiles
@@ -233,10 +235,10 @@ def sliding_window_bwd_kernel_dkv(
     # Only tokens in [k0, k0 + BK + W - 1) have one of these keys in their window.
     t_hi = tl.minimum(T, k0 + BK + W - 1)
     num_query_tiles = tl.cdiv(t_hi - k0, BT)
-    for step in range(0, NHC * num_query_tiles):
-        g0 = (step // num_query_tiles) * GB
+    for step in range(0, HEAD_CHUNKS * num_query_tiles):
+        g0 = (step // num_query_tiles) * HP
         t0 = k0 + (step % num_query_tiles) * BT
-        tok, dt, dg, valid = _query_rows(t0, g0, t_hi, BT, GB, G)
+        tok, dt, dg, valid = _query_rows(t0, g0, t_hi, BT, HP, G)
         head_row = (b * T + t0) * HQ + h * G + g0
         row_off = dt * HQ + dg
         q = tl.load(q_ptr + head_row * DK + row_off[:, None] * DK + dk_idx[None, :],
@@ -270,7 +272,7 @@ def sliding_window_bwd_kernel_dkv(
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-    heads: int  # GB: query heads of one group per tile (a power of two)
+    heads: int  # HP: query heads of one group per tile (a power of two)
     tokens: int  # BT: consecutive tokens per tile
     keys: int  # BK: keys per inner step (query kernels) or per program (dkv)
     num_warps: int
@@ -281,7 +283,7 @@ class _Config:
         # would travel as float64 through jax_triton.
         return dict(
             SCALE=float(scale),
-            G=group, GB=self.heads, BT=self.tokens, BK=self.keys, DK=head_dim, DV=value_dim,
+            G=group, HP=self.heads, BT=self.tokens, BK=self.keys, DK=head_dim, DV=value_dim,
             DKP=_padded(head_dim), DVP=_padded(value_dim), PRECISION=launch.dot_precision(dtype),
         )
 
@@ -436,27 +438,19 @@ def sliding_window_bwd_dkv(query, key, value, d_out, lse, delta, seq_start, wind
 # ------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend(query, key, value, seq_start, window, scale):
-    return sliding_window_fwd(query, key, value, seq_start, window, scale)[0]
-
-
-def _attend_fwd(query, key, value, seq_start, window, scale):
+def _attend_forward(query, key, value, seq_start, window, scale):
     out, lse = sliding_window_fwd(query, key, value, seq_start, window, scale)
-    return out, (query, key, value, seq_start, out, lse)
+    return out, lse, (query, key, value, seq_start)
 
 
-def _attend_bwd(window, scale, residuals, d_out):
-    query, key, value, seq_start, out, lse = residuals
-    d_out = d_out.astype(query.dtype)
-    # delta = rowsum(dO * O): one fused elementwise pass in XLA, no kernel needed.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+def _attend_backward(window, scale, saved, d_out, lse, delta):
+    query, key, value, seq_start = saved
     d_query = sliding_window_bwd_dq(query, key, value, d_out, lse, delta, seq_start, window, scale)
     d_key, d_value = sliding_window_bwd_dkv(query, key, value, d_out, lse, delta, seq_start, window, scale)
     return d_query, d_key, d_value, None
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+_attend = attention_vjp(_attend_forward, _attend_backward, nondiff_argnums=(4, 5))
 
 
 def run(query, key, value, *, window_size: int, scale: float, segments: Segments | None):
