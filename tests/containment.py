@@ -64,3 +64,56 @@ def check_containment(backend: str, poisons=(np.nan, np.inf), plantings=PLANTING
                 # score -inf, a legitimate zero weight).
                 if tensor == "value" or np.isnan(poison):
                     assert not np.all(np.isfinite(out[0, position])), f"{where}: the planted token's output is finite"
+
+
+def check_gradient_containment(backend: str, poisons=(np.nan, np.inf), plantings=PLANTINGS, tensors=("key", "value"),
+                               seed: int = 0, planted_gradient_nan: bool = True) -> None:
+    """SPEC 8 for the gradients. A backward kernel meets masked keys too: a masked `p = 0` times a
+    NaN `do . v` (or a NaN key in `ds @ k`), or a masked row's NaN delta (its output saw the
+    poison) times a key it cannot see, would carry the poison to gradients it cannot reach.
+
+    loss = sum(out * a fixed random cotangent), through the whole call with computed selection
+    (as `check_containment`: the selection carries no gradient, and the blind tokens' selection
+    is already checked equal to the clean one, so this adds the backward of every branch, the
+    compressed lse's path into the selection included). Checked: the gradients of query and gates
+    at the blind tokens, and of key and value at the positions only blind tokens can see (the
+    other sequence of a packed row; in one sequence the last token sees every key through the
+    compressed branch, so there are none), finite and equal to the clean run's; and (with
+    `planted_gradient_nan`) the planted token's query gradient is not finite where its output is
+    not: its result is undefined, and so is its gradient."""
+    import jax
+
+    args = _inputs(seed)
+    names = list(args)
+    cotangent = np.random.default_rng(seed + 1).standard_normal((1, T, HQ, DV)).astype(np.float32)
+    call = dict(block_counts=2, block_size=BS, window_size=W, backend=backend)
+
+    def gradients(inputs, cu_seqlens):
+        def loss(*arrays):
+            out = nsa.native_sparse_attention(**dict(zip(names, arrays)), **call, cu_seqlens=cu_seqlens)
+            return (out * cotangent).sum()
+
+        grads = jax.grad(loss, argnums=tuple(range(len(names))))(*(inputs[n] for n in names))
+        return {n: np.asarray(g) for n, g in zip(names, grads)}
+
+    clean = {}
+    for name, position, cu_seqlens, blind in plantings:
+        key = "packed" if cu_seqlens is not None else "row"
+        if key not in clean:
+            clean[key] = gradients(args, cu_seqlens)
+        kv_blind = blind if cu_seqlens is not None else blind[:0]
+        for poison in poisons:
+            for tensor in tensors:
+                planted = dict(args)
+                planted[tensor] = args[tensor].copy()
+                planted[tensor][0, position, 0, 0] = poison
+                grads = gradients(planted, cu_seqlens)
+                for arg, rows in [(n, kv_blind if n in ("key", "value") else blind) for n in names]:
+                    seen = grads[arg][0, rows]
+                    where = f"{backend}: {poison} in {tensor} at {position} ({name}), d/d{arg}"
+                    assert np.all(np.isfinite(seen)), \
+                        f"{where} reached tokens {rows[np.unique(np.nonzero(~np.isfinite(seen))[0])]}"
+                    np.testing.assert_allclose(seen, clean[key][arg][0, rows], rtol=1e-5, atol=1e-6, err_msg=where)
+                if planted_gradient_nan and (tensor == "value" or np.isnan(poison)):
+                    assert not np.all(np.isfinite(grads["query"][0, position])), \
+                        f"{backend}: {poison} in {tensor} at {position}: the planted token's query gradient is finite"

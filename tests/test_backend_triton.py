@@ -81,6 +81,41 @@ def test_nan_and_inf_are_contained():
     check_containment("triton")
 
 
+def test_nan_and_inf_are_contained_in_the_gradients():
+    """SPEC 8 for the backward kernels (compressed dq and dk/dv, selected attention, window dq and
+    dk/dv): d/dquery of the tokens before a mid-block NaN value, and d/dkey, d/dvalue of the other
+    packed sequence, are the clean run's; the planted rows' own gradients stay NaN. A subset of the
+    plantings: each interpreted gradient takes seconds."""
+    import numpy as np
+    from containment import PLANTINGS, check_gradient_containment
+
+    if nsa.backend_status()["triton"] is not None:
+        pytest.skip(f"triton cannot run here: {nsa.backend_status()['triton']}")
+    check_gradient_containment("triton", poisons=(np.nan,), tensors=("value",), plantings=PLANTINGS[1:3])
+    check_gradient_containment("triton", poisons=(np.inf,), tensors=("key",), plantings=PLANTINGS[3:])
+
+
+@pytest.mark.gpu
+def test_nan_and_inf_are_contained_in_the_gradients_of_the_other_loop_orders(monkeypatch):
+    """The same, with the token-major selected forward and the split selected backward (what
+    G >= 16 gets); G = 2 above takes the block-major forward and the fused backward. On a GPU
+    only: interpreted, this takes about a minute (it passed so on CPU)."""
+    import numpy as np
+    from containment import PLANTINGS, check_gradient_containment
+
+    from ejkernel_nsa.backends.triton import selected_attention
+
+    monkeypatch.setattr(selected_attention, "FUSED_BACKWARD_BELOW_GROUP", 1)
+    monkeypatch.setattr(selected_attention, "BLOCK_MAJOR_BELOW_GROUP", 1)
+    import jax
+
+    jax.clear_caches()  # the loop order is chosen at trace time; same shapes ran above
+    try:
+        check_gradient_containment("triton", plantings=PLANTINGS)
+    finally:
+        jax.clear_caches()  # and later tests must not reuse these traces
+
+
 @pytest.mark.parametrize("length, stride, block_size", [(32, 16, 64), (16, 8, 32)])
 def test_compressed_attention_with_overlapping_blocks(length, stride, block_size):
     """SPEC section 9's compressed branch in the Triton kernels (forward, dq and dk/dv: blocks of

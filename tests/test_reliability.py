@@ -225,6 +225,16 @@ def test_xla_contains_nan_and_inf():
     check_containment("xla", poisons=(np.inf,), tensors=("key",))
 
 
+def test_xla_contains_nan_and_inf_in_the_gradients():
+    """The gradients of the blind tokens (and of the other packed sequence's keys and values) are
+    the clean run's. The XLA backend marks a poisoned row NaN with a `where`, whose gradient is 0,
+    so the planted rows' own gradients come out finite (that branch contributes 0): not checked here."""
+    from containment import PLANTINGS, check_gradient_containment
+
+    check_gradient_containment("xla", poisons=(np.nan,), tensors=("value",), plantings=PLANTINGS[2:3],
+                               planted_gradient_nan=False)
+
+
 # ---- 5. the XLA backend's memory follows T, within its chunk budget --------------------------------
 
 

@@ -34,7 +34,7 @@ import triton.language as tl
 from ejkernel_nsa import sparsity
 from ejkernel_nsa.backends.common import host
 from ejkernel_nsa.backends.common.vjp import attention_vjp
-from ejkernel_nsa.backends.triton.containment import finite_values, nonfinite_in
+from ejkernel_nsa.backends.triton.containment import finite_backward_operands, finite_values, nonfinite_in
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
@@ -395,6 +395,7 @@ def _attend_forward(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi,
 
 def _attend_backward(block_size, length, scale, saved, d_out, lse, delta):
     query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi = saved
+    k_cmp, v_cmp, lse, delta = finite_backward_operands(k_cmp, v_cmp, lse, delta)  # SPEC 8: containment.py
     dq = _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, length, scale)
     dk, dv = _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
                       block_size, length, scale)

@@ -15,6 +15,16 @@ tile an elementwise operand, no longer streamed straight into the tensor-core do
 and block-major selected attention from 12.1 to 16.8 ms. Loading one flag per key and reducing it
 over the visible mask in the loop instead still cost the G=1 compressed forward 10.6 ms.
 Non-finite keys need nothing: a masked score is replaced by -inf before the softmax.
+
+The backward kernels meet masked keys too, in three products: `dp = do . v` (NaN for a masked NaN
+value, and `ds = p * (dp - delta)` is `0 * NaN`), `ds @ k` (a masked NaN key), and, in the dk/dv
+kernels, a masked row whose own output saw the poison (`delta` NaN, so `0 * (dp - NaN)`) against a
+key it cannot see. `finite_backward_operands` removes all three before the launch, again with no
+work in the loops: keys and values with their non-finite entries zeroed, and for each row whose
+`delta` is not finite, `delta = 0` and `lse = NaN`. The kernels write `p = where(visible,
+exp2(s - lse), 0)`, so such a row's visible probabilities are NaN, as its NaN delta made its `ds`
+before, and its masked ones stay 0: its own gradients (and those of the keys it sees) are still
+NaN, and nothing else is.
 """
 
 import jax
@@ -30,6 +40,15 @@ def finite_values(value: jax.Array) -> tuple[jax.Array, jax.Array]:
     flags = (~jnp.all(finite, axis=-1)).astype(jnp.int32)
     prefix = jnp.pad(jnp.cumsum(flags, axis=1), ((0, 0), (1, 0), (0, 0)))
     return jnp.where(finite, value, jnp.zeros((), value.dtype)), prefix
+
+
+def finite_backward_operands(key: jax.Array, value: jax.Array, lse: jax.Array, delta: jax.Array):
+    """`(key, value, lse, delta)` for a backward launch: `key` and `value` with their non-finite
+    entries zeroed; `lse` NaN and `delta` 0 where `delta` (a row's `rowsum(do * o)`) is not finite."""
+    bad_row = ~jnp.isfinite(delta)
+    finite_key, finite_value = (jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype)) for x in (key, value))
+    return (finite_key, finite_value, jnp.where(bad_row, jnp.asarray(jnp.nan, lse.dtype), lse),
+            jnp.where(bad_row, jnp.zeros((), delta.dtype), delta))
 
 
 @triton.jit

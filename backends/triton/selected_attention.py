@@ -34,7 +34,7 @@ from ejkernel_nsa.backends.common import host
 # The token-major tiles, the same for the Pallas Triton kernels; named here too (Tiles, the benchmarks).
 from ejkernel_nsa.backends.common.host import TokenConfig, token_config
 from ejkernel_nsa.backends.common.vjp import attention_vjp
-from ejkernel_nsa.backends.triton.containment import finite_values, nonfinite_in
+from ejkernel_nsa.backends.triton.containment import finite_backward_operands, finite_values, nonfinite_in
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.backends.triton.launch import CompileSpec, cdiv, next_pow2, pointer
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments
@@ -632,6 +632,7 @@ def _selected_attention_forward(q, k, v, sel: SelectedBlocks, readers: Readers, 
 
 def _selected_attention_backward(block_size, scale, tiles, saved, d_out, lse, delta):
     q, k, v, sel, readers = saved
+    k, v, lse, delta = finite_backward_operands(k, v, lse, delta)  # SPEC 8: containment.py
     dq, dk, dv = _backward(q, k, v, d_out, lse, delta, sel, readers, block_size, scale, tiles)
     return dq, dk, dv, None, None
 

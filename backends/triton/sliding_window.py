@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ejkernel_nsa.backends.common import host
 from ejkernel_nsa.backends.common.vjp import attention_vjp
-from ejkernel_nsa.backends.triton.containment import finite_values, nonfinite_in
+from ejkernel_nsa.backends.triton.containment import finite_backward_operands, finite_values, nonfinite_in
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
@@ -445,6 +445,7 @@ def _attend_forward(query, key, value, seq_start, window, scale):
 
 def _attend_backward(window, scale, saved, d_out, lse, delta):
     query, key, value, seq_start = saved
+    key, value, lse, delta = finite_backward_operands(key, value, lse, delta)  # SPEC 8: containment.py
     d_query = sliding_window_bwd_dq(query, key, value, d_out, lse, delta, seq_start, window, scale)
     d_key, d_value = sliding_window_bwd_dkv(query, key, value, d_out, lse, delta, seq_start, window, scale)
     return d_query, d_key, d_value, None
