@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Shaped
 
+from ejkernel_nsa import cache as kv_cache
 from ejkernel_nsa import compressor as learned_compressor
 from ejkernel_nsa.api import native_sparse_attention
 from ejkernel_nsa.padding import pack, packing_from_mask, unpack
@@ -120,7 +121,13 @@ class NativeSparseAttention(nnx.Module):
     Call: `layer(x, attention_mask=None)`, `x` `[B, T, hidden_size]`; `attention_mask` `[B, T]`
     (bool or int, nonzero = a real token, any padding side) keeps padding out of every branch:
     each row attends only within its real tokens, positions count real tokens, and the output is
-    zero at padding. `cache=` is reserved for the decode cache of a later version.
+    zero at padding.
+
+    Decoding: `cache = layer.init_cache(batch, capacity)`, then `y, cache = layer(x, cache=cache)`
+    for each chunk (a prompt) or step (`x` `[B, 1, hidden]`): `x`'s tokens follow each row's cached
+    tokens (rotary at positions `cache.lengths + i`), their projected keys and values are appended
+    (`ejkernel_nsa.cache`), and `y` equals the full-sequence layer's last rows. Only the default
+    compression (mean pooling over disjoint blocks) has a cache.
     """
 
     def __init__(
@@ -194,16 +201,33 @@ class NativeSparseAttention(nnx.Module):
         self.compressor = None if compressor_hidden is None else CompressorParams(learned_compressor.init(
             rngs.params(), geometry.length, head_dim, head_dim, compressor_hidden, dtype=param_dtype))
 
+    def init_cache(self, batch: int, capacity: int, dtype: Any = None) -> kv_cache.NSACache:
+        """An empty `ejkernel_nsa.cache` cache of this layer's projected keys and values for `batch`
+        rows of up to `capacity` tokens (a multiple of `block_size`); `dtype` defaults to the
+        layer's `dtype`, else `param_dtype`."""
+        if self.compressor is not None or self.compress_length != self.block_size or self.compress_step != self.block_size:
+            raise NotImplementedError(
+                "init_cache: the decode cache keeps mean-pooled disjoint blocks of block_size only; this layer "
+                f"compresses with compress_block_size={self.compress_length}, compress_stride={self.compress_step}"
+                f"{' and a learned compressor' if self.compressor is not None else ''}")
+        dtype = self.dtype if self.dtype is not None else self.param_dtype
+        return kv_cache.init(batch, capacity, self.num_kv_heads, self.head_dim, block_size=self.block_size,
+                             dtype=dtype)
+
     def __call__(
         self,
         x: Float[Array, "B T hidden"],
         attention_mask: Shaped[Array, "B T"] | None = None,
         *,
-        cache: Any = None,
-    ) -> Float[Array, "B T hidden"]:
+        cache: kv_cache.NSACache | None = None,
+    ) -> Float[Array, "B T hidden"] | tuple[Float[Array, "B T hidden"], kv_cache.NSACache]:
         if cache is not None:
-            raise NotImplementedError("cache= is reserved for NSA's decode cache (SPEC section 10), which this "
-                                      "version does not implement yet; call the layer on the whole sequence")
+            if not isinstance(cache, kv_cache.NSACache):
+                raise TypeError(f"cache must be an ejkernel_nsa.cache.NSACache (layer.init_cache), got "
+                                f"{type(cache).__name__}")
+            if attention_mask is not None:
+                raise ValueError("attention_mask: not taken with cache= (rows of different lengths live in the "
+                                 "cache's lengths; pad prompts with ejkernel_nsa.cache.append's num_new)")
         if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
@@ -220,6 +244,8 @@ class NativeSparseAttention(nnx.Module):
                                  f"{tuple(attention_mask.shape)}")
             packing = packing_from_mask(attention_mask)
             positions = packing.positions
+        elif cache is not None:  # the new tokens follow each row's cached ones
+            positions = cache.lengths[:, None] + jnp.arange(seq_len, dtype=jnp.int32)
         else:
             positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
         if self.use_rope:
@@ -227,6 +253,8 @@ class NativeSparseAttention(nnx.Module):
             k = apply_rotary(k, positions, rotary_dim=self.rotary_dim, theta=self.rope_theta)
 
         branch_gates = {name: gates[..., i] for i, name in enumerate(self.gate_names)}
+        if cache is not None:
+            return self._decode(q, k, v, branch_gates, cache)
         cu_seqlens = None
         if packing is not None:
             q, k, v = pack(q, packing), pack(k, packing), pack(v, packing)
@@ -250,6 +278,17 @@ class NativeSparseAttention(nnx.Module):
         out = self.o_proj(unpack(out, packing).reshape(batch, seq_len, self.num_heads * self.head_dim))
         # Zero at padding even with an output bias, so padding never leaks into a residual stream.
         return jnp.where(packing.valid[..., None], out, jnp.zeros((), out.dtype))
+
+    def _decode(self, q, k, v, branch_gates, cache):
+        """Append the chunk's keys and values, then attend its queries against the cache."""
+        batch, seq_len = q.shape[:2]
+        cache = cache.append(k.astype(cache.key.dtype), v.astype(cache.key.dtype))
+        out = cache.attend(
+            q.astype(cache.key.dtype), g_cmp=branch_gates["g_cmp"], g_slc=branch_gates["g_slc"],
+            g_swa=branch_gates.get("g_swa"), block_counts=self.block_counts, softmax_scale=self.softmax_scale,
+            window_size=self.window_size, backend=self.backend,
+        )
+        return self.o_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim)), cache
 
 
 __all__ = ["CompressorParams", "NativeSparseAttention"]

@@ -240,7 +240,7 @@ def test_padding_mask_equals_each_sequence_alone():
 
 
 @needs_flax
-def test_bad_arguments_and_the_reserved_cache():
+def test_bad_arguments():
     with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
         make_layer(num_heads=6, num_kv_heads=4)
     with pytest.raises(TypeError, match="block_size"):
@@ -257,8 +257,12 @@ def test_bad_arguments_and_the_reserved_cache():
         make_layer(compressor=0)
     layer = make_layer()
     x = random_x(seq_len=32)
-    with pytest.raises(NotImplementedError, match="cache"):
+    with pytest.raises(TypeError, match="cache must be"):
         layer(x, cache=object())
+    with pytest.raises(ValueError, match="attention_mask: not taken with cache="):
+        layer(x, jnp.ones((B, 32), bool), cache=layer.init_cache(B, 64))
+    with pytest.raises(NotImplementedError, match="compress_block_size=8"):
+        make_layer(compress_block_size=8).init_cache(B, 64)
     with pytest.raises(ValueError, match="attention_mask"):
         layer(x, jnp.ones((B, 31), bool))
     with pytest.raises(ValueError, match="hidden_size=48"):
@@ -346,3 +350,24 @@ def test_compressor_with_a_padding_mask_reads_only_each_rows_tokens():
     assert relative_error(got[0, :70], unpadded[:70]) < 1e-5
     assert relative_error(got[1, 19:], unpadded[:69]) < 1e-5
     assert not np.any(got[~mask])
+
+
+# ---- decoding with the cache (SPEC section 10) ---------------------------------------------------
+
+
+@needs_flax
+def test_cache_prefill_and_steps_equal_the_full_sequence():
+    # A prompt of 84 tokens as one chunk, then 4 single-token steps: each output equals the
+    # full-sequence layer's rows at those positions (rotary at the cache's lengths). Two compiles
+    # (the chunk and the step); the full call is the one of the tests above.
+    layer, x = make_layer(), random_x()
+    full = call(layer, x)
+    decode = nnx.jit(lambda layer, x, cache: layer(x, cache=cache))
+    cache = layer.init_cache(B, 96)
+    prompt = 84
+    got, cache = decode(layer, x[:, :prompt], cache)
+    assert relative_error(got, full[:, :prompt]) < 1e-5
+    for t in range(prompt, T):
+        got, cache = decode(layer, x[:, t:t + 1], cache)
+        assert relative_error(got[:, 0], full[:, t]) < 1e-5, t
+    np.testing.assert_array_equal(cache.lengths, [T, T])
