@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import ejkernel_nsa
+from ejkernel_nsa import compressor
 from ejkernel_nsa.padding import pack, packing_from_mask, unpack
 from ejkernel_nsa.rotary import apply_rotary
 
@@ -60,9 +61,11 @@ def rope_by_complex_numbers(x, positions, theta=10000.0):
     return jnp.concatenate([z.real, z.imag], axis=-1).astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "window_size"))
-def composition(params, x, positions=None, *, heads=HQ, kv_heads=H, window_size=OPTIONS["window_size"]):
-    """The layer's function, written out with its parameters (a dict of kernels)."""
+@functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "window_size", "geometry"))
+def composition(params, x, positions=None, cmp_params=None, *, heads=HQ, kv_heads=H,
+                window_size=OPTIONS["window_size"], geometry=(None, None)):
+    """The layer's function, written out with its parameters (a dict of kernels), SPEC 9's
+    geometry `(l, d)` and, with `cmp_params`, the learned compressor applied to the rotated k, v."""
     batch, seq_len, _ = x.shape
     positions = jnp.arange(seq_len)[None].repeat(batch, 0) if positions is None else positions
     q = (x @ params["q"]).reshape(batch, seq_len, heads, D)
@@ -71,9 +74,16 @@ def composition(params, x, positions=None, *, heads=HQ, kv_heads=H, window_size=
     q, k = rope_by_complex_numbers(q, positions), rope_by_complex_numbers(k, positions)
     branches = ("g_cmp", "g_slc", "g_swa") if window_size else ("g_cmp", "g_slc")
     gates = jax.nn.sigmoid(x @ params["g"]).reshape(batch, seq_len, heads, len(branches))
+    length, stride = geometry
+    supplied = {}
+    if cmp_params is not None:
+        key_cmp, value_cmp = compressor.apply(cmp_params, k, v, compress_block_size=length or OPTIONS["block_size"],
+                                              compress_stride=stride)
+        supplied = dict(key_cmp=key_cmp, value_cmp=value_cmp)
     out = ejkernel_nsa.native_sparse_attention(
         q, k, v, **{name: gates[..., i] for i, name in enumerate(branches)},
         block_counts=OPTIONS["block_counts"], block_size=OPTIONS["block_size"], window_size=window_size,
+        compress_block_size=length, compress_stride=stride, **supplied,
     )
     return out.reshape(batch, seq_len, heads * D) @ params["o"]
 
@@ -230,21 +240,134 @@ def test_padding_mask_equals_each_sequence_alone():
 
 
 @needs_flax
-def test_bad_arguments_and_reserved_hooks():
+def test_bad_arguments():
     with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
         make_layer(num_heads=6, num_kv_heads=4)
     with pytest.raises(TypeError, match="block_size"):
         make_layer(block_size=16.0)
     with pytest.raises(ValueError, match="rotary_dim"):
         make_layer(rotary_dim=3)
-    for reserved in ("compress_block_size", "compress_stride", "compressor"):
-        with pytest.raises(NotImplementedError, match=reserved):
-            make_layer(**{reserved: 8})
+    with pytest.raises(ValueError, match="compress_stride: the stride d=3 must divide"):
+        make_layer(compress_block_size=6, compress_stride=3)
+    with pytest.raises(TypeError, match="compress_block_size"):
+        make_layer(compress_block_size=8.0)
+    with pytest.raises(TypeError, match="compressor must be"):
+        make_layer(compressor="mlp")
+    with pytest.raises(ValueError, match="compressor must be >= 1"):
+        make_layer(compressor=0)
     layer = make_layer()
     x = random_x(seq_len=32)
-    with pytest.raises(NotImplementedError, match="cache"):
+    with pytest.raises(TypeError, match="cache must be"):
         layer(x, cache=object())
+    with pytest.raises(ValueError, match="attention_mask: not taken with cache="):
+        layer(x, jnp.ones((B, 32), bool), cache=layer.init_cache(B, 64))
+    with pytest.raises(NotImplementedError, match="compress_block_size=8"):
+        make_layer(compress_block_size=8).init_cache(B, 64)
     with pytest.raises(ValueError, match="attention_mask"):
         layer(x, jnp.ones((B, 31), bool))
     with pytest.raises(ValueError, match="hidden_size=48"):
         layer(x[..., :40])
+
+
+# ---- SPEC section 9: the compression geometry and the learned compressor -------------------------
+
+# The paper's shape of geometry at this test's scale: blocks of 8 at stride 4 under selection
+# blocks of 16 (overlapping compressed blocks; weights 1/2, 1, 1, 1/2 per selection block).
+GEOMETRY = (8, 4)
+
+
+def make_compressor_layer(seed=0, hidden=16):
+    layer = make_layer(seed, compress_block_size=GEOMETRY[0], compress_stride=GEOMETRY[1], compressor=hidden)
+    # The compressor starts as mean pooling (its last layer is zero); give that layer random
+    # values so that the MLP, and each of its parameters' gradients, matters in the checks.
+    keys = jax.random.split(jax.random.key(seed + 100), 4)
+    for key, name in zip(keys, ("key_w_out", "key_b_out", "value_w_out", "value_b_out")):
+        param = getattr(layer.compressor, name)
+        param[...] = 0.3 * jax.random.normal(key, param[...].shape, param[...].dtype)
+    return layer
+
+
+@needs_flax
+def test_geometry_equals_the_composition():
+    x = random_x()
+    layer = make_layer(compress_block_size=GEOMETRY[0], compress_stride=GEOMETRY[1])
+    assert layer.compressor is None
+    want = composition(kernels(layer), x, geometry=GEOMETRY)
+    assert relative_error(call(layer, x), want) < 1e-5
+    # The geometry reaches the kernel: disjoint blocks of 16 give another result.
+    assert relative_error(composition(kernels(layer), x), want) > 1e-3
+    # compressor=True: the documented default width, starting as mean pooling (a zero last layer).
+    default = make_layer(compress_block_size=GEOMETRY[0], compress_stride=GEOMETRY[1], compressor=True)
+    assert default.compressor.key_w_in[...].shape == (GEOMETRY[0] * D, 4 * D)
+    assert not np.any(np.asarray(default.compressor.value_w_out[...]))
+
+
+@needs_flax
+def test_compressor_values_and_gradients_match_the_composition():
+    layer, x = make_compressor_layer(), random_x()
+    params = layer.compressor.as_dict()
+    assert params["key"]["w_in"].shape == (GEOMETRY[0] * D, 16) and params["value"]["position"].shape == (GEOMETRY[0], D)
+    cotangent = jax.random.normal(jax.random.key(8), (B, T, HIDDEN))
+
+    def layer_loss(model):
+        out = model(x)
+        return jnp.sum(out * cotangent), out
+
+    def composition_loss(kernel_params, cmp_params):
+        out = composition(kernel_params, x, cmp_params=cmp_params, geometry=GEOMETRY)
+        return jnp.sum(out * cotangent), out
+
+    # Values and gradients from one compile each (CI time).
+    (_, got), grads = nnx.jit(nnx.value_and_grad(layer_loss, has_aux=True))(layer)
+    (_, want), (want_params, want_cmp) = jax.jit(jax.value_and_grad(composition_loss, argnums=(0, 1), has_aux=True))(
+        kernels(layer), params)
+    assert relative_error(got, want) < 1e-5
+    # The compressor reaches the kernel: mean pooling with the same projections gives another result.
+    assert relative_error(got, composition(kernels(layer), x, geometry=GEOMETRY)) > 1e-3
+    for branch in ("key", "value"):
+        for name, want_grad in want_cmp[branch].items():
+            got_grad = getattr(grads.compressor, f"{branch}_{name}")[...]
+            assert float(jnp.linalg.norm(got_grad)) > 0, (branch, name)
+            assert relative_error(got_grad, want_grad) < 1e-4, (branch, name)
+    for name in want_params:
+        assert relative_error(getattr(grads, f"{name}_proj").kernel[...], want_params[name]) < 1e-4, name
+
+
+@needs_flax
+def test_compressor_with_a_padding_mask_reads_only_each_rows_tokens():
+    # NSA is causal, so a row's first n tokens give the first n outputs of the whole row. Row 0 is
+    # right-padded to 70 tokens; row 1 holds row 0's first 69 tokens behind 19 of left padding.
+    # Both must give row 0's unpadded outputs: in the packed row the compressor's blocks of 8 at
+    # stride 4 must not read across the sequences' boundaries (70 and 69 are not multiples of 4),
+    # and row 1's positions must count from its first real token. One compile for the masked call.
+    layer = make_compressor_layer()
+    x = np.array(random_x(batch=2))
+    x[1, 19:] = x[0, :69]
+    mask = np.stack([np.arange(T) < 70, np.arange(T) >= 19])
+    x = jnp.asarray(x)
+    got = np.asarray(call(layer, x, jnp.asarray(mask)))
+    unpadded = call(layer, x)[0]
+    assert relative_error(got[0, :70], unpadded[:70]) < 1e-5
+    assert relative_error(got[1, 19:], unpadded[:69]) < 1e-5
+    assert not np.any(got[~mask])
+
+
+# ---- decoding with the cache (SPEC section 10) ---------------------------------------------------
+
+
+@needs_flax
+def test_cache_prefill_and_steps_equal_the_full_sequence():
+    # A prompt of 84 tokens as one chunk, then 4 single-token steps: each output equals the
+    # full-sequence layer's rows at those positions (rotary at the cache's lengths). Two compiles
+    # (the chunk and the step); the full call is the one of the tests above.
+    layer, x = make_layer(), random_x()
+    full = call(layer, x)
+    decode = nnx.jit(lambda layer, x, cache: layer(x, cache=cache))
+    cache = layer.init_cache(B, 96)
+    prompt = 84
+    got, cache = decode(layer, x[:, :prompt], cache)
+    assert relative_error(got, full[:, :prompt]) < 1e-5
+    for t in range(prompt, T):
+        got, cache = decode(layer, x[:, t:t + 1], cache)
+        assert relative_error(got[:, 0], full[:, t]) < 1e-5, t
+    np.testing.assert_array_equal(cache.lengths, [T, T])
