@@ -48,7 +48,7 @@ def native_sparse_attention(
     key_cmp: Float[Array, "B NC H Dk"] | None = None,
     value_cmp: Float[Array, "B NC H Dv"] | None = None,
     kv_lengths: Int[Array, " B"] | None = None,
-    backend: str | None = None,
+    backend: config.Backend | None = None,
 ) -> Float[Array, "B T HQ Dv"]:
     """Native Sparse Attention (arXiv 2502.11089): compressed, selected and sliding-window branches.
 
@@ -79,7 +79,9 @@ def native_sparse_attention(
       kv_lengths: `[B]` int, each row's key length `L_b` (`T <= L_b <= TK`; may be traced): row
         `b`'s keys are `[0, L_b)`, its queries sit at positions `L_b - T + i`, and key slots past
         `L_b` never count. Defaults to `TK`. Not with `cu_seqlens`.
-      backend: force one backend by name (see `ejkernel_nsa.backend_status()`).
+      backend: force one backend by name (see `ejkernel_nsa.backend_status()`), or some pieces
+        each onto a backend, e.g. `{"sliding_window": "xla", "selected_attention": "triton"}`
+        (the pieces left out are chosen automatically; see `ejkernel_nsa.config`).
 
     Returns:
       `[B, T, HQ, Dv]` in the query's dtype.
@@ -115,7 +117,7 @@ def apply_native_sparse_attention(
     token_indices: Int[Array, "T 2"] | None = None,
     *,
     kv_lengths: Int[Array, " B"] | None = None,
-    backend: str | None = None,
+    backend: config.Backend | None = None,
 ) -> Float[Array, "B T HQ Dv"]:
     """Attention over given blocks only (SPEC section 4): the selected branch without gates.
 
@@ -143,7 +145,7 @@ def explain(query: Float[Array, "B T HQ Dk"], key: Float[Array, "B TK H Dk"], va
             max_block_counts: int | None = None, compress_block_size: int | None = None,
             compress_stride: int | None = None, key_cmp: Float[Array, "B NC H Dk"] | None = None,
             value_cmp: Float[Array, "B NC H Dv"] | None = None, kv_lengths: Int[Array, " B"] | None = None,
-            backend: str | None = None) -> registry.Plan:
+            backend: config.Backend | None = None) -> registry.Plan:
     """Which implementation each piece of this call would use, and why each other one was not.
 
     Takes the arguments of `native_sparse_attention`, checks them the same way, and runs nothing.
@@ -160,7 +162,8 @@ def explain(query: Float[Array, "B T HQ Dk"], key: Float[Array, "B TK H Dk"], va
     return _plan(call.problem, backend)
 
 
-def _plan(problem: NSAProblem, backend: str | None, pieces: tuple[Piece, ...] | None = None) -> registry.Plan:
+def _plan(problem: NSAProblem, backend: config.Backend | None,
+          pieces: tuple[Piece, ...] | None = None) -> registry.Plan:
     forced, forced_by = config.forced_backend(backend)
     return registry.resolve(problem, forced, forced_by, pieces)
 
@@ -236,7 +239,7 @@ def _piece_problem(query, key, value, block_size, segments, num_slots=0, window_
 @per_shard
 def mean_pool(key: Float[Array, "B T H Dk"], value: Float[Array, "B T H Dv"], block_size: int = 64,
               cu_seqlens: Int[Array, " N+1"] | None = None, *, compress_block_size: int | None = None,
-              compress_stride: int | None = None, backend: str | None = None
+              compress_stride: int | None = None, backend: config.Backend | None = None
               ) -> tuple[Float[Array, "B NB H Dk"], Float[Array, "B NB H Dv"]]:
     """Compress `key` `[B, T, H, Dk]` and `value` `[B, T, H, Dv]` into block means (SPEC section 1).
 
@@ -264,7 +267,8 @@ def compressed_attention(query: Float[Array, "B T HQ Dk"], key_cmp: Float[Array,
                          value_cmp: Float[Array, "B NB H Dv"], block_size: int = 64,
                          softmax_scale: float | None = None, cu_seqlens: Int[Array, " N+1"] | None = None, *,
                          compress_block_size: int | None = None, compress_stride: int | None = None,
-                         backend: str | None = None) -> tuple[Float[Array, "B T HQ Dv"], Float[Array, "B T HQ"]]:
+                         backend: config.Backend | None = None
+                         ) -> tuple[Float[Array, "B T HQ Dv"], Float[Array, "B T HQ"]]:
     """Attention of each query over the complete compressed blocks before it (SPEC section 2).
 
     With SPEC section 9's geometry, block `i` covers `[i*d, i*d + l)` and is seen from position
@@ -289,7 +293,7 @@ def select_blocks(query: Float[Array, "B T HQ Dk"], key_cmp: Float[Array, "B NB 
                   block_counts: int | Int[Array, "B T H"] = 16, block_size: int = 64,
                   softmax_scale: float | None = None, cu_seqlens: Int[Array, " N+1"] | None = None, *,
                   max_block_counts: int | None = None, compress_block_size: int | None = None,
-                  compress_stride: int | None = None, backend: str | None = None) -> Int[Array, "B T H S"]:
+                  compress_stride: int | None = None, backend: config.Backend | None = None) -> Int[Array, "B T H S"]:
     """Top-k block selection (SPEC section 3): `[B, T, H, S]` int32 local block indices, -1 = empty.
 
     With SPEC section 9's geometry the indices are of selection blocks of `block_size`, each
@@ -316,7 +320,7 @@ def select_blocks(query: Float[Array, "B T HQ Dk"], key_cmp: Float[Array, "B NB 
 @per_shard
 def sliding_window_attention(query: Float[Array, "B T HQ Dk"], key: Float[Array, "B T H Dk"],
                              value: Float[Array, "B T H Dv"], window_size: int, softmax_scale: float | None = None,
-                             cu_seqlens: Int[Array, " N+1"] | None = None, *, backend: str | None = None
+                             cu_seqlens: Int[Array, " N+1"] | None = None, *, backend: config.Backend | None = None
                              ) -> Float[Array, "B T HQ Dv"]:
     """Causal attention over the last `window_size` keys of each query's own sequence (SPEC
     section 5). Returns `[B, T, HQ, Dv]` in the query's dtype."""

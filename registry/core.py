@@ -6,7 +6,8 @@ forced backend (which must support the problem, or the call raises with its reas
 among the implementations that run on the inputs' platform and support the problem, the fastest
 one measured on this device kind for this shape class (`tuning`, `registry/tuning.json`), or the
 highest-priority one where nothing was measured.
-Nothing falls back silently: every rejection is kept with its reason, for errors and `explain`.
+A force is a backend name (every piece) or a mapping `{Piece: name}` (those pieces; the others are
+chosen automatically). Nothing falls back silently: every rejection is kept with its reason, for errors and `explain`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ejkernel_nsa.problem import NSAProblem, Piece
 from ejkernel_nsa.registry import tuning
@@ -89,7 +90,8 @@ class Plan:
     """The implementation chosen for each piece of one call, and why the others were not."""
 
     problem: NSAProblem
-    forced: str | None
+    # The force as given: a backend name, `{Piece: name}`, or None (see `forced_for`).
+    forced: str | Mapping[Piece, str] | None
     forced_by: str
     chosen: dict[Piece, Implementation]
     rejected: dict[Piece, list[tuple[str, str]]]
@@ -100,7 +102,7 @@ class Plan:
         return self.chosen[piece].fn
 
     def __str__(self) -> str:
-        lines = [f"NSA plan ({self.forced_by}" + (f": {self.forced})" if self.forced else ")")]
+        lines = [f"NSA plan ({self.forced_by}" + (f": {_force_words(self.forced)})" if self.forced else ")")]
         for piece, impl in self.chosen.items():
             lines.append(f"  {piece.value:<21} -> {impl.backend} ({self.why.get(piece, f'priority {impl.priority}')})")
             for backend, reason in self.rejected.get(piece, []):
@@ -195,39 +197,50 @@ def implementations(piece: Piece | None = None, backend: str | None = None) -> l
     ]
 
 
+def forced_for(forced: str | Mapping[Piece, str] | None, piece: Piece) -> str | None:
+    """The backend `piece` is forced onto by `forced` (a name forces every piece), or None."""
+    if isinstance(forced, Mapping):
+        return forced.get(piece)
+    return forced
+
+
 def resolve(
-    problem: NSAProblem, forced: str | None = None, forced_by: str = "", pieces: tuple[Piece, ...] | None = None
+    problem: NSAProblem, forced: str | Mapping[Piece, str] | None = None, forced_by: str = "",
+    pieces: tuple[Piece, ...] | None = None,
 ) -> Plan:
     """Choose one implementation per piece (by default, those the problem needs); raise
-    `BackendError` with every reason if a piece has none (or the forced backend cannot run it)."""
+    `BackendError` with every reason if a piece has none (or the backend it is forced onto cannot
+    run it). `forced` is one backend for every piece or `{Piece: name}` for some of them."""
     status = backend_status()
-    if forced is not None and forced not in status:
-        raise BackendError(
-            f"backend: unknown backend {forced!r} (set by {forced_by}); "
-            f"known backends: {', '.join(KNOWN_BACKENDS)}",
-            forced, forced_by,
-        )
+    for name in (forced.values() if isinstance(forced, Mapping) else [forced]):
+        if name is not None and name not in status:
+            raise BackendError(
+                f"backend: unknown backend {name!r} (set by {forced_by}); "
+                f"known backends: {', '.join(KNOWN_BACKENDS)}",
+                name, forced_by,
+            )
     chosen: dict[Piece, Implementation] = {}
     rejected: dict[Piece, list[tuple[str, str]]] = {}
     why: dict[Piece, str] = {}
     for piece in problem.needed_pieces if pieces is None else pieces:
+        piece_forced = forced_for(forced, piece)  # this piece's forced backend, or None
         candidates = sorted(implementations(piece), key=lambda i: (-i.priority, KNOWN_BACKENDS.index(i.backend)))
         accepted, reasons = [], []
         for impl in candidates:
-            reason = _reason_to_skip(impl, problem, status, forced)
+            reason = _reason_to_skip(impl, problem, status, piece_forced)
             if reason is None:
                 accepted.append(impl)
             else:
                 reasons.append((impl.backend, reason))
         for name in KNOWN_BACKENDS:
-            if (forced is None or name == forced) and not any(i.backend == name for i in candidates):
+            if (piece_forced is None or name == piece_forced) and not any(i.backend == name for i in candidates):
                 reasons.append((name, status[name] or f"has no implementation of {piece.value}"))
         if not accepted:
             raise BackendError(
-                _no_implementation_message(piece, problem, forced, forced_by, reasons), forced, forced_by,
+                _no_implementation_message(piece, problem, piece_forced, forced_by, reasons), piece_forced, forced_by,
                 tuple(reasons),
             )
-        tuned = tuning.lookup(problem, piece) if forced is None and len(accepted) > 1 else None
+        tuned = tuning.lookup(problem, piece) if piece_forced is None and len(accepted) > 1 else None
         if tuned is None:
             chosen[piece] = accepted[0]
             why[piece] = f"priority {accepted[0].priority}"
@@ -264,6 +277,12 @@ def _no_implementation_message(piece, problem, forced, forced_by, reasons) -> st
         f"block_size={problem.block_size}{_geometry_words(problem)}, platform={problem.platform}): "
         f"{details or 'no implementation registered'}"
     )
+
+
+def _force_words(forced: str | Mapping[Piece, str]) -> str:
+    if isinstance(forced, Mapping):
+        return ", ".join(f"{piece.value} on {name}" for piece, name in forced.items())
+    return forced
 
 
 def _geometry_words(problem: NSAProblem) -> str:

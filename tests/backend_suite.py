@@ -3,7 +3,9 @@ oracle, under jit, grad, vmap and traced varlen offsets.
 
 A backend's test file subclasses `BackendSuite`, sets `backend` (the name it is forced by) and, if
 it cannot do everything, narrows `dtypes` / `groups`. Each test forces the backend, so a backend
-that declines a drawn case fails the test instead of being replaced by another.
+that declines a drawn case fails the test instead of being replaced by another. A backend without
+a kernel for some piece names it in `xla_pieces`: the tests then force per piece (`backend=
+{piece: name}`), that piece onto XLA and every other onto the backend.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from cases import (
 
 import ejkernel_nsa as nsa
 from ejkernel_nsa import registry
+from ejkernel_nsa.problem import Piece
 
 ARRAY_ARGS = ("query", "key", "value", "g_cmp", "g_slc", "g_swa", "block_indices", "block_counts", "cu_seqlens",
               "key_cmp", "value_cmp")
@@ -39,7 +42,7 @@ ARRAY_ARGS = ("query", "key", "value", "g_cmp", "g_slc", "g_swa", "block_indices
 GEOMETRY_EXAMPLES = max(3, settings().max_examples // 6)
 
 
-def jitted_nsa(args: dict, backend: str):
+def jitted_nsa(args: dict, backend: str | dict[Piece, str]):
     """`native_sparse_attention` under jit: arrays traced (cu_seqlens too), options static."""
     arrays = {k: v for k, v in args.items() if k in ARRAY_ARGS and v is not None and not isinstance(v, int)}
     options = {k: v for k, v in args.items() if k not in arrays}
@@ -57,6 +60,15 @@ class BackendSuite:
     lse_tolerance_16bit: float = 1e-3
     # Whether the backend computes SPEC section 9's geometry (l, d != l'); if not, it must decline it.
     compression_geometry: bool = False
+    # The pieces the backend has no kernel for, run on XLA (each forced there too).
+    xla_pieces: tuple[Piece, ...] = ()
+
+    @property
+    def forced(self) -> str | dict[Piece, str]:
+        """What every call of the suite passes as `backend=`: the backend, or per piece."""
+        if not self.xla_pieces:
+            return self.backend
+        return {piece: "xla" if piece in self.xla_pieces else self.backend for piece in Piece}
 
     @pytest.fixture(autouse=True)
     def backend_runs_here(self):
@@ -72,7 +84,7 @@ class BackendSuite:
         args = make_inputs(case)
         out_tol, _ = TOLERANCES[case.dtype]
         expected = oracle.nsa_forward(**oracle_kwargs(args))
-        fn, arrays = jitted_nsa(args, self.backend)
+        fn, arrays = jitted_nsa(args, self.forced)
         out = fn(**arrays)
         assert out.dtype == jnp.dtype(case.dtype), f"output dtype {out.dtype}, expected the query's"
         out = np.asarray(out, np.float64)
@@ -86,14 +98,14 @@ class BackendSuite:
             keep = well_separated_heads(expected, args, case)
             assert_close("output (well-separated heads)", out[keep], expected["o"][keep], out_tol)
             shared = dict(args, block_indices=expected["block_indices"].astype(np.int32))
-            fn, arrays = jitted_nsa(shared, self.backend)
+            fn, arrays = jitted_nsa(shared, self.forced)
             assert_close("output (shared selection)", fn(**arrays), expected["o"], out_tol)
             self.check_pieces(case, args, expected)
 
     def check_pieces(self, case, args, expected):
         """Each piece of the computed-selection path, on its own, against the oracle's."""
         out_tol, _ = TOLERANCES[case.dtype]
-        common = dict(block_size=case.block_size, cu_seqlens=args["cu_seqlens"], backend=self.backend)
+        common = dict(block_size=case.block_size, cu_seqlens=args["cu_seqlens"], backend=self.forced)
         k_cmp, v_cmp = nsa.mean_pool(args["key"], args["value"], **common)
         ref_k_cmp, ref_v_cmp = oracle.mean_pool(args["key"], args["value"], case.block_size, args["cu_seqlens"])
         assert_close("key_cmp", k_cmp, ref_k_cmp, 1e-5)
@@ -113,7 +125,7 @@ class BackendSuite:
         if case.window_size:
             o_swa = nsa.sliding_window_attention(
                 args["query"], args["key"], args["value"], case.window_size, cu_seqlens=args["cu_seqlens"],
-                backend=self.backend,
+                backend=self.forced,
             )
             assert_close("window output", o_swa, expected["o_swa"], out_tol)
 
@@ -130,7 +142,7 @@ class BackendSuite:
             (case.batch, case.seq_len, case.num_q_heads, case.value_dim)
         )
         expected = oracle.nsa_vjp(d_out=d_out, **oracle_kwargs(args))
-        fn, arrays = jitted_nsa(args, self.backend)
+        fn, arrays = jitted_nsa(args, self.forced)
         wrt = [name for name in ("query", "key", "value", "g_cmp", "g_slc", "g_swa") if arrays.get(name) is not None]
 
         def loss(*diff):
@@ -155,7 +167,7 @@ class BackendSuite:
         args = make_inputs(case)
         out_tol, _ = TOLERANCES[case.dtype]
         expected = oracle.nsa_forward(**oracle_kwargs(args))
-        fn, arrays = jitted_nsa(args, self.backend)
+        fn, arrays = jitted_nsa(args, self.forced)
         out = np.asarray(fn(**arrays), np.float64)
         assert np.all(np.isfinite(out)), "NaN or Inf in the output"
         if expected["scores"] is None:
@@ -164,13 +176,13 @@ class BackendSuite:
         keep = well_separated_heads(expected, args, case)
         assert_close("output (well-separated heads)", out[keep], expected["o"][keep], out_tol)
         shared = dict(args, block_indices=expected["block_indices"].astype(np.int32))
-        fn, arrays = jitted_nsa(shared, self.backend)
+        fn, arrays = jitted_nsa(shared, self.forced)
         assert_close("output (shared selection)", fn(**arrays), expected["o"], out_tol)
         self.check_geometry_pieces(case, args, expected)
 
     def check_geometry_pieces(self, case, args, expected):
         out_tol, _ = TOLERANCES[case.dtype]
-        common = dict(block_size=case.block_size, cu_seqlens=args["cu_seqlens"], backend=self.backend,
+        common = dict(block_size=case.block_size, cu_seqlens=args["cu_seqlens"], backend=self.forced,
                       compress_block_size=case.compress_block_size, compress_stride=case.compress_stride)
         if case.supplied:
             k_cmp, v_cmp = args["key_cmp"], args["value_cmp"]
@@ -206,7 +218,7 @@ class BackendSuite:
             (case.batch, case.seq_len, case.num_q_heads, case.value_dim)
         )
         expected = oracle.nsa_vjp(d_out=d_out, **oracle_kwargs(args))
-        fn, arrays = jitted_nsa(args, self.backend)
+        fn, arrays = jitted_nsa(args, self.forced)
         wrt = [name for name in ("query", "key", "value", "g_cmp", "g_slc", "g_swa", "key_cmp", "value_cmp")
                if arrays.get(name) is not None]
 
@@ -226,18 +238,18 @@ class BackendSuite:
             pytest.skip(f"{self.backend} computes SPEC section 9's geometry")
         args = make_inputs(fixed_case(seq_len=100, group=2, window_size=0))
         with pytest.raises(registry.BackendError, match="l = d = l'"):
-            nsa.explain(**dict(args, compress_block_size=16, compress_stride=8), backend=self.backend)
+            nsa.explain(**dict(args, compress_block_size=16, compress_stride=8), backend=self.forced)
 
     # ---- transformations and the fixed examples ---------------------------------------------
 
     def test_selection_carries_no_gradient(self):
         args = make_inputs(fixed_case(seq_len=150, group=2, window_size=0))
-        fn, arrays = jitted_nsa(args, self.backend)
+        fn, arrays = jitted_nsa(args, self.forced)
         computed = jax.grad(lambda q, k, v: fn(**dict(arrays, query=q, key=k, value=v)).sum(), argnums=(0, 1, 2))
-        k_cmp, v_cmp = nsa.mean_pool(args["key"], args["value"], 32, backend=self.backend)
-        _, lse = nsa.compressed_attention(args["query"], k_cmp, v_cmp, 32, backend=self.backend)
-        selection = nsa.select_blocks(args["query"], k_cmp, lse, 3, 32, backend=self.backend)
-        given_fn, given_arrays = jitted_nsa(dict(args, block_indices=selection), self.backend)
+        k_cmp, v_cmp = nsa.mean_pool(args["key"], args["value"], 32, backend=self.forced)
+        _, lse = nsa.compressed_attention(args["query"], k_cmp, v_cmp, 32, backend=self.forced)
+        selection = nsa.select_blocks(args["query"], k_cmp, lse, 3, 32, backend=self.forced)
+        given_fn, given_arrays = jitted_nsa(dict(args, block_indices=selection), self.forced)
         given = jax.grad(
             lambda q, k, v: given_fn(**dict(given_arrays, query=q, key=k, value=v)).sum(), argnums=(0, 1, 2)
         )
@@ -254,7 +266,7 @@ class BackendSuite:
         options = {k: v for k, v in args.items() if k not in ("query", "key", "value", "g_cmp", "g_slc", "g_swa")}
 
         def loss(q, k, v, g_cmp, g_slc):
-            out = nsa.native_sparse_attention(q, k, v, g_cmp, g_slc, backend=self.backend, **options)
+            out = nsa.native_sparse_attention(q, k, v, g_cmp, g_slc, backend=self.forced, **options)
             return jnp.sum(out * d_out.astype(np.float32))
 
         names = ("query", "key", "value", "g_cmp", "g_slc")
@@ -267,7 +279,7 @@ class BackendSuite:
     def test_jit_with_traced_cu_seqlens(self):
         case = fixed_case(seq_len=170, group=3, window_size=24, cu_seqlens=(0, 40, 41, 170))
         args = make_inputs(case)
-        fn, arrays = jitted_nsa(args, self.backend)
+        fn, arrays = jitted_nsa(args, self.forced)
         for cu in ((0, 40, 41, 170), (0, 100, 150, 170), (0, 0, 64, 170)):
             cu = np.asarray(cu, np.int32)
             expected = oracle.nsa_forward(**oracle_kwargs(dict(args, cu_seqlens=cu)))
@@ -280,7 +292,7 @@ class BackendSuite:
         args = make_inputs(fixed_case(seq_len=96, group=4, window_size=16, batch=2))
         stacked = {k: v for k, v in args.items() if k in ("query", "key", "value", "g_cmp", "g_slc", "g_swa")}
         options = {k: v for k, v in args.items() if k not in stacked}
-        call = functools.partial(nsa.native_sparse_attention, backend=self.backend, **options)
+        call = functools.partial(nsa.native_sparse_attention, backend=self.forced, **options)
         # Split the batch of 2 into a vmapped axis of 2 batches of 1.
         batched = jax.vmap(lambda kw: call(**kw))({k: v[:, None] for k, v in stacked.items()})
         one_by_one = np.stack([call(**{k: v[i : i + 1] for k, v in stacked.items()}) for i in range(2)])
@@ -296,7 +308,7 @@ class BackendSuite:
         B, T, H, D = 2, 2048, 32, 64
         q, k, v = (rng.standard_normal((B, T, H, D)).astype(np.float32) for _ in range(3))
         g_cmp, g_slc = (rng.uniform(0, 1, (B, T, H)).astype(np.float32) for _ in range(2))
-        out = nsa.native_sparse_attention(q, k, v, g_cmp, g_slc, block_counts=16, block_size=64, backend=self.backend)
+        out = nsa.native_sparse_attention(q, k, v, g_cmp, g_slc, block_counts=16, block_size=64, backend=self.forced)
         assert out.shape == (B, T, H, D) and bool(jnp.all(jnp.isfinite(out)))
         heads = slice(0, 4)
         expected = oracle.nsa_forward(
@@ -310,7 +322,7 @@ class BackendSuite:
         assert_close("seed example", np.asarray(out[:1, :, heads])[keep], expected["o"][keep], 1e-4)
         shared = nsa.native_sparse_attention(
             q[:1, :, heads], k[:1, :, heads], v[:1, :, heads], g_cmp[:1, :, heads], g_slc[:1, :, heads],
-            block_indices=expected["block_indices"].astype(np.int32), block_size=64, backend=self.backend,
+            block_indices=expected["block_indices"].astype(np.int32), block_size=64, backend=self.forced,
         )
         assert_close("seed example (shared selection)", shared, expected["o"], 1e-4)
 
