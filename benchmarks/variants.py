@@ -89,6 +89,24 @@ def selected_fns(args):
     return fwd, fwd_bwd
 
 
+def measure_selected(rows, args, group, name, mode, fn, operands, reference: list, error_key: str):
+    """Time one selected-attention variant `fn(*operands)` and record it with its relative error
+    against `reference` (the first variant's results when it starts empty: it is filled then). A
+    variant that fails is a result, recorded with its error, not the end of the sweep."""
+    try:
+        result = fn(*operands)
+        values = list(result) if isinstance(result, (tuple, list)) else [result]
+        if not reference:
+            reference.extend(np.asarray(v, np.float32) for v in values)
+        err = max(rel(v, r) for v, r in zip(values, reference))
+        ms = timed(fn, *operands, repeats=args.repeats)
+        record(rows, piece="selected_attention", mode=mode, G=group, T=args.seq_len, variant=name, median_ms=ms,
+               **{error_key: err})
+    except Exception as error:  # noqa: BLE001
+        record(rows, piece="selected_attention", mode=mode, G=group, T=args.seq_len, variant=name,
+               error=f"{type(error).__name__}: {str(error)[:300]}")
+
+
 def selected_variants(args, group, x, rows):
     bs, itemsize = args.block_size, jnp.dtype(args.dtype).itemsize
 
@@ -105,16 +123,8 @@ def selected_variants(args, group, x, rows):
     if group >= 8:  # the crossover region: the other variants were measured at G = 1, 4, 16
         forward_variants = forward_variants[:2]
     for name, tiles in forward_variants:
-        try:
-            fn = fwd(tiles)
-            err = rel(fn(*operands), base_fwd)
-            ms = timed(fn, *operands, repeats=args.repeats)
-            record(rows, piece="selected_attention", mode="fwd", G=group, T=args.seq_len, variant=name,
-                   median_ms=ms, rel_err_vs_token=err)
-        except Exception as error:  # noqa: BLE001  (a variant that fails is a result, not the end)
-            record(rows, piece="selected_attention", mode="fwd", G=group, T=args.seq_len, variant=name,
-                   error=f"{type(error).__name__}: {str(error)[:300]}")
-    grads_base = None
+        measure_selected(rows, args, group, name, "fwd", fwd(tiles), operands, [base_fwd], "rel_err_vs_token")
+    grads_base = []
     backward_variants = [
         ("block fwd + fused bwd", slc.Tiles(loop_order="block", backward_order="fused")),
         ("token fwd + split bwd", slc.Tiles(loop_order="token", backward_order="split")),
@@ -127,18 +137,8 @@ def selected_variants(args, group, x, rows):
                                                      backward=dataclasses.replace(bwd_block, chunks=8))),
     ]
     for name, tiles in backward_variants:
-        try:
-            fn = fwd_bwd(tiles)
-            grads = fn(*operands, x["d_out"])
-            if grads_base is None:
-                grads_base = [np.asarray(g, np.float32) for g in grads]
-            err = max(rel(g, b) for g, b in zip(grads, grads_base))
-            ms = timed(fn, *operands, x["d_out"], repeats=args.repeats)
-            record(rows, piece="selected_attention", mode="fwd_bwd", G=group, T=args.seq_len, variant=name,
-                   median_ms=ms, rel_err_vs_first=err)
-        except Exception as error:  # noqa: BLE001
-            record(rows, piece="selected_attention", mode="fwd_bwd", G=group, T=args.seq_len, variant=name,
-                   error=f"{type(error).__name__}: {str(error)[:300]}")
+        measure_selected(rows, args, group, name, "fwd_bwd", fwd_bwd(tiles), operands + (x["d_out"],), grads_base,
+                         "rel_err_vs_first")
 
     # The index alone: what the block-major kernels pay before they start.
     def index(i):
@@ -167,29 +167,14 @@ def token_variants(args, group, x, rows):
     fwd, fwd_bwd = selected_fns(args)
 
     base = np.asarray(fwd(slc.Tiles(loop_order="token"))(*operands), np.float32)
-    grads_base = None
+    grads_base = []
     for warps, tile, stages in ((4, 64, 2), (1, 64, 2), (2, 64, 2), (8, 64, 2), (1, 64, 3), (2, 64, 3),
                                 (1, 32, 2), (2, 32, 3), (4, 32, 3)):
         name = f"token warps={warps} tile={tile} stages={stages}"
         tiles = slc.Tiles(loop_order="token", backward_order="split", token=cfg(warps, tile, stages))
-        for mode in ("fwd", "fwd_bwd"):
-            try:
-                if mode == "fwd":
-                    fn = fwd(tiles)
-                    err = rel(fn(*operands), base)
-                    ms = timed(fn, *operands, repeats=args.repeats)
-                else:
-                    fn = fwd_bwd(tiles)
-                    grads = fn(*operands, x["d_out"])
-                    if grads_base is None:
-                        grads_base = [np.asarray(g, np.float32) for g in grads]
-                    err = max(rel(g, b) for g, b in zip(grads, grads_base))
-                    ms = timed(fn, *operands, x["d_out"], repeats=args.repeats)
-                record(rows, piece="selected_attention", mode=mode, G=group, T=args.seq_len, variant=name,
-                       median_ms=ms, rel_err_vs_first=err)
-            except Exception as error:  # noqa: BLE001
-                record(rows, piece="selected_attention", mode=mode, G=group, T=args.seq_len, variant=name,
-                       error=f"{type(error).__name__}: {str(error)[:300]}")
+        measure_selected(rows, args, group, name, "fwd", fwd(tiles), operands, [base], "rel_err_vs_first")
+        measure_selected(rows, args, group, name, "fwd_bwd", fwd_bwd(tiles), operands + (x["d_out"],), grads_base,
+                         "rel_err_vs_first")
 
 
 def selection_variants(args, group, x, rows):
