@@ -265,6 +265,12 @@ def selected_attention_fwd_kernel_by_block(
     list_base = bh.to(tl.int64) * num_tokens * S + first
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
+    block_start = tl.load(block_start_ptr + block)
+    block_len = tl.load(block_len_ptr + block)
+    # SPEC 8 (containment.py): the values came zeroed where non-finite. A clean block (nearly
+    # always) needs no per-row check; the per-row gathers cost ~3 ms at G=1, 64k on an H200.
+    block_has_bad = nonfinite_in(v_bad_ptr, b, h, block_start, block_start + block_len, block_len > 0,
+                                 num_tokens, H)
     if SUBS == 1:
         # The whole block in one tile: its keys and values are read once for every chunk.
         k, v, key_token, key_ok, _ = _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block, 0, b, h,
@@ -294,12 +300,13 @@ def selected_attention_fwd_kernel_by_block(
             m = m_new
         # A counted block starts at or before its reader, so every real row saw a key (l > 0).
         safe_l = tl.where(l > 0.0, l, 1.0)
-        # SPEC 8 (containment.py): the values came zeroed where non-finite; a row sees the block's
-        # keys [start, min(end, token + 1)) and is NaN if one of their values was not finite.
-        start = tl.load(block_start_ptr + block) + tl.zeros_like(token)
-        end = tl.minimum(start + tl.load(block_len_ptr + block), token + 1)
-        bad = nonfinite_in(v_bad_ptr, b, h, start, end, row_ok, num_tokens, H)
-        out = tl.where(bad[:, None], float("nan"), acc / safe_l[:, None])
+        out = acc / safe_l[:, None]
+        if block_has_bad:
+            # A row sees the block's keys [start, min(end, token + 1)): NaN if one of their values was.
+            start = block_start + tl.zeros_like(token)
+            end = tl.minimum(start + block_len, token + 1)
+            bad = nonfinite_in(v_bad_ptr, b, h, start, end, row_ok, num_tokens, H)
+            out = tl.where(bad[:, None], float("nan"), out)
         tl.store(o_part_ptr + part_row[:, None] * DV + dv[None, :], out.to(o_part_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (dv[None, :] < DV))
         tl.store(lse_part_ptr + part_row, m + tl.log2(safe_l), mask=row_ok)
