@@ -87,6 +87,29 @@ def _row_base(ptr, b, t0, h, head0, T, HQ: tl.constexpr, G: tl.constexpr, D: tl.
 
 
 @triton.jit
+def _online_softmax_step(q, k, v, m_i, l_i, acc, visible, SCALE: tl.constexpr, PRECISION: tl.constexpr,
+                         MASKED: tl.constexpr):
+    """One block tile of the forward's online softmax (base 2). MASKED: `visible` [rows, BC]
+    says which scores count; else every score does (a tile that all real rows see whole)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (SCALE * LOG2E)
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if MASKED:
+        # A row that has seen nothing yet keeps m = -inf; shift by 0 so no -inf - -inf appears.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        shift = m_new
+    p = tl.exp2(s - shift[:, None])
+    alpha = tl.exp2(m_i - shift)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    # A tensor-core dot takes both operands in one dtype: p in [0, 1] rounds to v's 16-bit
+    # dtype (relative error at most 2^-8 in bf16) and the sum over blocks stays float32.
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def compressed_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, v_bad_ptr, pos_ptr, first_block_ptr,
     T, NB,
@@ -125,26 +148,27 @@ def compressed_attention_fwd_kernel(
     m_i = tl.full([BT * HP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BT * HP], dtype=tl.float32)
     acc = tl.zeros([BT * HP, DVP], dtype=tl.float32)
-    for c0 in range(c_lo, c_hi, BC):
+    # Block tiles that every real row of the tile sees whole run without the mask (most of them:
+    # the rows' ranges differ only at their ends); the rest, from the first partly visible tile
+    # on, are masked per row.
+    full_lo = tl.max(tl.where(row_ok, lo, 0), axis=0)
+    full_hi = tl.min(tl.where(row_ok, hi, NB), axis=0)
+    num_full = tl.where(full_lo == c_lo, tl.maximum(full_hi - c_lo, 0) // BC, 0)
+    for c0 in range(c_lo, c_lo + num_full * BC, BC):
+        k = tl.load(k_tile + block[:, None] * (H * DK) + dk[None, :], mask=dk_ok[None, :], other=0.0)
+        v = tl.load(v_tile + block[:, None] * (H * DV) + dv[None, :], mask=dv_ok[None, :], other=0.0)
+        k_tile += BC * H * DK
+        v_tile += BC * H * DV
+        m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, None, SCALE, PRECISION, False)
+    for c0 in range(c_lo + num_full * BC, c_hi, BC):
         cols = c0 + block
         col_ok = cols < c_hi
         k = tl.load(k_tile + block[:, None] * (H * DK) + dk[None, :], mask=col_ok[:, None] & dk_ok[None, :], other=0.0)
         v = tl.load(v_tile + block[:, None] * (H * DV) + dv[None, :], mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
         k_tile += BC * H * DK
         v_tile += BC * H * DV
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (SCALE * LOG2E)
         visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row that has seen nothing yet keeps m = -inf; shift by 0 so no -inf - -inf appears.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - shift[:, None])
-        alpha = tl.exp2(m_i - shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        # A tensor-core dot takes both operands in one dtype: p in [0, 1] rounds to v's 16-bit
-        # dtype (relative error at most 2^-8 in bf16) and the sum over blocks stays float32.
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, visible, SCALE, PRECISION, True)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
