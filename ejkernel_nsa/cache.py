@@ -26,6 +26,7 @@ donates them):
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -141,9 +142,7 @@ def from_keys(key, value, lengths=None, *, block_size: int = 64, compress_block_
     if lengths is None:
         lengths = jnp.full((batch,), capacity, jnp.int32)
     lengths = checker.array("lengths", lengths, "integer", "B").astype(jnp.int32)
-    num_blocks = capacity // geometry.stride
-    compress = jax.vmap(lambda k, v, n: _row_blocks(geometry, compressor, k, v, 0, num_blocks, n))
-    key_cmp, value_cmp = compress(key, value, lengths)
+    key_cmp, value_cmp = _all_blocks(geometry, compressor, key, value, lengths)
     return _cache_of(key, value, key_cmp, value_cmp, lengths, geometry, compressor is not None)
 
 
@@ -187,6 +186,14 @@ def append(cache: NSACache, key, value, num_new=None, *, compressor: dict | None
                 f"key: {new_tokens} new tokens overflow the cache (capacity {cache.capacity}) for rows of lengths "
                 f"{np.asarray(cache.lengths).tolist()}"
             )
+    return _write(cache, key, value, added, compressor)
+
+
+# One program for the write and the blocks: called eagerly (a prompt outside `jit`), `append`
+# compiles once per shape instead of dispatching each of its operations; inside `jit` it inlines.
+@jax.jit
+def _write(cache: NSACache, key, value, added, compressor) -> NSACache:
+    new_tokens = key.shape[1]
     # Where the write lands: dynamic_update_slice shifts an overflowing write back to end at the
     # capacity, and the blocks to recompute are those of the slots actually written.
     starts = jnp.minimum(cache.lengths, cache.capacity - new_tokens)
@@ -195,7 +202,14 @@ def append(cache: NSACache, key, value, num_new=None, *, compressor: dict | None
     values = write(cache.value, value, starts)
     lengths = jnp.minimum(cache.lengths + added, cache.capacity)
     key_cmp, value_cmp = _update_blocks(cache, compressor, keys, values, starts, lengths, new_tokens)
-    return _cache_of(keys, values, key_cmp, value_cmp, lengths, geometry, cache.learned_compression)
+    return _cache_of(keys, values, key_cmp, value_cmp, lengths, cache.geometry, cache.learned_compression)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _all_blocks(geometry: CompressionGeometry, compressor, key, value, lengths):
+    """Every compressed block of every row (`from_keys`), one program as `_write`."""
+    num_blocks = key.shape[1] // geometry.stride
+    return jax.vmap(lambda k, v, n: _row_blocks(geometry, compressor, k, v, 0, num_blocks, n))(key, value, lengths)
 
 
 def _row_blocks(geometry: CompressionGeometry, compressor, slots_k, slots_v, first, count: int, length):
