@@ -20,6 +20,8 @@ plain JAX.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 
@@ -80,8 +82,8 @@ def apply(params: dict, key, value, *, compress_block_size: int, compress_stride
 def check_params(name: str, params, length: int, key_dim: int, value_dim: int) -> None:
     """`params` is `init`'s dict for blocks of `length` tokens of these dimensions; `name` is the
     argument the caller took it as (the serving cache takes it as `compressor`)."""
-    if not isinstance(params, dict) or not all(isinstance(params.get(b), dict) and "position" in params[b]
-                                               for b in ("key", "value")):
+    if not isinstance(params, Mapping) or not all(isinstance(params.get(b), Mapping) and "position" in params[b]
+                                                  for b in ("key", "value")):
         raise TypeError(f"{name}: expected ejkernel_nsa.compressor.init's dict of parameters "
                         f"({{'key': {{...}}, 'value': {{...}}}}), got {type(params).__name__}")
     for branch, dim in (("key", key_dim), ("value", value_dim)):
