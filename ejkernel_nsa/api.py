@@ -168,9 +168,9 @@ def _plan(problem: NSAProblem, backend: config.Backend | None,
     return registry.resolve(problem, forced, forced_by, pieces)
 
 
-def _run(call: NSACall, plan: registry.Plan, compressed: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-    """Run the plan's pieces; `compressed` (a serving cache's `(key_cmp, value_cmp)`) replaces
-    the compression piece."""
+def _run(call: NSACall, plan: registry.Plan) -> jax.Array:
+    """Run the plan's pieces; the caller's compressed blocks (`call.key_cmp`, a learned
+    compressor's or a serving cache's) replace the compression piece."""
     problem, segments, scale = call.problem, call.segments, call.scale
     q, k, v = call.query, call.key, call.value
     block_size = problem.block_size
@@ -185,10 +185,8 @@ def _run(call: NSACall, plan: registry.Plan, compressed: tuple[jax.Array, jax.Ar
     # for the default geometry, so those of sections 1-3 are called exactly as before).
     geometry = {} if call.geometry is None else call.geometry.piece_kwargs()
     if call.g_cmp is not None:
-        supplied = compressed if compressed is not None else (
-            None if call.key_cmp is None else (call.key_cmp, call.value_cmp))
-        if supplied is not None:
-            k_cmp, v_cmp = supplied
+        if call.key_cmp is not None:
+            k_cmp, v_cmp = call.key_cmp, call.value_cmp
         else:
             k_cmp, v_cmp = plan[Piece.COMPRESSION](k, v, block_size=block_size, segments=segments, **geometry,
                                                    **rows)

@@ -20,6 +20,8 @@ plain JAX.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 
@@ -68,27 +70,43 @@ def apply(params: dict, key, value, *, compress_block_size: int, compress_stride
     # checks that d divides l.
     geometry = check_geometry(length, length, compress_stride)
     segments = segments_of(checker, cu_seqlens, key.shape[0], key.shape[1])
-    for name, branch, dim in (("key", params["key"], key.shape[3]), ("value", params["value"], value.shape[3])):
-        if branch["position"].shape != (length, dim):
-            raise ValueError(
-                f"params[{name!r}]: made for blocks of {branch['position'].shape[0]} tokens of dimension "
-                f"{branch['position'].shape[1]}, got compress_block_size={length} and {name} dimension {dim}"
-            )
+    check_params("params", params, length, key.shape[3], value.shape[3])
     num_tokens = key.shape[1]
     blocks = block_layout(num_tokens, geometry.stride, segments)
     rows = blocks.start[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]  # [NBc, l]
     inside = (rows < blocks.seq_end[:, None]) & (blocks.count[:, None] > 0)
     rows = jnp.clip(rows, 0, max(num_tokens - 1, 0))
-    return _compress(params["key"], key, rows, inside), _compress(params["value"], value, rows, inside)
+    return compress_blocks(params["key"], key, rows, inside), compress_blocks(params["value"], value, rows, inside)
 
 
-def _compress(branch: dict, x: jax.Array, rows: jax.Array, inside: jax.Array) -> jax.Array:
-    """`[B, T, H, D]` -> `[B, NBc, H, D]`: block mean plus the MLP of the position-embedded block."""
+def check_params(name: str, params, length: int, key_dim: int, value_dim: int) -> None:
+    """`params` is `init`'s dict for blocks of `length` tokens of these dimensions; `name` is the
+    argument the caller took it as (the serving cache takes it as `compressor`)."""
+    if not isinstance(params, Mapping) or not all(isinstance(params.get(b), Mapping) and "position" in params[b]
+                                                  for b in ("key", "value")):
+        raise TypeError(f"{name}: expected ejkernel_nsa.compressor.init's dict of parameters "
+                        f"({{'key': {{...}}, 'value': {{...}}}}), got {type(params).__name__}")
+    for branch, dim in (("key", key_dim), ("value", value_dim)):
+        shape = tuple(params[branch]["position"].shape)
+        if shape != (length, dim):
+            raise ValueError(
+                f"{name}[{branch!r}]: made for blocks of {shape[0]} tokens of dimension {shape[1]}, got "
+                f"compress_block_size={length} and {branch} dimension {dim}"
+            )
+
+
+def compress_blocks(branch: dict | None, x: jax.Array, rows: jax.Array, inside: jax.Array) -> jax.Array:
+    """`[B, T, H, D]` -> `[B, NBc, H, D]` float32: block `c` is made of the tokens `rows[c]`
+    (`[NBc, l]`, positions) where `inside[c]` holds, the others zero. `branch` (`params["key"]` or
+    `params["value"]`): the block's mean plus the MLP of the position-embedded block; None: the
+    mean alone (SPEC 9's mean pooling). A block with no token inside is zero. Shared with
+    `ejkernel_nsa.cache`, which compresses the blocks a new token completes this way."""
     tokens = jnp.where(inside[None, :, :, None, None], x.astype(jnp.float32)[:, rows], 0.0)  # [B, NBc, l, H, D]
     count = jnp.maximum(jnp.sum(inside, axis=1), 1).astype(jnp.float32)[None, :, None, None]
-    mean = jnp.sum(tokens, axis=2) / count
-    embedded = tokens + branch["position"].astype(jnp.float32)[None, None, :, None, :]
-    flat = jnp.moveaxis(embedded, 2, 3).reshape(tokens.shape[:2] + (tokens.shape[3], -1))  # [B, NBc, H, l*D]
-    hidden = jax.nn.gelu(flat @ branch["w_in"].astype(jnp.float32) + branch["b_in"].astype(jnp.float32))
-    out = mean + hidden @ branch["w_out"].astype(jnp.float32) + branch["b_out"].astype(jnp.float32)
+    out = jnp.sum(tokens, axis=2) / count
+    if branch is not None:
+        embedded = tokens + branch["position"].astype(jnp.float32)[None, None, :, None, :]
+        flat = jnp.moveaxis(embedded, 2, 3).reshape(tokens.shape[:2] + (tokens.shape[3], -1))  # [B, NBc, H, l*D]
+        hidden = jax.nn.gelu(flat @ branch["w_in"].astype(jnp.float32) + branch["b_in"].astype(jnp.float32))
+        out = out + hidden @ branch["w_out"].astype(jnp.float32) + branch["b_out"].astype(jnp.float32)
     return jnp.where(jnp.any(inside, axis=1)[None, :, None, None], out, 0.0)

@@ -126,8 +126,8 @@ class NativeSparseAttention(nnx.Module):
     Decoding: `cache = layer.init_cache(batch, capacity)`, then `y, cache = layer(x, cache=cache)`
     for each chunk (a prompt) or step (`x` `[B, 1, hidden]`): `x`'s tokens follow each row's cached
     tokens (rotary at positions `cache.lengths + i`), their projected keys and values are appended
-    (`ejkernel_nsa.cache`), and `y` equals the full-sequence layer's last rows. Only the default
-    compression (mean pooling over disjoint blocks) has a cache.
+    (`ejkernel_nsa.cache`, in the layer's geometry; with a learned compressor, the blocks they
+    complete are its `phi` of them), and `y` equals the full-sequence layer's last rows.
     """
 
     def __init__(
@@ -203,16 +203,17 @@ class NativeSparseAttention(nnx.Module):
 
     def init_cache(self, batch: int, capacity: int, dtype: Any = None) -> kv_cache.NSACache:
         """An empty `ejkernel_nsa.cache` cache of this layer's projected keys and values for `batch`
-        rows of up to `capacity` tokens (a multiple of `block_size`); `dtype` defaults to the
-        layer's `dtype`, else `param_dtype`."""
-        if self.compressor is not None or self.compress_length != self.block_size or self.compress_step != self.block_size:
-            raise NotImplementedError(
-                "init_cache: the decode cache keeps mean-pooled disjoint blocks of block_size only; this layer "
-                f"compresses with compress_block_size={self.compress_length}, compress_stride={self.compress_step}"
-                f"{' and a learned compressor' if self.compressor is not None else ''}")
+        rows of up to `capacity` tokens (a multiple of `block_size`), in the layer's compression
+        geometry and, with a learned compressor, keeping its blocks (the layer passes its current
+        parameters on every cached call); `dtype` defaults to the layer's `dtype`, else
+        `param_dtype`."""
         dtype = self.dtype if self.dtype is not None else self.param_dtype
         return kv_cache.init(batch, capacity, self.num_kv_heads, self.head_dim, block_size=self.block_size,
-                             dtype=dtype)
+                             compress_block_size=self.compress_length, compress_stride=self.compress_step,
+                             compressor=self._compressor_params(), dtype=dtype)
+
+    def _compressor_params(self) -> dict | None:
+        return None if self.compressor is None else self.compressor.as_dict()
 
     def __call__(
         self,
@@ -282,7 +283,7 @@ class NativeSparseAttention(nnx.Module):
     def _decode(self, q, k, v, branch_gates, cache):
         """Append the chunk's keys and values, then attend its queries against the cache."""
         batch, seq_len = q.shape[:2]
-        cache = cache.append(k.astype(cache.key.dtype), v.astype(cache.key.dtype))
+        cache = cache.append(k.astype(cache.key.dtype), v.astype(cache.key.dtype), compressor=self._compressor_params())
         out = cache.attend(
             q.astype(cache.key.dtype), g_cmp=branch_gates["g_cmp"], g_slc=branch_gates["g_slc"],
             g_swa=branch_gates.get("g_swa"), block_counts=self.block_counts, softmax_scale=self.softmax_scale,

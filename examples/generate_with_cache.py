@@ -1,13 +1,18 @@
 """Generate tokens with a tiny random-weight NSA model and the serving cache, checking every step
 against a full recomputation of the whole sequence.
 
-    python examples/generate_with_cache.py [--steps 40] [--prompt-len 21]
+    python examples/generate_with_cache.py [--steps 40] [--prompt-len 21] [--learned-compressor]
 
 Each layer keeps one `ejkernel_nsa.NSACache`. The prompt goes in as one chunked-prefill call
 (all its queries against the cache at once), then each new token is one decoding step: append its
 key and value (which completes compressed blocks incrementally), attend with its one query. After
 every step the same model runs `native_sparse_attention` over the whole sequence so far, and the
 last position's logits must agree. A few seconds on a CPU.
+
+`--learned-compressor`: the paper's shape of compression (SPEC section 9: blocks of `l = BLOCK/2`
+at stride `d = BLOCK/4` under selection blocks of `BLOCK`) with a learned compressor per layer
+(`ejkernel_nsa.compressor`, its last layer random as if trained): the caches are made with the
+geometry and the parameters, and each `append` computes `phi` of the blocks it completes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 
 import ejkernel_nsa
 from ejkernel_nsa import cache as kv_cache
+from ejkernel_nsa import compressor
 
 VOCAB, WIDTH, LAYERS = 97, 64, 2
 HQ, H, D = 4, 1, 16  # four query heads share one kv head
@@ -28,7 +34,7 @@ NSA = dict(block_counts=3, window_size=16)
 BLOCK = 8
 
 
-def init_params(seed: int) -> dict:
+def init_params(seed: int, learned_compressor: bool = False) -> dict:
     keys = iter(jax.random.split(jax.random.key(seed), 3 + 6 * LAYERS))
 
     def dense(shape):
@@ -37,6 +43,14 @@ def init_params(seed: int) -> dict:
     layers = [dict(q=dense((WIDTH, HQ * D)), k=dense((WIDTH, H * D)), v=dense((WIDTH, H * D)),
                    gates=dense((WIDTH, 3 * HQ)), out=dense((HQ * D, WIDTH)), mlp=dense((WIDTH, WIDTH)))
               for _ in range(LAYERS)]
+    if learned_compressor:
+        for i, layer in enumerate(layers):
+            init_key, out_key, value_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1000 + i), 3)
+            phi = compressor.init(init_key, BLOCK // 2, D, D, hidden=2 * D)
+            for branch, key in (("key", out_key), ("value", value_key)):
+                # An untrained compressor is exactly mean pooling: pretend this one learned.
+                phi[branch]["w_out"] = 0.3 * jax.random.normal(key, (2 * D, D), jnp.float32)
+            layer["compressor"] = phi
     return dict(embed=jax.random.normal(next(keys), (VOCAB, WIDTH), jnp.float32), layers=layers,
                 unembed=dense((WIDTH, VOCAB)))
 
@@ -65,13 +79,27 @@ def logits_of(params, x):
     return rms_norm(x) @ params["unembed"]
 
 
+def geometry_of(params) -> dict:
+    """The compression geometry: the default (disjoint blocks of BLOCK), or with a learned
+    compressor the paper's shape (l = BLOCK/2, d = BLOCK/4)."""
+    if "compressor" not in params["layers"][0]:
+        return dict(block_size=BLOCK)
+    return dict(block_size=BLOCK, compress_block_size=BLOCK // 2, compress_stride=BLOCK // 4)
+
+
 @jax.jit
 def full_forward(params, tokens):
     """The whole sequence at once (training-style, TQ == TK): logits `[B, T, VOCAB]`."""
+    geometry = geometry_of(params)
     x = params["embed"][tokens]
     for layer in params["layers"]:
         q, k, v, gates = project(layer, x)
-        x = finish(layer, x, ejkernel_nsa.native_sparse_attention(q, k, v, block_size=BLOCK, **gates, **NSA))
+        supplied = {}
+        if "compressor" in layer:
+            supplied = dict(zip(("key_cmp", "value_cmp"), compressor.apply(
+                layer["compressor"], k, v, compress_block_size=geometry["compress_block_size"],
+                compress_stride=geometry["compress_stride"])))
+        x = finish(layer, x, ejkernel_nsa.native_sparse_attention(q, k, v, **geometry, **supplied, **gates, **NSA))
     return logits_of(params, x)
 
 
@@ -83,7 +111,7 @@ def cached_forward(params, caches, tokens):
     new_caches = []
     for layer, cache in zip(params["layers"], caches, strict=True):
         q, k, v, gates = project(layer, x)
-        cache = kv_cache.append(cache, k, v)
+        cache = kv_cache.append(cache, k, v, compressor=layer.get("compressor"))  # the cache has the geometry
         x = finish(layer, x, kv_cache.attend(cache, q, **gates, **NSA))
         new_caches.append(cache)
     return new_caches, logits_of(params, x)
@@ -95,11 +123,14 @@ def main(argv=None) -> float:
     parser.add_argument("--prompt-len", type=int, default=21)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--learned-compressor", action="store_true",
+                        help="overlapping compression blocks (l = BLOCK/2, d = BLOCK/4) through a learned compressor")
     args = parser.parse_args(argv)
 
-    params = init_params(args.seed)
+    params = init_params(args.seed, args.learned_compressor)
     capacity = -(-(args.prompt_len + args.steps) // BLOCK) * BLOCK
-    caches = [kv_cache.init(args.batch, capacity, H, D, block_size=BLOCK, dtype=jnp.float32) for _ in range(LAYERS)]
+    caches = [kv_cache.init(args.batch, capacity, H, D, compressor=layer.get("compressor"), dtype=jnp.float32,
+                            **geometry_of(params)) for layer in params["layers"]]
     tokens = jax.random.randint(jax.random.key(args.seed + 1), (args.batch, args.prompt_len), 0, VOCAB)
 
     def recompute(tokens):

@@ -14,6 +14,7 @@ from cases import assert_close
 
 import ejkernel_nsa as nsa
 from ejkernel_nsa import cache as kv_cache
+from ejkernel_nsa import compressor
 from ejkernel_nsa.testing import oracle
 
 B, H, G, DK, DV, BS, CAPACITY = 2, 2, 2, 16, 8, 8, 96
@@ -205,3 +206,173 @@ def test_from_keys_matches_appending():
     np.testing.assert_allclose(built.key_cmp, k_cmp, atol=2e-6)
     np.testing.assert_allclose(built.value_cmp, v_cmp, atol=2e-6)
     np.testing.assert_array_equal(built.lengths, lengths)
+
+
+# ---- SPEC section 9's geometry and a learned compressor in the cache ---------------------------
+
+# (l, d, l'): the paper's setting and a smaller one of the same shape. block_counts=4 leaves the
+# selection a real choice past the forced first, previous and current blocks.
+GEOMETRIES = [(32, 16, 64), (16, 8, 32)]
+GEOMETRY_OPTIONS = dict(block_counts=4, window_size=7)
+GEOMETRY_CAPACITY = 384
+# One program per shape rather than one per operation: the test's eager calls compile less.
+apply_compressor = jax.jit(compressor.apply, static_argnames=("compress_block_size", "compress_stride"))
+
+
+def geometry_of(length, stride, block_size):
+    return dict(block_size=block_size, compress_block_size=length, compress_stride=stride)
+
+
+def tokens_at(seq: dict, starts, n: int) -> dict:
+    """Each row's `n` tokens from its own position `starts[b]`."""
+    return {name: np.stack([a[b, s:s + n] for b, s in enumerate(starts)]) for name, a in seq.items()}
+
+
+def full_rows(seq: dict, starts, n: int, **options):
+    """The oracle's full-sequence output at each row's positions `[starts[b], starts[b] + n)`, and
+    where its selection is not a near tie (those may legitimately differ)."""
+    full = oracle.nsa_forward(seq["query"], seq["key"], seq["value"], seq["g_cmp"], seq["g_slc"], g_swa=seq["g_swa"],
+                              **options)
+    keep = np.repeat(oracle.near_tie_mask(full["scores"], options["block_counts"], options["block_counts"], G), G,
+                     axis=2)
+    return (np.stack([full["o"][b, s:s + n] for b, s in enumerate(starts)]),
+            np.stack([keep[b, s:s + n] for b, s in enumerate(starts)]))
+
+
+def decode(cache, seq: dict, prompt, chunk: int, steps: int, compressor=None):
+    """A chunk of `chunk` tokens after each row's prompt, then `steps` single tokens, jitted with
+    the cache donated; the outputs `[B, chunk + steps, HQ, DV]`."""
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(cache, x, compressor):
+        cache = kv_cache.append(cache, x["key"], x["value"], compressor=compressor)
+        return cache, attend(cache, x, **GEOMETRY_OPTIONS)
+
+    cache, out = step(cache, tokens_at(seq, prompt, chunk), compressor)
+    outs = [out]
+    for i in range(steps):
+        cache, out = step(cache, tokens_at(seq, [p + chunk + i for p in prompt], 1), compressor)
+        outs.append(out)
+    return cache, np.concatenate([np.asarray(o) for o in outs], axis=1)
+
+
+def learned_params(length, seed):
+    """A compressor whose MLP is not zero (an untrained one is exactly mean pooling)."""
+    params = compressor.init(jax.random.key(seed), length, DK, DV, hidden=16)
+    rng = np.random.default_rng(seed)
+    for branch, dim in (("key", DK), ("value", DV)):
+        params[branch]["w_out"] = jnp.asarray(0.3 * rng.standard_normal((16, dim)), jnp.float32)
+        params[branch]["b_out"] = jnp.asarray(0.1 * rng.standard_normal(dim), jnp.float32)
+    return params
+
+
+@pytest.mark.parametrize("length, stride, block_size", GEOMETRIES)
+def test_geometry_prefill_chunk_and_steps_equal_the_full_sequence(length, stride, block_size):
+    """Prompts of different lengths (num_new), a chunk of 5, then single steps, with l, d, l' of
+    SPEC 9: every output equals the oracle's full-sequence row at its position, and the cached
+    blocks its overlapping means of each row's prefix."""
+    geometry = geometry_of(length, stride, block_size)
+    prompt, chunk, steps = (275, 298), 5, 4
+    seq = sequence(10 + length, max(prompt) + chunk + steps)
+    cache = kv_cache.init(B, GEOMETRY_CAPACITY, H, DK, DV, dtype=jnp.float32, **geometry)
+    assert (cache.block_size, cache.compress_block_size, cache.compress_stride) == (block_size, length, stride)
+    assert cache.key_cmp.shape == (B, GEOMETRY_CAPACITY // stride, H, DK)
+    cache = kv_cache.append(cache, seq["key"][:, :max(prompt)], seq["value"][:, :max(prompt)],
+                            num_new=np.asarray(prompt, np.int32))
+    cache, outs = decode(cache, seq, prompt, chunk, steps)
+    expected, keep = full_rows(seq, prompt, chunk + steps, **geometry, **GEOMETRY_OPTIONS)
+    assert_close(f"l={length} d={stride} l'={block_size}", outs[keep], expected[keep], 1e-4)
+    lengths = [p + chunk + steps for p in prompt]
+    np.testing.assert_array_equal(cache.lengths, lengths)
+    for b, n in enumerate(lengths):
+        k_cmp, v_cmp = oracle.overlapping_pool(seq["key"][b:b + 1, :n], seq["value"][b:b + 1, :n], length, stride)
+        blocks = k_cmp.shape[1]
+        np.testing.assert_allclose(cache.key_cmp[b, :blocks], k_cmp[0], atol=2e-6)
+        np.testing.assert_allclose(cache.value_cmp[b, :blocks], v_cmp[0], atol=2e-6)
+        assert not np.any(np.asarray(cache.key_cmp[b, blocks:])), "blocks past a row's tokens stay zero"
+
+
+def test_learned_compressor_blocks_equal_apply_and_decode_equals_the_full_sequence():
+    """A learned compressor's cache (prompts of different lengths, a chunk, steps under lax.scan):
+    its blocks equal `compressor.apply` on each row's sequence, as do `from_keys`'s, and each
+    output the oracle's full-sequence row given apply's blocks."""
+    length, stride, block_size = GEOMETRIES[1]
+    geometry = geometry_of(length, stride, block_size)
+    params = learned_params(length, 7)
+    prompt, chunk, steps = (150, 171), 3, 5
+    seq = sequence(11, max(prompt) + chunk + steps)
+    cache = kv_cache.init(B, GEOMETRY_CAPACITY, H, DK, DV, dtype=jnp.float32, compressor=params, **geometry)
+    cache = kv_cache.append(cache, seq["key"][:, :max(prompt)], seq["value"][:, :max(prompt)],
+                            num_new=np.asarray(prompt, np.int32), compressor=params)
+    cache = kv_cache.append(cache, *(tokens_at(seq, prompt, chunk)[name] for name in ("key", "value")),
+                            compressor=params)
+    scanned = {name: np.swapaxes(tokens_at(seq, [p + chunk for p in prompt], steps)[name], 0, 1)[:, :, None]
+               for name in seq}  # [steps, B, 1, ...]
+
+    @jax.jit
+    def generate(cache, scanned, params):
+        def body(cache, token):
+            cache = kv_cache.append(cache, token["key"], token["value"], compressor=params)
+            return cache, attend(cache, token, **GEOMETRY_OPTIONS)
+
+        return jax.lax.scan(body, cache, scanned)
+
+    cache, outs = generate(cache, scanned, params)
+    outs = np.swapaxes(np.asarray(outs)[:, :, 0], 0, 1)  # [B, steps, HQ, DV]
+    lengths = [p + chunk + steps for p in prompt]
+    np.testing.assert_array_equal(cache.lengths, lengths)
+    aligned_key = np.zeros((B, GEOMETRY_CAPACITY, H, DK), np.float32)
+    aligned_value = np.zeros((B, GEOMETRY_CAPACITY, H, DV), np.float32)
+    for b, n in enumerate(lengths):
+        k_cmp, v_cmp = apply_compressor(params, seq["key"][b:b + 1, :n], seq["value"][b:b + 1, :n],
+                                        compress_block_size=length, compress_stride=stride)
+        blocks = k_cmp.shape[1]
+        np.testing.assert_allclose(cache.key_cmp[b, :blocks], k_cmp[0], atol=1e-5)
+        np.testing.assert_allclose(cache.value_cmp[b, :blocks], v_cmp[0], atol=1e-5)
+        assert not np.any(np.asarray(cache.key_cmp[b, blocks:])), "blocks past a row's tokens stay zero"
+        aligned_key[b, :n], aligned_value[b, :n] = seq["key"][b, :n], seq["value"][b, :n]
+    built = kv_cache.from_keys(aligned_key, aligned_value, np.asarray(lengths, np.int32), compressor=params,
+                               **geometry)
+    np.testing.assert_allclose(built.key_cmp, cache.key_cmp, atol=1e-5)
+    np.testing.assert_allclose(built.value_cmp, cache.value_cmp, atol=1e-5)
+    assert built.learned_compression
+
+    # The full sequence's blocks are apply's: a query sees only the complete ones, which are its own.
+    k_cmp, v_cmp = apply_compressor(params, seq["key"], seq["value"], compress_block_size=length,
+                                    compress_stride=stride)
+    full = oracle.nsa_forward(seq["query"], seq["key"], seq["value"], seq["g_cmp"], seq["g_slc"], g_swa=seq["g_swa"],
+                              key_cmp=np.asarray(k_cmp), value_cmp=np.asarray(v_cmp), **geometry,
+                              **GEOMETRY_OPTIONS)
+    keep = np.repeat(oracle.near_tie_mask(full["scores"], 4, 4, G), G, axis=2)
+    starts = [p + chunk for p in prompt]
+    expected = np.stack([full["o"][b, s:s + steps] for b, s in enumerate(starts)])
+    keep = np.stack([keep[b, s:s + steps] for b, s in enumerate(starts)])
+    assert_close("learned compressor decode", outs[keep], expected[keep], 1e-4)
+
+
+def test_geometry_mistakes_are_named():
+    params = learned_params(32, 0)
+    mean_cache = kv_cache.init(B, 128, H, DK, DV, block_size=64, compress_block_size=32, compress_stride=16,
+                               dtype=jnp.float32)
+    learned_cache = kv_cache.init(B, 128, H, DK, DV, block_size=64, compress_block_size=32, compress_stride=16,
+                                  compressor=params, dtype=jnp.float32)
+    key, value = np.zeros((B, 3, H, DK), np.float32), np.zeros((B, 3, H, DV), np.float32)
+    for call, argument, words in [
+        (lambda: kv_cache.init(B, 128, H, DK, block_size=64, compress_block_size=32, compress_stride=12),
+         "compress_stride", "divide the compression block length"),
+        (lambda: kv_cache.init(B, 96, H, DK, block_size=48, compress_block_size=32, compress_stride=32),
+         "compress_stride", "divide the selection block"),
+        (lambda: kv_cache.init(B, 96, H, DK, block_size=64, compress_block_size=32, compress_stride=16),
+         "capacity", "multiple of block_size=64"),
+        (lambda: kv_cache.init(B, 128, H, DK, block_size=64, compress_block_size=0), "compress_block_size", ""),
+        (lambda: kv_cache.from_keys(np.zeros((B, 96, H, DK), np.float32), np.zeros((B, 96, H, DV), np.float32),
+                                    block_size=64, compress_block_size=32, compress_stride=16), "key",
+         "multiple of block_size=64"),
+        (lambda: kv_cache.init(B, 128, H, DK, DV, block_size=64, compress_block_size=16, compressor=params),
+         "compressor", "blocks of 32 tokens"),
+        (lambda: kv_cache.init(B, 128, H, DK, DV, block_size=64, compress_block_size=32, compressor=[1]),
+         "compressor", "compressor.init's dict"),
+        (lambda: kv_cache.append(mean_cache, key, value, compressor=params), "compressor", "mean-pooled"),
+        (lambda: kv_cache.append(learned_cache, key, value), "compressor", "pass its parameters"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=rf"^{argument}\b.*{words}"):
+            call()

@@ -261,8 +261,8 @@ def test_bad_arguments():
         layer(x, cache=object())
     with pytest.raises(ValueError, match="attention_mask: not taken with cache="):
         layer(x, jnp.ones((B, 32), bool), cache=layer.init_cache(B, 64))
-    with pytest.raises(NotImplementedError, match="compress_block_size=8"):
-        make_layer(compress_block_size=8).init_cache(B, 64)
+    with pytest.raises(ValueError, match="capacity: the capacity must be a multiple of block_size=16"):
+        make_layer(compress_block_size=8, compress_stride=4).init_cache(B, 72)
     with pytest.raises(ValueError, match="attention_mask"):
         layer(x, jnp.ones((B, 31), bool))
     with pytest.raises(ValueError, match="hidden_size=48"):
@@ -371,3 +371,24 @@ def test_cache_prefill_and_steps_equal_the_full_sequence():
         got, cache = decode(layer, x[:, t:t + 1], cache)
         assert relative_error(got[:, 0], full[:, t]) < 1e-5, t
     np.testing.assert_array_equal(cache.lengths, [T, T])
+
+
+@needs_flax
+@pytest.mark.parametrize("learned", [False, True], ids=["geometry", "compressor"])
+def test_cache_with_geometry_or_compressor_equals_the_full_sequence(learned):
+    # SPEC 9's overlapping blocks in the cache, mean-pooled or through the layer's own learned
+    # compressor (its parameters read on each call): a prompt of 77 tokens (blocks 8 at stride 4
+    # end mid-way), then single steps, equal the full-sequence layer's rows.
+    layer = make_compressor_layer() if learned else make_layer(compress_block_size=GEOMETRY[0],
+                                                               compress_stride=GEOMETRY[1])
+    x = random_x(seed=3)
+    full = call(layer, x)
+    decode = nnx.jit(lambda layer, x, cache: layer(x, cache=cache))
+    cache = layer.init_cache(B, 96)
+    assert (cache.compress_block_size, cache.compress_stride, cache.learned_compression) == GEOMETRY + (learned,)
+    prompt = 77
+    got, cache = decode(layer, x[:, :prompt], cache)
+    assert relative_error(got, full[:, :prompt]) < 1e-5
+    for t in range(prompt, prompt + 3):
+        got, cache = decode(layer, x[:, t:t + 1], cache)
+        assert relative_error(got[:, 0], full[:, t]) < 1e-5, t
