@@ -58,7 +58,7 @@ def small_splits(monkeypatch):
     # Imported here, after the registry defined the kernels (in the interpreter, where asked).
     from ejkernel_nsa.backends.triton import decode_span
 
-    monkeypatch.setattr(decode_span, "key_tile", lambda head_dim, value_dim: 16)
+    monkeypatch.setattr(decode_span, "key_tile", lambda head_dim, value_dim, dots: 16)
     monkeypatch.setattr(decode_span, "TARGET_PROGRAMS", 8)
 
 
@@ -216,8 +216,9 @@ def test_prefill_chunks_decline_the_decoding_kernel():
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch, context", [(1, 8192), (8, 32768)])
 def test_serving_shape_matches_xla_on_a_gpu(batch, context):
-    """Issue 14's serving shape (HQ=64, H=4, D=128, BS=64, S=16, bf16): a whole decoding step with
-    the cache, automatic choice (Triton's kernel for the selected branch) against all-XLA."""
+    """Issue 14's serving shape (HQ=64, H=4, D=128, BS=64, S=16, W=512, bf16): a whole decoding
+    step with the cache, automatic choice (Triton's decoding kernels for the compressed branch,
+    the selected branch and the window) against all-XLA."""
     from ejkernel_nsa import cache as kv_cache
 
     keys = jax.random.split(jax.random.key(context), 4)
@@ -234,5 +235,7 @@ def test_serving_shape_matches_xla_on_a_gpu(batch, context):
 
     plan = nsa.explain(q, k, v, g_cmp=g, g_slc=g, g_swa=g, block_counts=16, block_size=64, window_size=512,
                        kv_lengths=lengths)
-    assert plan.chosen[nsa.Piece.SELECTED_ATTENTION].backend == "triton", str(plan)
+    for piece, module in [(nsa.Piece.COMPRESSED_ATTENTION, "decode_compressed"),
+                          (nsa.Piece.SELECTED_ATTENTION, "decode"), (nsa.Piece.SLIDING_WINDOW, "decode_window")]:
+        assert plan.chosen[piece].fn.__module__.endswith(f"triton.{module}"), str(plan)
     assert_close("automatic vs xla", step(None), step("xla"), 2e-2)

@@ -63,7 +63,7 @@ def decode_span_fwd_kernel(
     o_part_ptr, lse_part_ptr,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, SPLITS: tl.constexpr, KT: tl.constexpr,
     DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, SCALE: tl.constexpr,
-    PRECISION: tl.constexpr, WINDOW: tl.constexpr, CL: tl.constexpr, CD: tl.constexpr,
+    PRECISION: tl.constexpr, F32_DOTS: tl.constexpr, WINDOW: tl.constexpr, CL: tl.constexpr, CD: tl.constexpr,
 ):
     """Program (b * H + h, split): the G heads' attention over the split's part of the row's span
     of `N` key rows: with `WINDOW > 0` the keys `[L - WINDOW, L)`, else the compressed blocks of
@@ -91,6 +91,8 @@ def decode_span_fwd_kernel(
     head_ok = heads < G
     q = tl.load(q_ptr + ((b * H + h) * G + heads)[:, None] * DK + dk[None, :],
                 mask=head_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    if F32_DOTS:
+        q = q.to(tl.float32)
     rows = tl.arange(0, KT)
     # Scalar 64-bit pointers to the split's first row, advanced a tile at a time.
     k_tile = k_ptr + ((b * N + start) * H + h) * DK
@@ -101,8 +103,8 @@ def decode_span_fwd_kernel(
     acc = tl.zeros([GP, DVP], dtype=tl.float32)
     for r0 in range(start, end, KT):
         row_ok = r0 + rows < end
-        # The cache's compressed blocks are float32: rounded to the query's dtype here, for the
-        # tensor-core dot, instead of in a pass over the whole cache before the launch.
+        # Both operands in the dots' dtype (`dot_dtype`): the cache's float32 compressed blocks
+        # stay float32, read as stored, with no conversion pass over the cache before the launch.
         k = tl.load(k_tile + rows[:, None] * (H * DK) + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :],
                     other=0.0).to(q.dtype)
         v = tl.load(v_tile + rows[:, None] * (H * DV) + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :],
@@ -117,7 +119,7 @@ def decode_span_fwd_kernel(
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0
@@ -143,8 +145,20 @@ def merge_splits(o_part, lse_part):
     return out, lse
 
 
-def key_tile(head_dim: int, value_dim: int) -> int:
-    return 64 if max(next_pow2(head_dim), next_pow2(value_dim)) <= 128 else 32
+def dot_dtype(query_dtype, rows_dtype):
+    """The dots' operand dtype: float32 when either side is (the cache's compressed blocks are:
+    the selection then normalizes its float32 scores by an lse of float32 scores, as on XLA; a
+    decoding step is bound by its loads, so three tf32 passes cost nothing that shows), else the
+    16-bit dtype."""
+    query_dtype, rows_dtype = jnp.dtype(query_dtype), jnp.dtype(rows_dtype)
+    return query_dtype if query_dtype == rows_dtype and query_dtype.itemsize == 2 else jnp.dtype(jnp.float32)
+
+
+def key_tile(head_dim: int, value_dim: int, dots) -> int:
+    """Key rows per step: 64 for 16-bit dots up to 128 wide; float32 operands (split in two for
+    tf32x3) and 256-wide heads halve it, so that sm_90 compiles without spills (ptxas -v)."""
+    tile = 64 if max(next_pow2(head_dim), next_pow2(value_dim)) <= 128 else 32
+    return tile if jnp.dtype(dots).itemsize == 2 else tile // 2
 
 
 def num_splits(batch: int, num_kv_heads: int, max_rows: int, tile: int) -> int:
@@ -153,18 +167,21 @@ def num_splits(batch: int, num_kv_heads: int, max_rows: int, tile: int) -> int:
     return max(1, min(cdiv(TARGET_PROGRAMS, batch * num_kv_heads), cdiv(max_rows, tile)))
 
 
-def constexprs(num_kv_heads, group, splits, head_dim, value_dim, dtype, scale, *, window=0, block_length=1,
+def constexprs(num_kv_heads, group, splits, head_dim, value_dim, dots, scale, *, window=0, block_length=1,
                stride=1) -> dict:
     return dict(H=num_kv_heads, G=group, GP=max(16, next_pow2(group)), SPLITS=splits,
-                KT=key_tile(head_dim, value_dim), DK=head_dim, DKP=host.padded_dim(head_dim), DV=value_dim,
-                DVP=host.padded_dim(value_dim), SCALE=float(scale), PRECISION=launch.dot_precision(dtype),
-                WINDOW=window, CL=block_length, CD=stride)
+                KT=key_tile(head_dim, value_dim, dots), DK=head_dim, DKP=host.padded_dim(head_dim), DV=value_dim,
+                DVP=host.padded_dim(value_dim), SCALE=float(scale), PRECISION=launch.dot_precision(dots),
+                F32_DOTS=jnp.dtype(dots) == jnp.float32, WINDOW=window, CL=block_length, CD=stride)
 
 
-def num_warps(head_dim: int, value_dim: int, dtype) -> int:
-    # Float32 problems split every operand for three tf32 passes: with 4 warps the 64-wide tiles
-    # spilled a few bytes on sm_90 (ptxas -v); 8 warps compile without.
-    return 4 if max(head_dim, value_dim) <= 64 and jnp.dtype(dtype).itemsize == 2 else 8
+def num_warps(group: int, head_dim: int, value_dim: int, dots) -> int:
+    """Warps per program. Float32 dots split every operand for three tf32 passes: with 4 warps
+    64-wide tiles spilled a few bytes on sm_90 (ptxas -v), 8 compile without up to 64 heads x 128
+    wide or 16 heads x 256. Past that (32 or more heads x 256 wide) they spill about a kilobyte,
+    as the full-length kernels' widest float32 tiles do; 16 warps spilled more (128 registers)."""
+    width = max(host.padded_dim(head_dim), host.padded_dim(value_dim))
+    return 4 if width <= 64 and jnp.dtype(dots).itemsize == 2 else 8
 
 
 def attend(query, key, value, kv_lengths, *, scale: float, window: int = 0, block_length: int = 1,
@@ -175,8 +192,9 @@ def attend(query, key, value, kv_lengths, *, scale: float, window: int = 0, bloc
     batch, _, num_q_heads, head_dim = query.shape
     num_rows, num_kv_heads, value_dim = key.shape[1], key.shape[2], value.shape[3]
     span = min(window, num_rows) if window else num_rows
-    splits = num_splits(batch, num_kv_heads, span, key_tile(head_dim, value_dim))
-    meta = constexprs(num_kv_heads, num_q_heads // num_kv_heads, splits, head_dim, value_dim, query.dtype, scale,
+    dots = dot_dtype(query.dtype, jnp.promote_types(key.dtype, value.dtype))
+    splits = num_splits(batch, num_kv_heads, span, key_tile(head_dim, value_dim, dots))
+    meta = constexprs(num_kv_heads, num_q_heads // num_kv_heads, splits, head_dim, value_dim, dots, scale,
                       window=window, block_length=block_length, stride=stride)
     return _attend(query, key, value, kv_lengths.astype(jnp.int32), tuple(sorted(meta.items())))
 
@@ -191,7 +209,8 @@ def _attend(query, key, value, kv_lengths, meta):
         kernel=decode_span_fwd_kernel,
         out_shape=[jax.ShapeDtypeStruct((batch, H, P, G, DV), jnp.float32),
                    jax.ShapeDtypeStruct((batch, H, P, G), jnp.float32)],
-        grid=(batch * H, P), num_warps=num_warps(meta["DK"], DV, query.dtype), num_stages=2, **meta,
+        grid=(batch * H, P), num_warps=num_warps(G, meta["DK"], DV, jnp.float32 if meta["F32_DOTS"] else query.dtype),
+        num_stages=2, **meta,
     )
     out, lse = merge_splits(o_part, lse_part)
     return (out.reshape(batch, 1, num_q_heads, DV).astype(query.dtype),
@@ -219,9 +238,10 @@ def compile_specs(cases, name: str, **span) -> list[CompileSpec]:
         q, rows, f32 = pointer(dtype), pointer(rows_dtype), "*fp32"
         signature = dict(q_ptr=q, k_ptr=rows, v_ptr=rows, lengths_ptr="*i32", N="i32", o_part_ptr=f32,
                          lse_part_ptr=f32)
+        dots = dot_dtype(dtype, rows_dtype)
         specs.append(CompileSpec(
             f"{name}-{dtype}-{rows_dtype}-d{head_dim}x{value_dim}-g{group}-p{splits}", decode_span_fwd_kernel,
-            signature, constexprs(4, group, splits, head_dim, value_dim, dtype, head_dim**-0.5, **span),
-            num_warps=num_warps(head_dim, value_dim, dtype), num_stages=2,
+            signature, constexprs(4, group, splits, head_dim, value_dim, dots, head_dim**-0.5, **span),
+            num_warps=num_warps(group, head_dim, value_dim, dots), num_stages=2,
         ))
     return specs
