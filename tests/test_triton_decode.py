@@ -73,7 +73,8 @@ def _random_decode_step(rng, group, dtype, kv_heads, block_size, capacity, windo
         return np.asarray(jnp.asarray(x, dtype))
 
     q = cast(rng.standard_normal((B, 1, HQ, 32)))
-    k, v = cast(rng.standard_normal((B, capacity, kv_heads, 32))), cast(rng.standard_normal((B, capacity, kv_heads, 16)))
+    k = cast(rng.standard_normal((B, capacity, kv_heads, 32)))
+    v = cast(rng.standard_normal((B, capacity, kv_heads, 16)))
     gates = [cast(1 / (1 + np.exp(-rng.standard_normal((B, 1, HQ))))) for _ in range(3)]
     k_dirty, v_dirty = k.copy(), v.copy()
     for b, n in enumerate(lengths):
@@ -239,3 +240,33 @@ def test_serving_shape_matches_xla_on_a_gpu(batch, context):
                           (nsa.Piece.SELECTED_ATTENTION, "decode"), (nsa.Piece.SLIDING_WINDOW, "decode_window")]:
         assert plan.chosen[piece].fn.__module__.endswith(f"triton.{module}"), str(plan)
     assert_close("automatic vs xla", step(None), step("xla"), 2e-2)
+
+
+@pytest.mark.gpu
+def test_compressed_and_window_kernels_match_oracle_at_the_serving_shape():
+    """Issue 14's shape (HQ=64, H=4, D=128, BS=64, W=512, bf16), compiled: the compressed branch
+    (output and lse, over a cache's float32 blocks) and the window against the float64 oracle,
+    rows at random lengths with NaN past them, with the launch's own tiles and splits."""
+    rng = np.random.default_rng(128)
+    B, TK, H, G, D, BS, W = 2, 8192, 4, 16, 128, 64, 512
+    lengths = np.sort(rng.integers(W // 2, TK + 1, B)).astype(np.int32)
+    cast = lambda x: np.array(jnp.asarray(x, jnp.bfloat16))  # noqa: E731 (a writable copy)
+    q, k, v = cast(rng.standard_normal((B, 1, G * H, D))), *(cast(rng.standard_normal((B, TK, H, D))) for _ in range(2))
+    g = cast(rng.random((B, 1, G * H)))
+    indices = np.zeros((B, 1, H, 1), np.int32)
+    expected = oracle.nsa_forward_cached(q, k, v, lengths, g_cmp=g, block_indices=indices, block_counts=1,
+                                         block_size=BS, g_swa=g, window_size=W)
+    k_cmp, v_cmp = (x.astype(np.float32) for x in oracle.mean_pool_cached(k, v, BS, lengths))
+    for b, n in enumerate(lengths):
+        k[b, n:], v[b, n:], k_cmp[b, n // BS:] = np.nan, np.inf, np.nan
+    plan = nsa.explain(q, k, v, g, block_indices=indices, block_counts=1, block_size=BS, g_swa=g, window_size=W,
+                       kv_lengths=lengths)
+    assert plan.chosen[nsa.Piece.COMPRESSED_ATTENTION].fn.__module__.endswith("triton.decode_compressed"), str(plan)
+    assert plan.chosen[nsa.Piece.SLIDING_WINDOW].fn.__module__.endswith("triton.decode_window"), str(plan)
+    options = dict(scale=D ** -0.5, segments=None, kv_lengths=jnp.asarray(lengths))
+    o_cmp, lse = jax.jit(lambda *a: plan[nsa.Piece.COMPRESSED_ATTENTION](*a, block_size=BS, **options))(
+        q, k_cmp, v_cmp)
+    o_swa = jax.jit(lambda *a: plan[nsa.Piece.SLIDING_WINDOW](*a, window_size=W, **options))(q, k, v)
+    assert_close("o_cmp", o_cmp, expected["o_cmp"], TOLERANCES["bfloat16"][0])
+    assert_close("o_swa", o_swa, expected["o_swa"], TOLERANCES["bfloat16"][0])
+    np.testing.assert_allclose(np.asarray(lse), expected["lse"], atol=1e-3)
