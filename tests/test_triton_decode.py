@@ -111,11 +111,13 @@ def test_compressed_and_window_pieces_match_oracle(small_splits, group, kv_heads
     for name, got in (("o_cmp", o_cmp), ("o_swa", o_swa)):
         assert got.dtype == jnp.dtype(dtype) and np.all(np.isfinite(np.asarray(got, np.float64))), name
         assert_close(name, got, expected[name], tolerance)
+    assert lse.dtype == jnp.float32
     lse, want = np.asarray(lse, np.float64), expected["lse"]
-    assert lse.dtype == np.float64 and np.array_equal(np.isneginf(lse), np.isneginf(want))
+    assert np.array_equal(np.isneginf(lse), np.isneginf(want))
     seen = np.isfinite(want)
     assert np.isneginf(want[0]).all() and seen[1:].all()  # row 0 is shorter than one block
-    np.testing.assert_allclose(lse[seen], want[seen], rtol=0, atol=10 * tolerance)
+    # Float32 dots over the float32 blocks, whatever the query's dtype: the lse is close for bf16 too.
+    np.testing.assert_allclose(lse[seen], want[seen], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("group", [1, 4, 16])

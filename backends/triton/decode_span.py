@@ -156,7 +156,7 @@ def dot_dtype(query_dtype, rows_dtype):
 
 def key_tile(head_dim: int, value_dim: int, dots) -> int:
     """Key rows per step: 64 for 16-bit dots up to 128 wide; float32 operands (split in two for
-    tf32x3) and 256-wide heads halve it, so that sm_90 compiles without spills (ptxas -v)."""
+    tf32x3) and 256-wide heads halve it, for the registers (ptxas -v on sm_90; see `num_warps`)."""
     tile = 64 if max(next_pow2(head_dim), next_pow2(value_dim)) <= 128 else 32
     return tile if jnp.dtype(dots).itemsize == 2 else tile // 2
 
