@@ -8,7 +8,8 @@ What is timed (jitted, median of the timed runs, host clock around `block_until_
   compressed block) and attend with its query, the cache donated; rows at the context length.
 - `nsa_attend`: the attend call alone (no append).
 - `nsa_step_xla`: `nsa_step` with every piece forced onto XLA (on a GPU the automatic choice runs
-  the selected branch in Triton's decoding kernel).
+  the compressed branch, the selected branch and the window in Triton's decoding kernels; the
+  JSON's `decode_plan` says which implementation each piece of a step got).
 - `dense_cudnn`, `dense_xla`: `jax.nn.dot_product_attention` of the same query over the same cache
   (`key_value_seq_lengths`), with cuDNN and with XLA: dense decoding.
 - `nsa_no_cache`: `native_sparse_attention` of the one query against the whole prefix with
@@ -114,6 +115,26 @@ def filled_cache(key, batch, context, config, dtype):
     return kv_cache.from_keys(k, v, lengths, block_size=BS)
 
 
+def decode_plan(config, dtype, context) -> dict:
+    """`{piece: "backend (module)"}` that the automatic choice gives a decoding step at `context`
+    (traced with abstract inputs: nothing is allocated), so the record says what was timed."""
+    H, HQ, D = config["kv_heads"], config["heads"], config["head_dim"]
+    shapes = [jax.ShapeDtypeStruct(s, dtype) for s in ((1, 1, HQ, D), (1, context, H, D), (1, 1, HQ))]
+    plans = []
+
+    def trace(q, k, g, lengths):
+        plans.append(ejkernel_nsa.explain(q, k, k, g, g, g_swa=g, block_size=config["block_size"],
+                                          kv_lengths=lengths, **nsa_options(config)))
+        return q
+
+    try:
+        jax.eval_shape(trace, *shapes, jax.ShapeDtypeStruct((1,), jnp.int32))
+    except Exception as error:  # the record says why instead of ending the run
+        return {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    return {piece.value: f"{impl.backend} ({impl.fn.__module__.rsplit('.', 1)[-1]})"
+            for piece, impl in plans[0].chosen.items()}
+
+
 class Skipped(Exception):
     """A baseline that cannot run here (cuDNN without a GPU)."""
 
@@ -207,8 +228,8 @@ def decode_cases(records, args, config, dtype, batch, context, recompute_batch_1
     run_case(records, "dense_xla", batch, context, dense("xla"), **knobs)
     run_case(records, "nsa_attend", batch, context, attend_only, **knobs)
     run_case(records, "nsa_step", batch, context, step, **knobs)
-    # Every piece on XLA: what the automatic choice (Triton's decoding kernel for the selected
-    # branch, on a GPU) is measured against.
+    # Every piece on XLA: what the automatic choice (on a GPU, Triton's decoding kernels for the
+    # compressed branch, the selected branch and the window) is measured against.
     run_case(records, "nsa_step_xla", batch, context, functools.partial(step, backend="xla"), **knobs)
     run_case(records, "nsa_no_cache", batch, context, no_cache, **knobs)
     if batch * context <= config["recompute_token_limit"]:
@@ -328,7 +349,9 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
     path = args.json or Path(__file__).parent / "results" / f"decode_{kind}_{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = dict(device_kind=kind, platform=device.platform, jax_version=jax.__version__, config=config)
+    header = dict(device_kind=kind, platform=device.platform, jax_version=jax.__version__, config=config,
+                  decode_plan=decode_plan(config, dtype, max(config["contexts"])))
+    print(f"decoding step's pieces: {header['decode_plan']}", flush=True)
     records = Records(path, header)
     # Batch 1 runs first: its recompute times are scaled for batches too large to recompute. The
     # chunked prefill follows it, so a run cut short still judges that target.

@@ -18,5 +18,9 @@ def test_tiny_run_writes_every_case_and_the_verdicts(tmp_path):
         assert status[(name, 1, 64)] == "ok", (name, result["records"])
     assert status[("dense_cudnn", 1, 64)] in ("ok", "skipped")
     assert status[("prefill_chunk", 1, 128)] == "ok" and status[("prefill_full_share", 1, 128)] == "ok"
+    # A CPU runs every piece on XLA (interpreted kernels are never chosen automatically).
+    assert result["decode_plan"] == {piece: "xla (" + module + ")" for piece, module in [
+        ("compression", "compression"), ("compressed_attention", "compressed_attention"), ("selection",
+         "compressed_attention"), ("selected_attention", "selected_attention"), ("sliding_window", "sliding_window")]}
     targets = {v["target"]: v for v in result["targets"]}
     assert len(targets) == 3 and all(v["met"] is not None for v in targets.values())

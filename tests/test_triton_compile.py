@@ -10,7 +10,8 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="the test extra installs triton")
 
-MODULES = ("compression", "compressed_attention", "selection", "selected_attention", "sliding_window", "decode")
+MODULES = ("compression", "compressed_attention", "selection", "selected_attention", "sliding_window", "decode",
+           "decode_compressed", "decode_window")
 
 
 def all_specs():

@@ -59,10 +59,11 @@ register_backend(Backend(NAME, "Triton kernels via jax-triton (NVIDIA GPU)", ava
                          interpret=lambda: launch.INTERPRETED))
 
 
-# `decode` is a decoding step's selected attention (SPEC section 10, one query per row): its own
-# kernel, declining everything else, beside `selected_attention`, which declines decoding. The
-# kernels are defined (`@triton.jit`) on import: under TRITON_INTERPRET=1 when interpreted.
+# `decode`, `decode_compressed` and `decode_window` are a decoding step's selected attention,
+# compressed branch and sliding window (SPEC section 10, one query per row): their own kernels,
+# declining everything else, beside the full-length pieces, which decline decoding. The kernels
+# are defined (`@triton.jit`) on import: under TRITON_INTERPRET=1 when interpreted.
 host.register_pieces(NAME, ("compression", "compressed_attention", "selection", "selected_attention", "sliding_window",
-                            "decode"),
+                            "decode", "decode_compressed", "decode_window"),
                      platforms=("gpu", "cpu") if launch.INTERPRETED else ("gpu",), priority=PRIORITY,
                      importing=launch.triton_interpreter)

@@ -5,7 +5,8 @@ of `selected_attention` would run `B * H` programs, too few to fill a GPU at bat
 split over the blocks instead, as split-K ("flash decoding") attention does: one program per
 (row, kv head, slot) loads its block's `BS` keys and values once for the `G` query heads of the
 group and writes a normalized partial output and its log-sum-exp; the `S` partials are merged by
-their log-sum-exps in XLA (a `[B, H, S, G, Dv]` tensor, tiny). Loads are masked by the row's
+their log-sum-exps in XLA (a `[B, H, S, G, Dv]` tensor, tiny; `decode_span.merge_splits`, which
+the compressed branch and the window of a decoding step share). Loads are masked by the row's
 length, so cache slots past it never reach a product.
 
 Forward only: differentiating it raises (the XLA backend differentiates decoding calls).
@@ -22,6 +23,7 @@ import triton.language as tl
 
 from ejkernel_nsa.backends.common import host
 from ejkernel_nsa.backends.triton import launch
+from ejkernel_nsa.backends.triton.decode_span import merge_splits
 from ejkernel_nsa.backends.triton.launch import CompileSpec, next_pow2, pointer
 from ejkernel_nsa.problem import NSAProblem, Piece
 
@@ -123,13 +125,8 @@ def _selected_decode(query, key, value, block_indices, block_counts, kv_lengths,
                    jax.ShapeDtypeStruct((batch, H, S, G), jnp.float32)],
         grid=(batch * H, S), num_warps=4, num_stages=1, **meta,
     )
-    # Merge the slots' partials by their log-sum-exps; a row that counted no block stays 0.
-    peak = jnp.max(lse_part, axis=2, keepdims=True)
-    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
-    weights = jnp.where(jnp.isfinite(lse_part), jnp.exp(lse_part - peak), 0.0)
-    total = jnp.sum(weights, axis=2, keepdims=True)
-    weights = weights / jnp.where(total > 0, total, 1.0)
-    out = jnp.einsum("bhsg,bhsgd->bhgd", weights, o_part)
+    # The slots' partials merged by their log-sum-exps; a row that counted no block stays 0.
+    out, _ = merge_splits(o_part, lse_part)
     return out.reshape(batch, 1, num_q_heads, DV).astype(query.dtype)
 
 
