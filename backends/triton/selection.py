@@ -108,7 +108,6 @@ def block_selection_fwd_kernel(
     INDEX_BITS: tl.constexpr,
     TAPS: tl.constexpr,  # 0: SPEC 3 (compressed block = selection block); else SPEC 9's transfer
     TAP0: tl.constexpr,
-    WIDE_TAPS: tl.constexpr,  # TAPS > 0: the taps u = 0 .. WIDE_TAPS-1 scored by one wide dot (0: none)
     CL: tl.constexpr,
     STRIDE: tl.constexpr,
 ):
@@ -182,26 +181,7 @@ def block_selection_fwd_kernel(
             # compressed blocks j * l'/d + TAP0 + t that overlap it, each by its overlap weight.
             base = tl.load(tap_base_ptr + blocks, mask=blocks < NBS, other=0)
             score = tl.zeros([BT, BC], tl.float32)
-            if WIDE_TAPS > 0:
-                # The taps u = 0 .. WIDE_TAPS-1 (the compressed blocks that start inside block j)
-                # are consecutive blocks of each selection block: one [ROWS, BC * WIDE_TAPS] dot
-                # scores them all, instead of one narrow dot over gathered rows per tap (on an H200
-                # at 64k with the paper's geometry, the per-tap form took 25.5 ms against 6 ms
-                # without a transfer).
-                in_block = tl.arange(0, WIDE_TAPS)
-                cmp = tl.reshape(base[:, None] + in_block[None, :], [BC * WIDE_TAPS])
-                cmp_ok = tl.reshape(tl.broadcast_to((blocks < NBS)[:, None], [BC, WIDE_TAPS]), [BC * WIDE_TAPS]) & (cmp < NB)
-                s = _block_scores(q, q_ptr, k_ptr, row_q, row_ok, b, h, cmp, cmp_ok, NB, H, DK, BD, DC, ROWS,
-                                  BC * WIDE_TAPS, PRECISION)
-                visible = row_ok[:, None] & cmp_ok[None, :] & (cmp[None, :] >= row_first[:, None]) & (
-                    cmp[None, :] < row_visible_end[:, None])
-                p = tl.where(visible, tl.exp(s * SCALE - lse[:, None]), 0.0)
-                grouped = tl.sum(tl.reshape(p, [BT, GP, BC * WIDE_TAPS]), axis=1)
-                weight = tl.load(tap_weight_ptr + in_block - TAP0)
-                score = tl.sum(tl.reshape(grouped, [BT, BC, WIDE_TAPS]) * weight[None, None, :], axis=2)
-            # The taps left (all of them, or those before the block, u < 0, when the wide dot ran:
-            # the taps are ordered by u, so those come first).
-            for t in tl.static_range(TAPS - WIDE_TAPS):
+            for t in tl.static_range(TAPS):
                 cmp = base + (TAP0 + t)
                 cmp_ok = (blocks < NBS) & (cmp >= 0) & (cmp < NB)
                 s = _block_scores(q, q_ptr, k_ptr, row_q, row_ok, b, h, cmp, cmp_ok, NB, H, DK, BD, DC, ROWS, BC,
@@ -292,12 +272,11 @@ def _block_selection_fwd(query, k_cmp, lse, counts, pos, first_block, *, num_out
     if transfer is None:
         # SPEC 3: the transfer's inputs are unused (TAPS=0); any arrays of the right kind fill them.
         sel_first, tap_base, tap_weight, num_selection_blocks = first_block, first_block, lse, num_blocks
-        geometry = dict(TAPS=0, TAP0=0, WIDE_TAPS=0, CL=block_size, STRIDE=block_size)
+        geometry = dict(TAPS=0, TAP0=0, CL=block_size, STRIDE=block_size)
     else:
         sel_first, tap_base, tap_weight = transfer.sel_first, transfer.tap_base, transfer.tap_weight
         num_selection_blocks = transfer.tap_base.shape[0]
-        geometry = dict(TAPS=transfer.tap_weight.shape[0], TAP0=transfer.first_tap,
-                        WIDE_TAPS=wide_taps(block_size, transfer.stride, tiles.blocks), CL=transfer.length,
+        geometry = dict(TAPS=transfer.tap_weight.shape[0], TAP0=transfer.first_tap, CL=transfer.length,
                         STRIDE=transfer.stride)
     return launch.triton_call(
         query, k_cmp, lse, counts, pos, first_block, sel_first, tap_base, tap_weight, num_tokens, num_blocks,
@@ -344,14 +323,6 @@ def _transfer(num_tokens: int, block_size: int, length: int, stride: int, segmen
         tap_weight=jnp.asarray([weight for _, weight in taps], jnp.float32),
         first_tap=taps[0][0], length=length, stride=stride,
     )
-
-
-def wide_taps(block_size: int, stride: int, blocks: int) -> int:
-    """How many taps (the l'/d compressed blocks that start inside a selection block) one wide
-    dot scores: all of them when l'/d is a power of two (a `tl.arange`) and the dot's width
-    `blocks * l'/d` stays within 256 columns (its float32 scores live in registers), else 0."""
-    ratio = block_size // stride
-    return ratio if ratio & (ratio - 1) == 0 and blocks * ratio <= 256 else 0
 
 
 def index_bits(num_blocks: int, narrow_keys: bool = True) -> int:
@@ -422,8 +393,7 @@ def compile_specs() -> list[launch.CompileSpec]:
         }
         constexprs = dict(H=4, G=group, DK=head_dim, SCALE=head_dim**-0.5, BLOCK_SIZE=block_size, NUM_OUT=slots,
                           PRECISION=launch.dot_precision(dtype), **tiles.constexprs(),
-                          INDEX_BITS=10 if slots < 64 else 32, TAPS=taps, TAP0=first_tap,
-                          WIDE_TAPS=wide_taps(block_size, stride, tiles.blocks) if taps else 0, CL=length,
+                          INDEX_BITS=10 if slots < 64 else 32, TAPS=taps, TAP0=first_tap, CL=length,
                           STRIDE=stride)
         specs.append(launch.CompileSpec(
             f"fwd_{dtype}_g{group}_d{head_dim}_bs{block_size}_s{slots}" + (f"_l{length}_d{stride}" if taps else ""),
