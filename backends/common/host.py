@@ -91,8 +91,12 @@ def token_config(group: int, block_size: int, head_dim: int, value_dim: int, ite
     # K and V tiles [tile, D] are held whole; float32 tiles take twice the registers.
     block_tile = min(block_padded, (64 if max(dkp, dvp) <= 128 else 32) * 2 // itemsize)
     big = rows * max(dkp, dvp) * itemsize >= 64 * 128 * 2
+    # A 16-row tile is one small dot per key tile: two warps keep more programs resident per SM.
+    # Measured on an H200 (Triton, G=16, D=128, bf16, 64k; benchmarks/NOTES.md): forward 16.6 ->
+    # 15.3 ms, forward+backward 61.9 -> 59.2 ms against four warps (one warp: 15.1 / 67.5).
+    num_warps = 8 if big else 2 if rows <= 16 and max(dkp, dvp) <= 128 else 4
     return TokenConfig(rows=rows, head_chunks=cdiv(group, rows), block_tile=block_tile,
-                       subs=block_padded // block_tile, num_warps=8 if big else 4)
+                       subs=block_padded // block_tile, num_warps=num_warps)
 
 
 # ---- selection: how many slots a kernel fills, and the rest ------------------------------------
