@@ -17,7 +17,7 @@ from fake_backend import install_fake_triton
 import ejkernel_nsa as nsa
 from ejkernel_nsa.config import BACKEND_ENV
 from ejkernel_nsa.problem import Piece
-from ejkernel_nsa.registry import tuning
+from ejkernel_nsa.registry import implementations, tuning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_flops  # noqa: E402
@@ -275,3 +275,18 @@ def test_ejkernel_nsa_bench_runs_the_harness():
     result = subprocess.run([sys.executable, "-m", "ejkernel_nsa.cli", "bench", "--help"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "--write-tuning" in result.stdout
+
+
+def test_the_tile_sweep_passes_each_tile_to_the_kernels(capsys):
+    """benchmarks/tile_sweep.py --tiny on a CPU (Triton's interpreter): every candidate runs, and
+    a tile that changes the dk/dv pass's sum order gives the default's result up to rounding."""
+    if not any(impl.piece == Piece.COMPRESSED_ATTENTION for impl in implementations(backend="triton")) or (
+            not has_gpu() and nsa.backend_status()["triton"] is not None):
+        pytest.skip("the triton backend does not run here (a GPU, or EJKERNEL_NSA_INTERPRET=1 at import)")
+    import tile_sweep
+
+    assert tile_sweep.main(["--tiny", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    timed = [line for line in out.splitlines() if " ms  (max |diff| from the default tile " in line]
+    assert len(timed) == sum(len(tiles) for tiles in tile_sweep.TINY_CANDIDATES.values()), out
+    assert all(float(line.rsplit(" ", 1)[1].rstrip(")")) < 1e-4 for line in timed), out
