@@ -250,6 +250,23 @@ def test_piece_timings_rank_backends_per_shape_class():
     assert orders[("FakeGPU 9000", tuning.ShapeClass("bfloat16", "G=2-15", "T<=16k"), "selection")]
 
 
+def test_a_measurement_updates_its_piece_and_keeps_the_rest():
+    where = dict(device_kind="FakeGPU 9000", shape_class=tuning.ShapeClass("float32", "G=2-15", "T<=4k"))
+    table = bench_tuning.with_measurements(tuning.empty_table(), **where, piece="selection",
+                                           median_ms={"xla": 3.0, "triton": 1.0}, mode="fwd", seq_lens=[4096],
+                                           source="a.json")
+    table = bench_tuning.with_measurements(table, **where, piece="sliding_window",
+                                           median_ms={"xla": 1.0, "triton": 2.0}, mode="fwd_bwd", seq_lens=[4096],
+                                           source="b.json")
+    table = bench_tuning.with_measurements(table, **where, piece="selection",
+                                           median_ms={"xla": 0.5, "triton": 1.0}, mode="fwd", seq_lens=[1024, 4096],
+                                           source="c.json")
+    (entry,) = table["entries"]
+    assert entry["pieces"]["selection"]["order"] == ["xla", "triton"]
+    assert entry["pieces"]["selection"]["source"] == "c.json"
+    assert entry["pieces"]["sliding_window"]["order"] == ["xla", "triton"]
+
+
 def test_a_written_table_is_what_resolve_reads(tmp_path, monkeypatch):
     """End to end on a CPU: piece timings (xla faster than a fake 'triton' compressed attention) go
     into a table file, and the automatic choice then picks xla over the higher priority."""
