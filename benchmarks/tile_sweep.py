@@ -18,9 +18,7 @@ works, on a machine without a GPU; its times mean nothing.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +26,8 @@ import jax.numpy as jnp
 from ejkernel_nsa import sparsity
 from ejkernel_nsa.backends.triton import compressed_attention as cmp
 from ejkernel_nsa.problem import token_layout
+
+from bench_timing import median_ms  # noqa: E402 (benchmarks/ is the script's folder)
 
 Tile = cmp.Tile
 
@@ -47,18 +47,6 @@ CANDIDATES = {
 TINY_CANDIDATES = {stage: [Tile(16, 16, 4, 2), Tile(32, 16, 4, 2)] for stage in CANDIDATES}
 PAPER_SHAPE = dict(HQ=64, H=4, D=128, BS=64, dtype=jnp.bfloat16)
 TINY_SHAPE = dict(HQ=4, H=2, D=16, BS=16, dtype=jnp.float32)
-
-
-def median_ms(fn, args, repeats: int):
-    """The median time of `fn(*args)` after two warm-up calls, and its result."""
-    result = jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), result
 
 
 def largest_difference(result, reference) -> float:
@@ -118,12 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     for stage in wanted:
         launch_under, stage_args = calls[stage]
         default = cmp.default_tile(stage, shape["D"], shape["D"], shape["dtype"])
-        _, reference = median_ms(launch_under(default), stage_args, 1)
+        reference = jax.block_until_ready(launch_under(default)(*stage_args))
         print(f"{describe(stage, default)}: the default tile (reference)", flush=True)
         for tile in candidates[stage]:
             label = describe(stage, tile)
             try:
-                ms, result = median_ms(launch_under(tile), stage_args, args.repeats)
+                # A new jitted function per tile: the tile is read when tracing.
+                launch = launch_under(tile)
+                result = jax.block_until_ready(launch(*stage_args))  # the first call compiles
+                ms = median_ms(launch, *stage_args, repeats=args.repeats, warmup=1)
             except Exception as error:  # a tile that does not fit fails here; the sweep goes on
                 print(f"{label}: failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}", flush=True)
                 continue
