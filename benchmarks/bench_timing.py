@@ -32,6 +32,22 @@ def repeats_within(first_ms: float, repeats: int, max_timed_s: float, minimum: i
     return max(min(minimum, repeats), min(repeats, int(max_timed_s * 1e3 / first_ms)))
 
 
+def median_ms(fn, *args, repeats: int, warmup: int = 2) -> float:
+    """The median host time (ms) of `fn(*args)` over `repeats` runs, each synchronised, after
+    `warmup` untimed calls (compilation in the first): for the scripts that time one kernel or
+    variant against another on the same inputs."""
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def time_jax(run: Callable[[int], Any], *, warmup: int, repeats: int, max_timed_s: float) -> Timing:
     """`run(i)` launches one step on input set i (alternating sets, so that repeated runs do not
     re-read one buffer from the cache) and returns its outputs."""

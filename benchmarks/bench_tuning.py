@@ -41,13 +41,37 @@ def piece_orders(records: list[dict]) -> dict[tuple, dict]:
     return orders
 
 
+def with_measurements(table: dict, *, device_kind: str, shape_class: tuning.ShapeClass, piece: str,
+                      median_ms: dict[str, float], mode: str, seq_lens: list[int], source: str) -> dict:
+    """A copy of `table` whose entry for (`device_kind`, `shape_class`) ranks `piece`'s backends by
+    `median_ms` (the time each took, summed over the `seq_lens` measured, in `mode`); other pieces
+    and entries are kept. Backends missing from `median_ms` (failed, or not measured) are left out
+    of the order and so rank after the measured ones."""
+    table = json.loads(json.dumps(table))
+    key = {"device_kind": device_kind, "dtype": shape_class.dtype, "group": shape_class.group,
+           "seq_len": shape_class.seq_len}
+    entry = next((e for e in table["entries"] if all(e.get(k) == v for k, v in key.items())), None)
+    if entry is None:
+        entry = dict(key, pieces={})
+        table["entries"].append(entry)
+    entry["pieces"][str(piece)] = {
+        "order": sorted(median_ms, key=median_ms.get),
+        "median_ms": {name: round(ms, 4) for name, ms in sorted(median_ms.items(), key=lambda item: item[1])},
+        "mode": mode,
+        "seq_lens": sorted(seq_lens),
+        "source": source,
+    }
+    table["entries"].sort(key=lambda e: (e["device_kind"], e["dtype"], e["group"], e["seq_len"]))
+    return table
+
+
 def update_table(path: Path, records: list[dict], source: str) -> list[str]:
     """Write the orders measured in `records` into the table at `path`; return one line per order."""
     table = tuning.load_table(path) if path.exists() else tuning.empty_table()
     lines = []
     for (device_kind, shape_class, piece), measured in sorted(piece_orders(records).items(), key=str):
-        table = tuning.with_measurements(table, device_kind=device_kind, shape_class=shape_class, piece=piece,
-                                         source=source, **measured)
+        table = with_measurements(table, device_kind=device_kind, shape_class=shape_class, piece=piece,
+                                  source=source, **measured)
         order = sorted(measured["median_ms"], key=measured["median_ms"].get)
         lines.append(f"{device_kind} | {shape_class} | {piece}: " +
                      " < ".join(f"{b} {measured['median_ms'][b]:.3g} ms" for b in order))

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,18 +25,9 @@ from ejkernel_nsa.backends.triton import selected_attention as slc
 from ejkernel_nsa.backends.triton import selection as sel_kernel
 from ejkernel_nsa.problem import token_layout
 
+from bench_timing import median_ms  # noqa: E402 (benchmarks/ is the script's folder)
+
 SHAPES = {1: (32, 32), 2: (32, 16), 4: (32, 8), 8: (64, 8), 16: (64, 4)}  # G -> (HQ, H)
-
-
-def timed(fn, *args, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
 
 
 def rel(a, b) -> float:
@@ -99,7 +89,7 @@ def measure_selected(rows, args, group, name, mode, fn, operands, reference: lis
         if not reference:
             reference.extend(np.asarray(v, np.float32) for v in values)
         err = max(rel(v, r) for v, r in zip(values, reference))
-        ms = timed(fn, *operands, repeats=args.repeats)
+        ms = median_ms(fn, *operands, repeats=args.repeats)
         record(rows, piece="selected_attention", mode=mode, G=group, T=args.seq_len, variant=name, median_ms=ms,
                **{error_key: err})
     except Exception as error:  # noqa: BLE001
@@ -147,7 +137,7 @@ def selected_variants(args, group, x, rows):
         tiles = sparsity.reader_tiles(offsets, num_tokens=args.seq_len, num_slots=args.num_slots, group=group,
                                       rows=fwd_block.rows, chunks=fwd_block.chunks)
         return pairs, offsets, tiles
-    ms = timed(jax.jit(index), x["indices"], repeats=args.repeats)
+    ms = median_ms(jax.jit(index), x["indices"], repeats=args.repeats)
     record(rows, piece="selected_attention", mode="index", G=group, T=args.seq_len, variant="reader pairs + tiles",
            median_ms=ms)
 
@@ -201,7 +191,7 @@ def selection_variants(args, group, x, rows):
             fn = select(tiles)
             got = np.asarray(fn(*operands))
             agree = float(np.mean(np.sort(got, -1) == np.sort(base, -1)))
-            ms = timed(fn, *operands, repeats=args.repeats)
+            ms = median_ms(fn, *operands, repeats=args.repeats)
             record(rows, piece="selection", mode="fwd", G=group, T=args.seq_len, variant=name, median_ms=ms,
                    slot_agreement=agree, tiles=dataclasses.asdict(tiles) if tiles else None)
         except Exception as error:  # noqa: BLE001
@@ -227,7 +217,7 @@ def whole_call(args, group, x, rows):
         for mode, fn, operands in (("fwd", fwd, (x["q"], x["k"], x["v"], gates)),
                                    ("fwd_bwd", grad, (x["q"], x["k"], x["v"], gates, x["d_out"]))):
             try:
-                ms = timed(fn, *operands, repeats=args.repeats)
+                ms = median_ms(fn, *operands, repeats=args.repeats)
                 record(rows, piece=None, mode=mode, G=group, T=args.seq_len, variant=f"automatic W={window}",
                        median_ms=ms)
             except Exception as error:  # noqa: BLE001

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,15 +23,7 @@ import numpy as np
 
 import ejkernel_nsa as nsa
 
-
-def timed(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+from bench_timing import median_ms  # noqa: E402 (benchmarks/ is the script's folder)
 
 
 def with_backward(fn):
@@ -82,10 +73,12 @@ def main() -> None:
 
         wrap = with_backward if args.backward else (lambda f: f)
         row = [
-            timed(jax.jit(wrap(dense)), q, k, v, repeats=args.repeats),
-            timed(jax.jit(wrap(functools.partial(ours, window=0))), q, k, v, g[0], g[1], g[2], repeats=args.repeats),
-            timed(jax.jit(wrap(functools.partial(ours, window=args.window))), q, k, v, *g, repeats=args.repeats),
-            timed(jax.jit(wrap(window_only)), q, k, v, repeats=args.repeats),
+            median_ms(jax.jit(wrap(dense)), q, k, v, repeats=args.repeats, warmup=1),
+            median_ms(jax.jit(wrap(functools.partial(ours, window=0))), q, k, v, g[0], g[1], g[2],
+                      repeats=args.repeats, warmup=1),
+            median_ms(jax.jit(wrap(functools.partial(ours, window=args.window))), q, k, v, *g, repeats=args.repeats,
+                      warmup=1),
+            median_ms(jax.jit(wrap(window_only)), q, k, v, repeats=args.repeats, warmup=1),
         ]
         print(f"| {seq_len} | {row[0]:.1f} | {row[1]:.1f} | {row[2]:.1f} | {row[3]:.1f} "
               f"| {row[0] / row[1]:.2f}x | {row[0] / row[2]:.2f}x |", flush=True)

@@ -6,7 +6,8 @@ ranks the implementations it accepted (available, supporting the call, not inter
 The table only reorders backends that all compute the contract, so it changes no result beyond
 rounding (a near-tie in the top-k may fall the other way, as SPEC section 8 allows). Nothing is
 recorded by hand: `benchmarks/nsa_bench.py --write-tuning` measures each piece per backend and
-rewrites the entries of the shape classes it measured.
+rewrites the entries of the shape classes it measured (the writing lives with it, in
+`benchmarks/bench_tuning.py`; this module only reads).
 
 The table read is `registry/tuning.json` beside this file, or the file named by the environment
 variable `EJKERNEL_NSA_TUNING` (`off` disables tuning: priorities alone decide).
@@ -151,27 +152,3 @@ def rank(candidates: list, order: tuple[str, ...]) -> list:
     measured order; unmeasured ones keep their priority order after them."""
     position = {name: i for i, name in enumerate(order)}
     return sorted(candidates, key=lambda impl: position.get(impl.backend, len(order)))
-
-
-def with_measurements(table: dict, *, device_kind: str, shape_class: ShapeClass, piece: str,
-                      median_ms: dict[str, float], mode: str, seq_lens: list[int], source: str) -> dict:
-    """A copy of `table` whose entry for (`device_kind`, `shape_class`) ranks `piece`'s backends by
-    `median_ms` (the time each took, summed over the `seq_lens` measured, in `mode`); other pieces
-    and entries are kept. Backends missing from `median_ms` (failed, or not measured) are left out
-    of the order and so rank after the measured ones."""
-    table = json.loads(json.dumps(table))
-    key = {"device_kind": device_kind, "dtype": shape_class.dtype, "group": shape_class.group,
-           "seq_len": shape_class.seq_len}
-    entry = next((e for e in table["entries"] if all(e.get(k) == v for k, v in key.items())), None)
-    if entry is None:
-        entry = dict(key, pieces={})
-        table["entries"].append(entry)
-    entry["pieces"][str(piece)] = {
-        "order": sorted(median_ms, key=median_ms.get),
-        "median_ms": {name: round(ms, 4) for name, ms in sorted(median_ms.items(), key=lambda item: item[1])},
-        "mode": mode,
-        "seq_lens": sorted(seq_lens),
-        "source": source,
-    }
-    table["entries"].sort(key=lambda e: (e["device_kind"], e["dtype"], e["group"], e["seq_len"]))
-    return table

@@ -17,7 +17,7 @@ from fake_backend import install_fake_triton
 import ejkernel_nsa as nsa
 from ejkernel_nsa.config import BACKEND_ENV
 from ejkernel_nsa.problem import Piece
-from ejkernel_nsa.registry import tuning
+from ejkernel_nsa.registry import implementations, tuning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_flops  # noqa: E402
@@ -250,6 +250,23 @@ def test_piece_timings_rank_backends_per_shape_class():
     assert orders[("FakeGPU 9000", tuning.ShapeClass("bfloat16", "G=2-15", "T<=16k"), "selection")]
 
 
+def test_a_measurement_updates_its_piece_and_keeps_the_rest():
+    where = dict(device_kind="FakeGPU 9000", shape_class=tuning.ShapeClass("float32", "G=2-15", "T<=4k"))
+    table = bench_tuning.with_measurements(tuning.empty_table(), **where, piece="selection",
+                                           median_ms={"xla": 3.0, "triton": 1.0}, mode="fwd", seq_lens=[4096],
+                                           source="a.json")
+    table = bench_tuning.with_measurements(table, **where, piece="sliding_window",
+                                           median_ms={"xla": 1.0, "triton": 2.0}, mode="fwd_bwd", seq_lens=[4096],
+                                           source="b.json")
+    table = bench_tuning.with_measurements(table, **where, piece="selection",
+                                           median_ms={"xla": 0.5, "triton": 1.0}, mode="fwd", seq_lens=[1024, 4096],
+                                           source="c.json")
+    (entry,) = table["entries"]
+    assert entry["pieces"]["selection"]["order"] == ["xla", "triton"]
+    assert entry["pieces"]["selection"]["source"] == "c.json"
+    assert entry["pieces"]["sliding_window"]["order"] == ["xla", "triton"]
+
+
 def test_a_written_table_is_what_resolve_reads(tmp_path, monkeypatch):
     """End to end on a CPU: piece timings (xla faster than a fake 'triton' compressed attention) go
     into a table file, and the automatic choice then picks xla over the higher priority."""
@@ -275,3 +292,18 @@ def test_ejkernel_nsa_bench_runs_the_harness():
     result = subprocess.run([sys.executable, "-m", "ejkernel_nsa.cli", "bench", "--help"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "--write-tuning" in result.stdout
+
+
+def test_the_tile_sweep_passes_each_tile_to_the_kernels(capsys):
+    """benchmarks/tile_sweep.py --tiny on a CPU (Triton's interpreter): every candidate runs, and
+    a tile that changes the dk/dv pass's sum order gives the default's result up to rounding."""
+    if not any(impl.piece == Piece.COMPRESSED_ATTENTION for impl in implementations(backend="triton")) or (
+            not has_gpu() and nsa.backend_status()["triton"] is not None):
+        pytest.skip("the triton backend does not run here (a GPU, or EJKERNEL_NSA_INTERPRET=1 at import)")
+    import tile_sweep
+
+    assert tile_sweep.main(["--tiny", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    timed = [line for line in out.splitlines() if " ms  (max |diff| from the default tile " in line]
+    assert len(timed) == sum(len(tiles) for tiles in tile_sweep.TINY_CANDIDATES.values()), out
+    assert all(float(line.rsplit(" ", 1)[1].rstrip(")")) < 1e-4 for line in timed), out

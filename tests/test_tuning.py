@@ -1,6 +1,7 @@
 """The measured backend order (registry/tuning.json): which entry applies, that it only reorders
-the implementations resolve() accepted, that forcing ignores it, and how a measurement updates it.
-A fake device kind and fake tables stand in for a GPU."""
+the implementations resolve() accepted, and that forcing ignores it (the writer, in
+benchmarks/bench_tuning.py, is tested in test_bench.py). A fake device kind and fake tables stand
+in for a GPU."""
 
 import json
 
@@ -42,12 +43,12 @@ def fake_kernel(monkeypatch):
 
 
 def write_table(path, order, *, kind=FAKE_KIND, shape_class=CLASS, piece=Piece.COMPRESSED_ATTENTION):
-    median_ms = {name: 1.0 + i for i, name in enumerate(order)}
-    table = tuning.with_measurements(
-        tuning.empty_table(), device_kind=kind, shape_class=shape_class, piece=piece, median_ms=median_ms,
-        mode="fwd_bwd", seq_lens=[48], source="test",
-    )
-    path.write_text(json.dumps(table))
+    """A table of one entry, written as benchmarks/bench_tuning.py writes them (docs/registry.md)."""
+    entry = {"device_kind": kind, "dtype": shape_class.dtype, "group": shape_class.group,
+             "seq_len": shape_class.seq_len,
+             "pieces": {str(piece): {"order": list(order), "median_ms": {name: 1.0 + i for i, name in enumerate(order)},
+                                     "mode": "fwd_bwd", "seq_lens": [48], "source": "test"}}}
+    path.write_text(json.dumps(dict(tuning.empty_table(), entries=[entry])))
 
 
 def test_without_an_entry_priority_decides(fake_kernel):
@@ -139,25 +140,6 @@ def test_a_malformed_table_is_an_error_naming_the_file(fake_kernel, fake_device)
 ])
 def test_bucket_bounds_are_inclusive(value, buckets, label):
     assert tuning.bucket(value, buckets) == label
-
-
-def test_a_measurement_updates_its_piece_and_keeps_the_rest():
-    table = tuning.with_measurements(
-        tuning.empty_table(), device_kind=FAKE_KIND, shape_class=CLASS, piece="selection",
-        median_ms={"xla": 3.0, "triton": 1.0}, mode="fwd", seq_lens=[4096], source="a.json",
-    )
-    table = tuning.with_measurements(
-        table, device_kind=FAKE_KIND, shape_class=CLASS, piece="sliding_window",
-        median_ms={"xla": 1.0, "triton": 2.0}, mode="fwd_bwd", seq_lens=[4096], source="b.json",
-    )
-    table = tuning.with_measurements(
-        table, device_kind=FAKE_KIND, shape_class=CLASS, piece="selection",
-        median_ms={"xla": 0.5, "triton": 1.0}, mode="fwd", seq_lens=[1024, 4096], source="c.json",
-    )
-    (entry,) = table["entries"]
-    assert entry["pieces"]["selection"]["order"] == ["xla", "triton"]
-    assert entry["pieces"]["selection"]["source"] == "c.json"
-    assert entry["pieces"]["sliding_window"]["order"] == ["xla", "triton"]
 
 
 def test_the_packaged_table_is_well_formed(monkeypatch):

@@ -55,6 +55,25 @@ def too_many_slots(problem: NSAProblem, limit: int = MAX_SLOTS) -> str | None:
 
 # ---- compressed attention's dk/dv pass -----------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class CompressedTile:
+    """One compressed-attention kernel's tiles (fwd, dq or dkv; Triton and Pallas Triton): `rows`
+    query rows per program (consecutive tokens x the padded query heads of one kv head, the group
+    split in chunks when it is wider), `block_tile` compressed blocks per step (per program in the
+    dk/dv pass), and the launch options. A tile only reorders float32 sums, never what is computed:
+    the tuned tables and `benchmarks/tile_sweep.py` pass these to the kernels' launches."""
+
+    rows: int
+    block_tile: int
+    num_warps: int
+    num_stages: int = 2
+
+
+def head_dim_class(head_dim: int, value_dim: int) -> int:
+    """The padded head-dim class (64, 128, 256, ...) the compressed-attention tile tables key on."""
+    return max(64, padded_dim(head_dim), padded_dim(value_dim))
+
+
 # One program per block tile; when those are too few to fill a GPU, the query tokens are split
 # across programs (float32 partial sums, added in XLA) until about this many run.
 DKV_TARGET_PROGRAMS = 512

@@ -66,19 +66,22 @@ def _fwd_kernel(shape):
     qp, vp, pp = shape.q_parts, shape.v_parts, shape.p_parts
     sw = tiles.swizzle_for(ot, dk, dv)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BLOCK_TILE)
+    # Barrier slots: the first index each group of copies takes (`tiles.issue` takes one per copy,
+    # two for a two-part operand); each step's k and v are in flight together.
+    ROW_TILE_BARS, K_BARS, V_BARS = 0, 4, 6
 
-    def body(q_ref, k_ref, v_ref, meta_ref, o_ref, lse_ref,
-             q_smem, k_smem, v_smem, p_smem, o_smem, meta_smem, lse_smem, bars):
+    def body(q_ref, k_ref, v_ref, meta_ref, o_ref, lse_ref, *, q_smem, k_smem, v_smem, p_smem, o_smem, meta_smem,
+             lse_smem, bars):
         tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], HEAD_CHUNKS)
-        tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (meta_ref.at[tile], meta_smem)], bars)
+        tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (meta_ref.at[tile], meta_smem)], bars, ROW_TILE_BARS)
         fb = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
         end = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_CMP_END]), tile_shape)
 
         def step(j, carry):
             acc, m, l = carry
             blocks = pl.ds(j * BLOCK_TILE, BLOCK_TILE)
-            k_bars = tiles.issue([(k_ref.at[b, h, :, blocks], k_smem)], bars, 4)
-            v_bars = tiles.issue([(v_ref.at[b, h, :, blocks], v_smem)], bars, 6)
+            k_bars = tiles.issue([(k_ref.at[b, h, :, blocks], k_smem)], bars, K_BARS)
+            v_bars = tiles.issue([(v_ref.at[b, h, :, blocks], v_smem)], bars, V_BARS)
             tiles.wait(bars, k_bars)
             s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
             visible = _visible(tiles.iota(tile_shape, 1) + j * BLOCK_TILE, fb, end)
@@ -93,12 +96,12 @@ def _fwd_kernel(shape):
         lse_smem[...] = lse2 / LOG2E
         tiles.store([(o_smem, o_ref.at[b, hn, rows]), (lse_smem, lse_ref.at[b, hn, rows])])
 
-    scratch = [
-        tiles.smem((qp, ROWS, dk), ot, sw), tiles.smem((2, BLOCK_TILE, dk), ot, sw),
-        tiles.smem((vp, BLOCK_TILE, dv), ot, sw),
-        tiles.smem((pp, ROWS, BLOCK_TILE), ot, sw), plgpu.SMEM((ROWS, dv), jnp.float32),
-        plgpu.SMEM((5, ROWS), jnp.int32), plgpu.SMEM((ROWS,), jnp.float32), tiles.barriers(4),
-    ]
+    scratch = dict(
+        q_smem=tiles.smem((qp, ROWS, dk), ot, sw), k_smem=tiles.smem((2, BLOCK_TILE, dk), ot, sw),
+        v_smem=tiles.smem((vp, BLOCK_TILE, dv), ot, sw), p_smem=tiles.smem((pp, ROWS, BLOCK_TILE), ot, sw),
+        o_smem=plgpu.SMEM((ROWS, dv), jnp.float32), meta_smem=plgpu.SMEM((5, ROWS), jnp.int32),
+        lse_smem=plgpu.SMEM((ROWS,), jnp.float32), bars=tiles.barriers(4),
+    )
     return body, scratch
 
 
@@ -107,19 +110,23 @@ def _dq_kernel(shape):
     qp, vp, pp = shape.q_parts, shape.v_parts, shape.p_parts
     sw = tiles.swizzle_for(ot, dk, dv)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BLOCK_TILE)
+    # Barrier slots: the first index each group of copies takes (`tiles.issue` takes one per copy,
+    # two for a two-part operand); each step's k and v reuse slots of the row tile's,
+    # which it has waited for.
+    ROW_TILE_BARS, KV_BARS = 0, 5
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, dq_ref,
-             q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, meta_smem, lse_smem, delta_smem, bars):
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, dq_ref, *, q_smem, do_smem, k_smem, v_smem,
+             ds_smem, dq_smem, meta_smem, lse_smem, delta_smem, bars):
         tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], HEAD_CHUNKS)
         tiles.fetch(_row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile,
-                                     q_smem, do_smem, lse_smem, delta_smem, meta_smem), bars)
+                                     q_smem, do_smem, lse_smem, delta_smem, meta_smem), bars, ROW_TILE_BARS)
         fb = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
         end = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_CMP_END]), tile_shape)
         seen, lse2, delta = tiles.saved_softmax(lse_smem, delta_smem, tiles.load_rows, tiles.rows, tile_shape)
 
         def step(j, dq):
             blocks = pl.ds(j * BLOCK_TILE, BLOCK_TILE)
-            tiles.fetch([(k_ref.at[b, h, :, blocks], k_smem), (v_ref.at[b, h, :, blocks], v_smem)], bars, 5)
+            tiles.fetch([(k_ref.at[b, h, :, blocks], k_smem), (v_ref.at[b, h, :, blocks], v_smem)], bars, KV_BARS)
             s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
             visible = _visible(tiles.iota(tile_shape, 1) + j * BLOCK_TILE, fb, end) & seen
             p = jnp.where(visible, jnp.exp2(s - lse2), 0.0)
@@ -131,12 +138,13 @@ def _dq_kernel(shape):
         dq_smem[...] = dq * shape.scale
         tiles.store([(dq_smem, dq_ref.at[b, hn, rows])])
 
-    scratch = [
-        tiles.smem((qp, ROWS, dk), ot, sw), tiles.smem((qp, ROWS, dv), ot, sw), tiles.smem((2, BLOCK_TILE, dk), ot, sw),
-        tiles.smem((vp, BLOCK_TILE, dv), ot, sw), tiles.smem((pp, ROWS, BLOCK_TILE), ot, sw),
-        plgpu.SMEM((ROWS, dk), jnp.float32), plgpu.SMEM((5, ROWS), jnp.int32),
-        plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32), tiles.barriers(7),
-    ]
+    scratch = dict(
+        q_smem=tiles.smem((qp, ROWS, dk), ot, sw), do_smem=tiles.smem((qp, ROWS, dv), ot, sw),
+        k_smem=tiles.smem((2, BLOCK_TILE, dk), ot, sw), v_smem=tiles.smem((vp, BLOCK_TILE, dv), ot, sw),
+        ds_smem=tiles.smem((pp, ROWS, BLOCK_TILE), ot, sw), dq_smem=plgpu.SMEM((ROWS, dk), jnp.float32),
+        meta_smem=plgpu.SMEM((5, ROWS), jnp.int32), lse_smem=plgpu.SMEM((ROWS,), jnp.float32),
+        delta_smem=plgpu.SMEM((ROWS,), jnp.float32), bars=tiles.barriers(7),
+    )
     return body, scratch
 
 
@@ -145,15 +153,18 @@ def _dkv_kernel(shape):
     qp, vp, pp = shape.q_parts, shape.v_parts, shape.p_parts
     sw = tiles.swizzle_for(ot, dk, dv)  # one smem tiling for every wgmma operand
     tile_shape = (BLOCK_TILE, ROWS)
+    # Barrier slots: the first index each group of copies takes (`tiles.issue` takes one per copy,
+    # two for a two-part operand); the block tile's k, v and span once, then
+    # each row tile's inputs.
+    BLOCK_TILE_BARS, ROW_TILE_BARS = 0, 3
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, span_ref, dk_ref, dv_ref,
-             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dk_smem, dv_smem,
-             meta_smem, lse_smem, delta_smem, span_smem, bars):
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, span_ref, dk_ref, dv_ref, *, k_smem, v_smem,
+             q_smem, do_smem, p_smem, ds_smem, dk_smem, dv_smem, meta_smem, lse_smem, delta_smem, span_smem, bars):
         block_tile, bh = lax.axis_index("block_tile"), lax.axis_index("bh")
         b, h = tiles.div(bh, k_ref.shape[1]), tiles.rem(bh, k_ref.shape[1])
         blocks = pl.ds(block_tile * BLOCK_TILE, BLOCK_TILE)
         tiles.fetch([(k_ref.at[b, h, :, blocks], k_smem), (v_ref.at[b, h, :, blocks], v_smem),
-                     (span_ref.at[block_tile], span_smem)], bars)
+                     (span_ref.at[block_tile], span_smem)], bars, BLOCK_TILE_BARS)
         tile_lo, tile_hi = span_smem[0], span_smem[1]
         num_tiles = tile_hi - tile_lo
         block_ids = tiles.iota(tile_shape, 0) + block_tile * BLOCK_TILE
@@ -164,7 +175,7 @@ def _dkv_kernel(shape):
             tile = tile_lo + lax.rem(i, num_tiles)
             rows = pl.ds(tile * ROWS, ROWS)
             tiles.fetch(_row_tile_inputs(q_ref, do_ref, lse_ref, delta_ref, meta_ref, b, hn, tile,
-                                         q_smem, do_smem, lse_smem, delta_smem, meta_smem), bars, 3)
+                                         q_smem, do_smem, lse_smem, delta_smem, meta_smem), bars, ROW_TILE_BARS)
             fb = tiles.cols(tiles.load_cols(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
             end = tiles.cols(tiles.load_cols(meta_smem.at[tiles.META_CMP_END]), tile_shape)
             seen, lse2, delta = tiles.saved_softmax(lse_smem, delta_smem, tiles.load_cols, tiles.cols, tile_shape)
@@ -184,14 +195,15 @@ def _dkv_kernel(shape):
         dv_smem[...] = d_v
         tiles.store([(dk_smem, dk_ref.at[b, h, blocks]), (dv_smem, dv_ref.at[b, h, blocks])])
 
-    scratch = [
-        tiles.smem((2, BLOCK_TILE, dk), ot, sw), tiles.smem((vp, BLOCK_TILE, dv), ot, sw),
-        tiles.smem((qp, ROWS, dk), ot, sw), tiles.smem((qp, ROWS, dv), ot, sw),
-        tiles.smem((pp, BLOCK_TILE, ROWS), ot, sw), tiles.smem((pp, BLOCK_TILE, ROWS), ot, sw),
-        plgpu.SMEM((BLOCK_TILE, dk), jnp.float32), plgpu.SMEM((BLOCK_TILE, dv), jnp.float32),
-        plgpu.SMEM((5, ROWS), jnp.int32), plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32),
-        plgpu.SMEM((ROWS,), jnp.int32), tiles.barriers(8),
-    ]
+    scratch = dict(
+        k_smem=tiles.smem((2, BLOCK_TILE, dk), ot, sw), v_smem=tiles.smem((vp, BLOCK_TILE, dv), ot, sw),
+        q_smem=tiles.smem((qp, ROWS, dk), ot, sw), do_smem=tiles.smem((qp, ROWS, dv), ot, sw),
+        p_smem=tiles.smem((pp, BLOCK_TILE, ROWS), ot, sw), ds_smem=tiles.smem((pp, BLOCK_TILE, ROWS), ot, sw),
+        dk_smem=plgpu.SMEM((BLOCK_TILE, dk), jnp.float32), dv_smem=plgpu.SMEM((BLOCK_TILE, dv), jnp.float32),
+        meta_smem=plgpu.SMEM((5, ROWS), jnp.int32), lse_smem=plgpu.SMEM((ROWS,), jnp.float32),
+        delta_smem=plgpu.SMEM((ROWS,), jnp.float32), span_smem=plgpu.SMEM((ROWS,), jnp.int32),
+        bars=tiles.barriers(8),
+    )
     return body, scratch
 
 
@@ -276,7 +288,7 @@ def _launch_fwd(shape: Shape, q_rows, k_blocks, v_blocks, meta):
         body, name="compressed_attention_fwd_kernel",
         out_type=(jax.ShapeDtypeStruct((B, HN, shape.tiling.num_rows, shape.dv), jnp.float32),
                   jax.ShapeDtypeStruct((B, HN, shape.tiling.num_rows), jnp.float32)),
-        grid=(shape.tiling.num_tiles, B * HN), grid_names=("tile", "bh"), scratch_types=scratch,
+        grid=(shape.tiling.num_tiles, B * HN), grid_names=("tile", "bh"), scratch=scratch,
     )(q_rows, k_blocks, v_blocks, meta)
 
 
@@ -286,7 +298,7 @@ def _launch_dq(shape: Shape, q_rows, k_blocks, v_blocks, do_rows, lse_rows, delt
     return tiles.kernel(
         body, name="compressed_attention_bwd_kernel_dq",
         out_type=jax.ShapeDtypeStruct((B, HN, shape.tiling.num_rows, shape.dk), jnp.float32),
-        grid=(shape.tiling.num_tiles, B * HN), grid_names=("tile", "bh"), scratch_types=scratch,
+        grid=(shape.tiling.num_tiles, B * HN), grid_names=("tile", "bh"), scratch=scratch,
     )(q_rows, k_blocks, v_blocks, do_rows, lse_rows, delta_rows, meta)
 
 
@@ -297,7 +309,7 @@ def _launch_dkv(shape: Shape, q_rows, k_blocks, v_blocks, do_rows, lse_rows, del
         body, name="compressed_attention_bwd_kernel_dkv",
         out_type=(jax.ShapeDtypeStruct((B, H, shape.num_blocks, shape.dk), jnp.float32),
                   jax.ShapeDtypeStruct((B, H, shape.num_blocks, shape.dv), jnp.float32)),
-        grid=(shape.num_block_tiles, B * H), grid_names=("block_tile", "bh"), scratch_types=scratch,
+        grid=(shape.num_block_tiles, B * H), grid_names=("block_tile", "bh"), scratch=scratch,
     )(q_rows, k_blocks, v_blocks, do_rows, lse_rows, delta_rows, meta, spans)
 
 

@@ -62,11 +62,13 @@ def _pool_kernel(shape: Shape):
     P, ot, W = shape.parts, shape.operand, shape.width
     sw = tiles.swizzle_for(ot, W)  # one smem tiling for every wgmma operand
     tile_shape = (BLOCK_TILE, ROWS)  # blocks x tokens
+    # Barrier slots: the block tile's bounds, then each chunk of tokens.
+    BLOCKS_BARS, X_BARS = 0, 1
 
-    def body(x_ref, blocks_ref, out_ref, x_smem, a_smem, out_smem, blocks_smem, bars):
+    def body(x_ref, blocks_ref, out_ref, *, x_smem, a_smem, out_smem, blocks_smem, bars):
         block_tile, bh = lax.axis_index("block_tile"), lax.axis_index("bh")
         b, h = tiles.div(bh, x_ref.shape[1]), tiles.rem(bh, x_ref.shape[1])
-        tiles.fetch([(blocks_ref.at[block_tile], blocks_smem)], bars)
+        tiles.fetch([(blocks_ref.at[block_tile], blocks_smem)], bars, BLOCKS_BARS)
         start = tiles.rows(tiles.load_rows(blocks_smem.at[0]), tile_shape)
         end = tiles.rows(tiles.load_rows(blocks_smem.at[1]), tile_shape)
         first_token, num_chunks = blocks_smem[2, 0], blocks_smem[2, 1]
@@ -75,7 +77,7 @@ def _pool_kernel(shape: Shape):
             # `block_tables` rounds the first token down to a whole chunk: a TMA box into the
             # (8, swizzle)-tiled x_smem must start on a multiple of 8 rows, which Mosaic must prove.
             tokens = pl.multiple_of(first_token, ROWS) + i * ROWS
-            tiles.fetch([(x_ref.at[b, h, :, pl.ds(tokens, ROWS)], x_smem)], bars, 1)
+            tiles.fetch([(x_ref.at[b, h, :, pl.ds(tokens, ROWS)], x_smem)], bars, X_BARS)
             token_ids = tiles.iota(tile_shape, 1) + tokens
             a_smem[...] = jnp.where((token_ids >= start) & (token_ids < end), 1.0, 0.0).astype(ot)
             plgpu.commit_smem()
@@ -89,9 +91,11 @@ def _pool_kernel(shape: Shape):
         blocks = pl.ds(block_tile * BLOCK_TILE, BLOCK_TILE)
         tiles.store([(out_smem, out_ref.at[b, h, blocks])])
 
-    scratch = [tiles.smem((P, ROWS, W), ot, sw), tiles.smem((BLOCK_TILE, ROWS), ot, sw),
-               plgpu.SMEM((BLOCK_TILE, W), jnp.float32), plgpu.SMEM((3, ROWS), jnp.int32),
-               tiles.barriers(2)]
+    scratch = dict(
+        x_smem=tiles.smem((P, ROWS, W), ot, sw), a_smem=tiles.smem((BLOCK_TILE, ROWS), ot, sw),
+        out_smem=plgpu.SMEM((BLOCK_TILE, W), jnp.float32), blocks_smem=plgpu.SMEM((3, ROWS), jnp.int32),
+        bars=tiles.barriers(2),
+    )
     return body, scratch
 
 
@@ -99,11 +103,13 @@ def _spread_kernel(shape: Shape):
     P, ot, W = shape.parts, shape.operand, shape.width
     sw = tiles.swizzle_for(ot, W)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BLOCK_TILE)  # tokens x blocks
+    # Barrier slots: the tile's tokens, then each chunk of block cotangents.
+    TOKENS_BARS, D_BARS = 0, 1
 
-    def body(d_ref, tokens_ref, dx_ref, d_smem, a_smem, dx_smem, tokens_smem, bars):
+    def body(d_ref, tokens_ref, dx_ref, *, d_smem, a_smem, dx_smem, tokens_smem, bars):
         tile, bh = lax.axis_index("tile"), lax.axis_index("bh")
         b, h = tiles.div(bh, d_ref.shape[1]), tiles.rem(bh, d_ref.shape[1])
-        tiles.fetch([(tokens_ref.at[tile], tokens_smem)], bars)
+        tiles.fetch([(tokens_ref.at[tile], tokens_smem)], bars, TOKENS_BARS)
         # The tile's first block rounded down to a multiple of 8 (a TMA box into the tiled d_smem
         # must start on a whole smem tile, which Mosaic must prove); its blocks then span one or
         # two 64-block chunks.
@@ -112,7 +118,7 @@ def _spread_kernel(shape: Shape):
 
         def chunk(c, dx):
             blocks = first_block + c * BLOCK_TILE
-            tiles.fetch([(d_ref.at[b, h, :, pl.ds(blocks, BLOCK_TILE)], d_smem)], bars, 1)
+            tiles.fetch([(d_ref.at[b, h, :, pl.ds(blocks, BLOCK_TILE)], d_smem)], bars, D_BARS)
             a_smem[...] = jnp.where(own == tiles.iota(tile_shape, 1) + blocks, 1.0, 0.0).astype(ot)
             plgpu.commit_smem()
             for part in range(P):
@@ -122,9 +128,11 @@ def _spread_kernel(shape: Shape):
         dx_smem[...] = lax.fori_loop(0, num_chunks, chunk, tiles.zeros((ROWS, W)))
         tiles.store([(dx_smem, dx_ref.at[b, h, pl.ds(tile * ROWS, ROWS)])])
 
-    scratch = [tiles.smem((P, BLOCK_TILE, W), ot, sw), tiles.smem((ROWS, BLOCK_TILE), ot, sw),
-               plgpu.SMEM((ROWS, W), jnp.float32), plgpu.SMEM((2, ROWS), jnp.int32),
-               tiles.barriers(2)]
+    scratch = dict(
+        d_smem=tiles.smem((P, BLOCK_TILE, W), ot, sw), a_smem=tiles.smem((ROWS, BLOCK_TILE), ot, sw),
+        dx_smem=plgpu.SMEM((ROWS, W), jnp.float32), tokens_smem=plgpu.SMEM((2, ROWS), jnp.int32),
+        bars=tiles.barriers(2),
+    )
     return body, scratch
 
 
@@ -168,7 +176,7 @@ def _pool(shape: Shape, x, blocks):
     out = tiles.kernel(
         body, name="mean_pool_fwd_kernel",
         out_type=jax.ShapeDtypeStruct((B, H, shape.padded_blocks, shape.width), jnp.float32),
-        grid=(shape.padded_blocks // BLOCK_TILE, B * H), grid_names=("block_tile", "bh"), scratch_types=scratch,
+        grid=(shape.padded_blocks // BLOCK_TILE, B * H), grid_names=("block_tile", "bh"), scratch=scratch,
     )(tiles.split(rows, shape.parts, shape.operand), blocks)
     return out.transpose(0, 2, 1, 3)[:, : shape.num_blocks, :, : shape.dim]
 
@@ -194,7 +202,7 @@ def _mean_pool_bwd(shape, residuals, d_cmp):
     dx = tiles.kernel(
         body, name="mean_pool_bwd_kernel",
         out_type=jax.ShapeDtypeStruct((B, H, num_tiles * ROWS, shape.width), jnp.float32),
-        grid=(num_tiles, B * H), grid_names=("tile", "bh"), scratch_types=scratch,
+        grid=(num_tiles, B * H), grid_names=("tile", "bh"), scratch=scratch,
     )(tiles.split(scaled.transpose(0, 2, 1, 3), shape.parts, shape.operand), token_table)
     dx = dx.transpose(0, 2, 1, 3)[:, : shape.num_tokens, :, : shape.dim]
     return dx.astype(shape.dtype), None, None

@@ -104,20 +104,23 @@ def _fwd_kernel(shape: Shape):
     ot, P = shape.operand, shape.parts
     sw = tiles.swizzle_for(ot, dk, dv, BS)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BS)
+    # Barrier slots: the first index each group of copies takes (`tiles.issue` takes one per copy,
+    # two for a two-part operand); each step's k and v are in flight together.
+    ROW_TILE_BARS, K_BARS, V_BARS = 0, 8, 10
 
-    def body(q_ref, k_ref, v_ref, meta_ref, union_ref, sel_ref, o_ref, lse_ref,
-             q_smem, k_smem, v_smem, p_smem, o_smem, meta_smem, union_smem, sel_smem, lse_smem, bars):
+    def body(q_ref, k_ref, v_ref, meta_ref, union_ref, sel_ref, o_ref, lse_ref, *, q_smem, k_smem, v_smem, p_smem,
+             o_smem, meta_smem, union_smem, sel_smem, lse_smem, bars):
         tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], HEAD_CHUNKS)
         tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (meta_ref.at[tile], meta_smem),
-                     (union_ref.at[b, h, tile], union_smem), (sel_ref.at[b, h, tile], sel_smem)], bars)
+                     (union_ref.at[b, h, tile], union_smem), (sel_ref.at[b, h, tile], sel_smem)], bars, ROW_TILE_BARS)
         last_key = tiles.rows(tiles.load_rows(meta_smem.at[META_LAST_KEY]), tile_shape)
 
         def step(i, carry):
             acc, m, l = carry
             block = _union_entry(union_smem, i)
             start = _block_row(block, BS)
-            k_bars = tiles.issue([(k_ref.at[b, h, :, pl.ds(start, BS)], k_smem)], bars, 8)
-            v_bars = tiles.issue([(v_ref.at[b, h, :, pl.ds(start, BS)], v_smem)], bars, 10)
+            k_bars = tiles.issue([(k_ref.at[b, h, :, pl.ds(start, BS)], k_smem)], bars, K_BARS)
+            v_bars = tiles.issue([(v_ref.at[b, h, :, pl.ds(start, BS)], v_smem)], bars, V_BARS)
             tiles.wait(bars, k_bars)
             s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
             keys = tiles.iota(tile_shape, 1) + start
@@ -133,12 +136,13 @@ def _fwd_kernel(shape: Shape):
         lse_smem[...] = lse2 / LOG2E
         tiles.store([(o_smem, o_ref.at[b, hn, rows]), (lse_smem, lse_ref.at[b, hn, rows])])
 
-    scratch = [
-        tiles.smem((P, ROWS, dk), ot, sw), tiles.smem((P, BS, dk), ot, sw), tiles.smem((P, BS, dv), ot, sw),
-        tiles.smem((P, ROWS, BS), ot, sw), plgpu.SMEM((ROWS, dv), jnp.float32), plgpu.SMEM((4, ROWS), jnp.int32),
-        plgpu.SMEM((shape.union // ROWS, ROWS), jnp.int32), plgpu.SMEM((S, ROWS), jnp.int32), plgpu.SMEM((ROWS,), jnp.float32),
-        tiles.barriers(6),
-    ]
+    scratch = dict(
+        q_smem=tiles.smem((P, ROWS, dk), ot, sw), k_smem=tiles.smem((P, BS, dk), ot, sw),
+        v_smem=tiles.smem((P, BS, dv), ot, sw), p_smem=tiles.smem((P, ROWS, BS), ot, sw),
+        o_smem=plgpu.SMEM((ROWS, dv), jnp.float32), meta_smem=plgpu.SMEM((4, ROWS), jnp.int32),
+        union_smem=plgpu.SMEM((shape.union // ROWS, ROWS), jnp.int32), sel_smem=plgpu.SMEM((S, ROWS), jnp.int32),
+        lse_smem=plgpu.SMEM((ROWS,), jnp.float32), bars=tiles.barriers(6),
+    )
     return body, scratch
 
 
@@ -147,15 +151,19 @@ def _dq_kernel(shape: Shape):
     ot, P = shape.operand, shape.parts
     sw = tiles.swizzle_for(ot, dk, dv, BS)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BS)
+    # Barrier slots: the first index each group of copies takes (`tiles.issue` takes one per copy,
+    # two for a two-part operand); each step's k and v reuse slots of the row tile's,
+    # which it has waited for.
+    ROW_TILE_BARS, KV_BARS = 0, 7
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, union_ref, sel_ref, dq_ref,
-             q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, meta_smem, union_smem, sel_smem,
-             lse_smem, delta_smem, bars):
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, union_ref, sel_ref, dq_ref, *, q_smem,
+             do_smem, k_smem, v_smem, ds_smem, dq_smem, meta_smem, union_smem, sel_smem, lse_smem, delta_smem,
+             bars):
         tile, b, hn, h, rows = tiles.row_tile_program(k_ref.shape[1], HEAD_CHUNKS)
         tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (do_ref.at[b, hn, :, rows], do_smem),
                      (meta_ref.at[tile], meta_smem), (union_ref.at[b, h, tile], union_smem),
                      (sel_ref.at[b, h, tile], sel_smem), (lse_ref.at[b, hn, rows], lse_smem),
-                     (delta_ref.at[b, hn, rows], delta_smem)], bars)
+                     (delta_ref.at[b, hn, rows], delta_smem)], bars, ROW_TILE_BARS)
         last_key = tiles.rows(tiles.load_rows(meta_smem.at[META_LAST_KEY]), tile_shape)
         seen, lse, delta = tiles.saved_softmax(lse_smem, delta_smem, tiles.load_rows, tiles.rows, tile_shape)
 
@@ -163,7 +171,7 @@ def _dq_kernel(shape: Shape):
             block = _union_entry(union_smem, i)
             start = _block_row(block, BS)
             tiles.fetch([(k_ref.at[b, h, :, pl.ds(start, BS)], k_smem),
-                         (v_ref.at[b, h, :, pl.ds(start, BS)], v_smem)], bars, 7)
+                         (v_ref.at[b, h, :, pl.ds(start, BS)], v_smem)], bars, KV_BARS)
             s = tiles.matmul_parts(q_smem, k_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
             keys = tiles.iota(tile_shape, 1) + start
             visible = tiles.rows(_member(sel_smem, block, tiles.load_rows, S), tile_shape) & (keys <= last_key) & seen
@@ -176,12 +184,14 @@ def _dq_kernel(shape: Shape):
         dq_smem[...] = dq * shape.scale
         tiles.store([(dq_smem, dq_ref.at[b, hn, rows])])
 
-    scratch = [
-        tiles.smem((P, ROWS, dk), ot, sw), tiles.smem((P, ROWS, dv), ot, sw), tiles.smem((P, BS, dk), ot, sw),
-        tiles.smem((P, BS, dv), ot, sw), tiles.smem((P, ROWS, BS), ot, sw), plgpu.SMEM((ROWS, dk), jnp.float32),
-        plgpu.SMEM((4, ROWS), jnp.int32), plgpu.SMEM((shape.union // ROWS, ROWS), jnp.int32), plgpu.SMEM((S, ROWS), jnp.int32),
-        plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32), tiles.barriers(9),
-    ]
+    scratch = dict(
+        q_smem=tiles.smem((P, ROWS, dk), ot, sw), do_smem=tiles.smem((P, ROWS, dv), ot, sw),
+        k_smem=tiles.smem((P, BS, dk), ot, sw), v_smem=tiles.smem((P, BS, dv), ot, sw),
+        ds_smem=tiles.smem((P, ROWS, BS), ot, sw), dq_smem=plgpu.SMEM((ROWS, dk), jnp.float32),
+        meta_smem=plgpu.SMEM((4, ROWS), jnp.int32), union_smem=plgpu.SMEM((shape.union // ROWS, ROWS), jnp.int32),
+        sel_smem=plgpu.SMEM((S, ROWS), jnp.int32), lse_smem=plgpu.SMEM((ROWS,), jnp.float32),
+        delta_smem=plgpu.SMEM((ROWS,), jnp.float32), bars=tiles.barriers(9),
+    )
     return body, scratch
 
 
@@ -191,18 +201,21 @@ def _dkv_kernel(shape: Shape):
     ot, P = shape.operand, shape.parts
     sw = tiles.swizzle_for(ot, dk, dv, BS)  # one smem tiling for every wgmma operand
     tile_shape = (KT, ROWS)
+    # Barrier slots: the first index each group of copies takes (`tiles.issue` takes one per copy,
+    # two for a two-part operand); the key block's reader range, its k and v, each
+    # 64-entry part of its reader list, each reading tile's rows and selection, each head chunk's inputs.
+    KMETA_BARS, KV_BARS, READERS_BAR, READER_TILE_BARS, HEAD_CHUNK_BARS = 0, 1, 3, 4, 6
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, sel_ref, readers_ref, kmeta_ref,
-             dk_ref, dv_ref,
-             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dk_smem, dv_smem, kmeta_smem, readers_smem,
-             meta_smem, sel_smem, lse_smem, delta_smem, bars):
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, sel_ref, readers_ref, kmeta_ref, dk_ref,
+             dv_ref, *, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dk_smem, dv_smem, kmeta_smem,
+             readers_smem, meta_smem, sel_smem, lse_smem, delta_smem, bars):
         kb, bh = lax.axis_index("key_block"), lax.axis_index("bh")
         b, h = tiles.div(bh, k_ref.shape[1]), tiles.rem(bh, k_ref.shape[1])
-        tiles.fetch([(kmeta_ref.at[b, h, kb], kmeta_smem)], bars)
+        tiles.fetch([(kmeta_ref.at[b, h, kb], kmeta_smem)], bars, KMETA_BARS)
         lo, hi = kmeta_smem[0], kmeta_smem[1]
         start = _block_row(kb, BS)
         tiles.fetch([(k_ref.at[b, h, :, pl.ds(start, KT)], k_smem), (v_ref.at[b, h, :, pl.ds(start, KT)], v_smem)],
-                    bars, 1)
+                    bars, KV_BARS)
         in_block = tiles.iota(tile_shape, 0) < BS
         keys = tiles.iota(tile_shape, 0) + start
 
@@ -212,12 +225,13 @@ def _dkv_kernel(shape: Shape):
 
             @pl.when((i == lo) | (offset == 0))
             def _():
-                plgpu.copy_gmem_to_smem(readers_ref.at[b, h, pl.ds(i - offset, ROWS)], readers_smem, bars.at[3])
-                plgpu.barrier_wait(bars.at[3])
+                plgpu.copy_gmem_to_smem(readers_ref.at[b, h, pl.ds(i - offset, ROWS)], readers_smem,
+                                        bars.at[READERS_BAR])
+                plgpu.barrier_wait(bars.at[READERS_BAR])
 
             tile = readers_smem[offset]
             rows = pl.ds(tile * ROWS, ROWS)
-            tiles.fetch([(meta_ref.at[tile], meta_smem), (sel_ref.at[b, h, tile], sel_smem)], bars, 4)
+            tiles.fetch([(meta_ref.at[tile], meta_smem), (sel_ref.at[b, h, tile], sel_smem)], bars, READER_TILE_BARS)
             last_key = tiles.cols(tiles.load_cols(meta_smem.at[META_LAST_KEY]), tile_shape)
             member = tiles.cols(_member(sel_smem, kb, tiles.load_cols, S), tile_shape)
             visible = member & in_block & (keys <= last_key)
@@ -226,7 +240,8 @@ def _dkv_kernel(shape: Shape):
                 d_k, d_v = carry
                 hn = h * HEAD_CHUNKS + c
                 tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (do_ref.at[b, hn, :, rows], do_smem),
-                             (lse_ref.at[b, hn, rows], lse_smem), (delta_ref.at[b, hn, rows], delta_smem)], bars, 6)
+                             (lse_ref.at[b, hn, rows], lse_smem), (delta_ref.at[b, hn, rows], delta_smem)],
+                            bars, HEAD_CHUNK_BARS)
                 seen, lse, delta = tiles.saved_softmax(lse_smem, delta_smem, tiles.load_cols, tiles.cols, tile_shape)
                 s_t = tiles.matmul_parts(k_smem, q_smem, tile_shape, transpose_b=True) * (shape.scale * LOG2E)
                 p_t = jnp.where(visible & seen, jnp.exp2(s_t - lse), 0.0)
@@ -243,13 +258,16 @@ def _dkv_kernel(shape: Shape):
         dv_smem[...] = d_v
         tiles.store([(dk_smem, dk_ref.at[b, h, kb]), (dv_smem, dv_ref.at[b, h, kb])])
 
-    scratch = [
-        tiles.smem((P, KT, dk), ot, sw), tiles.smem((P, KT, dv), ot, sw), tiles.smem((P, ROWS, dk), ot, sw),
-        tiles.smem((P, ROWS, dv), ot, sw), tiles.smem((P, KT, ROWS), ot, sw), tiles.smem((P, KT, ROWS), ot, sw),
-        plgpu.SMEM((KT, dk), jnp.float32), plgpu.SMEM((KT, dv), jnp.float32), plgpu.SMEM((ROWS,), jnp.int32),
-        plgpu.SMEM((ROWS,), jnp.int32), plgpu.SMEM((4, ROWS), jnp.int32), plgpu.SMEM((S, ROWS), jnp.int32),
-        plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32), tiles.barriers(10),
-    ]
+    scratch = dict(
+        k_smem=tiles.smem((P, KT, dk), ot, sw), v_smem=tiles.smem((P, KT, dv), ot, sw),
+        q_smem=tiles.smem((P, ROWS, dk), ot, sw), do_smem=tiles.smem((P, ROWS, dv), ot, sw),
+        p_smem=tiles.smem((P, KT, ROWS), ot, sw), ds_smem=tiles.smem((P, KT, ROWS), ot, sw),
+        dk_smem=plgpu.SMEM((KT, dk), jnp.float32), dv_smem=plgpu.SMEM((KT, dv), jnp.float32),
+        kmeta_smem=plgpu.SMEM((ROWS,), jnp.int32), readers_smem=plgpu.SMEM((ROWS,), jnp.int32),
+        meta_smem=plgpu.SMEM((4, ROWS), jnp.int32), sel_smem=plgpu.SMEM((S, ROWS), jnp.int32),
+        lse_smem=plgpu.SMEM((ROWS,), jnp.float32), delta_smem=plgpu.SMEM((ROWS,), jnp.float32),
+        bars=tiles.barriers(10),
+    )
     return body, scratch
 
 
@@ -372,7 +390,7 @@ def _forward(shape: Shape, query, key, value, meta, union, sel, layout):
         body, name="selected_attention_fwd_kernel",
         out_type=(jax.ShapeDtypeStruct((B, HN, tiling.num_rows, shape.dv), jnp.float32),
                   jax.ShapeDtypeStruct((B, HN, tiling.num_rows), jnp.float32)),
-        grid=_grid(shape, B), grid_names=("tile", "bh"), scratch_types=scratch,
+        grid=_grid(shape, B), grid_names=("tile", "bh"), scratch=scratch,
     )(q_rows, k_rows, v_rows, meta, union, sel)
     return tiling.unpack(o_rows, shape.value_dim).astype(query.dtype), (q_rows, k_rows, v_rows, o_rows, lse_rows)
 
@@ -401,7 +419,7 @@ def _attend_bwd(shape, residuals, d_out):
     dq_rows = tiles.kernel(
         body, name="selected_attention_bwd_kernel_dq",
         out_type=jax.ShapeDtypeStruct((B, HN, tiling.num_rows, shape.dk), jnp.float32),
-        grid=_grid(shape, B), grid_names=("tile", "bh"), scratch_types=scratch,
+        grid=_grid(shape, B), grid_names=("tile", "bh"), scratch=scratch,
     )(q_rows, k_rows, v_rows, do_rows, lse_rows, delta, meta, union, sel)
     body, scratch = _dkv_kernel(shape)
     KT = shape.key_rows
@@ -409,7 +427,7 @@ def _attend_bwd(shape, residuals, d_out):
         body, name="selected_attention_bwd_kernel_dkv",
         out_type=(jax.ShapeDtypeStruct((B, H, shape.num_key_blocks, KT, shape.dk), jnp.float32),
                   jax.ShapeDtypeStruct((B, H, shape.num_key_blocks, KT, shape.dv), jnp.float32)),
-        grid=(shape.num_key_blocks, B * H), grid_names=("key_block", "bh"), scratch_types=scratch,
+        grid=(shape.num_key_blocks, B * H), grid_names=("key_block", "bh"), scratch=scratch,
     )(q_rows, k_rows, v_rows, do_rows, lse_rows, delta, meta, sel, readers, kmeta)
     dq = tiling.unpack(dq_rows, shape.head_dim).astype(dtype)
     d_k = unblock(d_k, shape, layout, shape.head_dim).astype(dtype)

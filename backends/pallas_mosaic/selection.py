@@ -71,15 +71,18 @@ def _kernel(shape: Shape):
     sw = tiles.swizzle_for(ot, dk)  # one smem tiling for every wgmma operand
     tile_shape = (ROWS, BLOCK_TILE)  # rows x blocks, then tokens x blocks
     row = plgpu.Layout.WGMMA.reduce(1)
+    # Barrier slots: the first index each group of copies takes (`tiles.issue` takes one per copy,
+    # two for a two-part operand); the tile's rows once, then each block tile's k,
+    # then each head chunk's q and lse.
+    ROW_TILE_BARS, K_BARS, HEAD_CHUNK_BARS = 0, 4, 6
 
-    def body(q_ref, k_ref, lse_ref, meta_ref, tok_ref, counts_ref, heads_ref, out_ref,
-             q_smem, k_smem, p_smem, heads_smem, meta_smem, tok_smem, counts_smem, lse_smem,
-             run_v, run_i, new_v, new_i, out_smem, bars):
+    def body(q_ref, k_ref, lse_ref, meta_ref, tok_ref, counts_ref, heads_ref, out_ref, *, q_smem, k_smem, p_smem,
+             heads_smem, meta_smem, tok_smem, counts_smem, lse_smem, run_v, run_i, new_v, new_i, out_smem, bars):
         tile, bh = lax.axis_index("tile"), lax.axis_index("bh")
         b, h = tiles.div(bh, k_ref.shape[1]), tiles.rem(bh, k_ref.shape[1])
         rows = pl.ds(tile * ROWS, ROWS)
         tiles.fetch([(meta_ref.at[tile], meta_smem), (tok_ref.at[tile], tok_smem),
-                     (counts_ref.at[b, h, tile], counts_smem), (heads_ref, heads_smem)], bars)
+                     (counts_ref.at[b, h, tile], counts_smem), (heads_ref, heads_smem)], bars, ROW_TILE_BARS)
         fb = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_FIRST_BLOCK]), tile_shape)
         end = tiles.rows(tiles.load_rows(meta_smem.at[tiles.META_CMP_END]), tile_shape)
         tok_fb = tiles.rows(tiles.load_rows(tok_smem.at[0]), tile_shape)
@@ -92,12 +95,13 @@ def _kernel(shape: Shape):
 
         def block_tile(j, _):
             blocks = pl.ds(j * BLOCK_TILE, BLOCK_TILE)
-            tiles.fetch([(k_ref.at[b, h, :, blocks], k_smem)], bars, 4)
+            tiles.fetch([(k_ref.at[b, h, :, blocks], k_smem)], bars, K_BARS)
             block_ids = tiles.iota(tile_shape, 1) + j * BLOCK_TILE
 
             def head_chunk(c, scores):
                 hn = h * HEAD_CHUNKS + c
-                tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (lse_ref.at[b, hn, rows], lse_smem)], bars, 6)
+                tiles.fetch([(q_ref.at[b, hn, :, rows], q_smem), (lse_ref.at[b, hn, rows], lse_smem)],
+                            bars, HEAD_CHUNK_BARS)
                 lse = tiles.load_rows(lse_smem)
                 seen = tiles.rows(lse > -jnp.inf, tile_shape)
                 lse = tiles.rows(jnp.where(lse > -jnp.inf, lse * LOG2E, 0.0), tile_shape)
@@ -130,15 +134,15 @@ def _kernel(shape: Shape):
 
         tiles.store([(out_smem, out_ref.at[b, h, tile])])
 
-    scratch = [
-        tiles.smem((qp, ROWS, dk), ot, sw), tiles.smem((2, BLOCK_TILE, dk), ot, sw),
-        tiles.smem((2, ROWS, BLOCK_TILE), jnp.bfloat16, sw), tiles.smem((ROWS, ROWS), jnp.bfloat16, sw),
-        plgpu.SMEM((5, ROWS), jnp.int32), plgpu.SMEM((2, ROWS), jnp.int32), plgpu.SMEM((ROWS,), jnp.int32),
-        plgpu.SMEM((ROWS,), jnp.float32),
-        plgpu.SMEM((S, ROWS), jnp.float32), plgpu.SMEM((S, ROWS), jnp.int32),
-        plgpu.SMEM((S, ROWS), jnp.float32), plgpu.SMEM((S, ROWS), jnp.int32),
-        plgpu.SMEM((S, ROWS), jnp.int32), tiles.barriers(8),
-    ]
+    scratch = dict(
+        q_smem=tiles.smem((qp, ROWS, dk), ot, sw), k_smem=tiles.smem((2, BLOCK_TILE, dk), ot, sw),
+        p_smem=tiles.smem((2, ROWS, BLOCK_TILE), jnp.bfloat16, sw),
+        heads_smem=tiles.smem((ROWS, ROWS), jnp.bfloat16, sw), meta_smem=plgpu.SMEM((5, ROWS), jnp.int32),
+        tok_smem=plgpu.SMEM((2, ROWS), jnp.int32), counts_smem=plgpu.SMEM((ROWS,), jnp.int32),
+        lse_smem=plgpu.SMEM((ROWS,), jnp.float32), run_v=plgpu.SMEM((S, ROWS), jnp.float32),
+        run_i=plgpu.SMEM((S, ROWS), jnp.int32), new_v=plgpu.SMEM((S, ROWS), jnp.float32),
+        new_i=plgpu.SMEM((S, ROWS), jnp.int32), out_smem=plgpu.SMEM((S, ROWS), jnp.int32), bars=tiles.barriers(8),
+    )
     return body, scratch
 
 
@@ -228,7 +232,7 @@ def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, sca
     chosen = tiles.kernel(
         body, name="block_selection_fwd_kernel",
         out_type=jax.ShapeDtypeStruct((batch, num_kv_heads, tiling.num_tiles, num_slots, ROWS), jnp.int32),
-        grid=(tiling.num_tiles, batch * num_kv_heads), grid_names=("tile", "bh"), scratch_types=scratch,
+        grid=(tiling.num_tiles, batch * num_kv_heads), grid_names=("tile", "bh"), scratch=scratch,
     )(q_rows, k_parts, lse_rows, meta, tok, counts, head_selector(tiling))
     chosen = chosen[..., :BT].transpose(0, 2, 4, 1, 3).reshape(batch, tiling.num_tiles * BT, num_kv_heads, num_slots)
     return chosen[:, :num_tokens]

@@ -99,11 +99,11 @@ SMEM_LIMIT = 220 * 1024
 SMEM_ALIGNMENT = 1024
 
 
-def smem_bytes(scratch) -> int:
-    """Shared memory a kernel's scratch list takes: its buffers, each rounded up to Pallas's
-    1 KiB alignment as the lowering places them (barriers are a few bytes)."""
+def smem_bytes(scratch: dict) -> int:
+    """Shared memory a kernel's scratch (name -> type) takes: its buffers, each rounded up to
+    Pallas's 1 KiB alignment as the lowering places them (barriers are a few bytes)."""
     return sum(-(-math.prod(ref.shape) * jnp.dtype(ref.dtype).itemsize // SMEM_ALIGNMENT) * SMEM_ALIGNMENT
-               for ref in scratch if hasattr(ref, "shape"))
+               for ref in scratch.values() if hasattr(ref, "shape"))
 
 
 def smem_decline(kernels) -> str | None:
@@ -214,16 +214,26 @@ class RowTiling:
 META_TOKEN, META_POS, META_FIRST_BLOCK, META_CMP_END = range(4)
 
 
-def kernel(body, *, out_type, grid, grid_names, scratch_types, name):
+def kernel(body, *, out_type, grid, grid_names, scratch, name):
     """`plgpu.kernel` with this backend's interpret switch: on CPU (EJKERNEL_NSA_INTERPRET=1) the
-    kernel runs in Mosaic GPU's interpreter, on a Hopper GPU it is compiled."""
-    params = dict(out_type=out_type, grid=grid, grid_names=grid_names, scratch_types=scratch_types)
+    kernel runs in Mosaic GPU's interpreter, on a Hopper GPU it is compiled.
+
+    `scratch` maps each of `body`'s keyword-only scratch parameters to its type. Pallas allocates
+    scratch and passes it by position, in this order; `body` gets it by name, so a buffer cannot
+    reach the wrong parameter when a list is edited."""
+    names = tuple(scratch)
+
+    def by_name(*refs):
+        split = len(refs) - len(names)
+        return body(*refs[:split], **dict(zip(names, refs[split:])))
+
+    params = dict(out_type=out_type, grid=grid, grid_names=grid_names, scratch_types=list(scratch.values()))
     if interpreted():
         params["interpret"] = plgpu.InterpretGPUParams()
     else:
         params["compiler_params"] = plgpu.CompilerParams(approx_math=False)
-    body.__name__ = name
-    return plgpu.kernel(body, **params)
+    by_name.__name__ = name
+    return plgpu.kernel(by_name, **params)
 
 
 def load_rows(ref):

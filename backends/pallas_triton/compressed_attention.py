@@ -27,17 +27,24 @@ from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
 PIECE = Piece.COMPRESSED_ATTENTION
 
-# (query rows, blocks per step, warps) per kernel, by padded head-dim class and whether the dots
-# run three tf32 passes (float32 problems, which split every operand in two): the Triton
-# backend's tiles, chosen there to compile for Hopper without spills; not yet tuned for Pallas.
-_TILES = {
-    ("fwd", 64, False): (64, 32, 8), ("fwd", 128, False): (64, 32, 4), ("fwd", 256, False): (64, 16, 8),
-    ("dq", 64, False): (64, 32, 8), ("dq", 128, False): (64, 32, 4), ("dq", 256, False): (32, 16, 4),
-    ("dkv", 64, False): (32, 32, 4), ("dkv", 128, False): (32, 32, 8), ("dkv", 256, False): (16, 16, 8),
-    ("fwd", 64, True): (64, 16, 8), ("fwd", 128, True): (16, 16, 4), ("fwd", 256, True): (16, 16, 8),
-    ("dq", 64, True): (64, 16, 8), ("dq", 128, True): (16, 16, 8), ("dq", 256, True): (16, 16, 8),
-    ("dkv", 64, True): (16, 32, 4), ("dkv", 128, True): (16, 16, 8), ("dkv", 256, True): (16, 16, 8),
+# Tiles per kernel, by padded head-dim class and whether the dots run three tf32 passes (float32
+# problems, which split every operand in two): the Triton backend's pre-sweep tiles, chosen there
+# to compile for Hopper without spills; not yet tuned for Pallas.
+Tile = host.CompressedTile
+
+TILES: dict[tuple[str, int, bool], Tile] = {
+    ("fwd", 64, False): Tile(64, 32, 8), ("fwd", 128, False): Tile(64, 32, 4), ("fwd", 256, False): Tile(64, 16, 8),
+    ("dq", 64, False): Tile(64, 32, 8), ("dq", 128, False): Tile(64, 32, 4), ("dq", 256, False): Tile(32, 16, 4),
+    ("dkv", 64, False): Tile(32, 32, 4), ("dkv", 128, False): Tile(32, 32, 8), ("dkv", 256, False): Tile(16, 16, 8),
+    ("fwd", 64, True): Tile(64, 16, 8), ("fwd", 128, True): Tile(16, 16, 4), ("fwd", 256, True): Tile(16, 16, 8),
+    ("dq", 64, True): Tile(64, 16, 8), ("dq", 128, True): Tile(16, 16, 8), ("dq", 256, True): Tile(16, 16, 8),
+    ("dkv", 64, True): Tile(16, 32, 4), ("dkv", 128, True): Tile(16, 16, 8), ("dkv", 256, True): Tile(16, 16, 8),
 }
+
+
+def default_tile(stage: str, head_dim: int, value_dim: int, dtype) -> Tile:
+    """The tile (`TILES`) of kernel `stage` (fwd, dq, dkv) for these head dims and dtype."""
+    return TILES[stage, host.head_dim_class(head_dim, value_dim), jnp.dtype(dtype) == jnp.float32]
 
 
 def supports(problem: NSAProblem) -> str | None:
@@ -149,24 +156,25 @@ def compressed_attention_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, de
 # ------------------------------------------------------------------------------------------------
 
 
-def _config(stage: str, group: int, head_dim: int, value_dim: int, block_size: int, scale: float, dtype) -> dict:
-    """The static arguments of one kernel (`stage` in fwd, dq, dkv) and its warps."""
-    width = max(64, common.padded_dim(head_dim), common.padded_dim(value_dim))
-    rows, blocks, num_warps = _TILES[stage, width, jnp.dtype(dtype) == jnp.float32]
-    heads = min(common.next_pow2(group), rows)
-    return dict(G=group, HP=heads, BT=rows // heads, BC=blocks, BS=block_size, DK=head_dim, DV=value_dim,
-                SCALE=float(scale), PRECISION=common.dot_precision(dtype, jnp.float32)), num_warps
+def _config(stage: str, group: int, head_dim: int, value_dim: int, block_size: int, scale: float, dtype,
+            tile: Tile | None = None) -> tuple[dict, Tile]:
+    """The static arguments of one kernel (`stage` in fwd, dq, dkv) under `tile` (default:
+    `default_tile`), and that tile (its launch options)."""
+    tile = tile or default_tile(stage, head_dim, value_dim, dtype)
+    heads = min(common.next_pow2(group), tile.rows)
+    return dict(G=group, HP=heads, BT=tile.rows // heads, BC=tile.block_tile, BS=block_size, DK=head_dim,
+                DV=value_dim, SCALE=float(scale), PRECISION=common.dot_precision(dtype, jnp.float32)), tile
 
 
-def _launch(kernel, stage, grid, out_shape, query, k_cmp, v_cmp, *arrays, block_size, scale, **extra):
+def _launch(kernel, stage, grid, out_shape, query, k_cmp, v_cmp, *arrays, block_size, scale, tile=None, **extra):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
-    config, num_warps = _config(stage, num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale,
-                                query.dtype)
+    config, tile = _config(stage, num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype,
+                           tile)
     flat = [query.reshape(-1, head_dim), k_cmp.reshape(-1, head_dim), v_cmp.reshape(-1, value_dim)]
     flat += [a.reshape(-1, a.shape[-1]) if a.ndim == 4 else a.reshape(-1) for a in arrays]
     return common.pallas_call(
-        kernel, grid=grid(config), out_shape=out_shape, num_warps=num_warps, num_stages=2,
+        kernel, grid=grid(config), out_shape=out_shape, num_warps=tile.num_warps, num_stages=tile.num_stages,
         name=f"compressed_attention_{stage}", T=num_tokens, NB=num_blocks, H=num_kv_heads, **config, **extra,
     )(*flat)
 
@@ -181,31 +189,32 @@ def _query_grid(query, num_kv_heads):
     return grid
 
 
-def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, scale: float):
+def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, scale: float, tile: Tile | None = None):
     batch, num_tokens, num_q_heads, _ = query.shape
     rows = batch * num_tokens * num_q_heads
     out, lse = _launch(
         compressed_attention_fwd_kernel, "fwd", _query_grid(query, k_cmp.shape[2]),
         [jax.ShapeDtypeStruct((rows, v_cmp.shape[3]), query.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32)],
-        query, k_cmp, v_cmp, pos, first_block, block_size=block_size, scale=scale,
+        query, k_cmp, v_cmp, pos, first_block, block_size=block_size, scale=scale, tile=tile,
     )
     return out.reshape(query.shape[:3] + (v_cmp.shape[3],)), lse.reshape(query.shape[:3])
 
 
-def _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, scale):
+def _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, scale, tile: Tile | None = None):
     dq = _launch(
         compressed_attention_bwd_kernel_dq, "dq", _query_grid(query, k_cmp.shape[2]),
         jax.ShapeDtypeStruct((query.size // query.shape[3], query.shape[3]), query.dtype),
-        query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size=block_size, scale=scale,
+        query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size=block_size, scale=scale, tile=tile,
     )
     return dq.reshape(query.shape)
 
 
-def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi, block_size, scale):
+def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi, block_size, scale,
+             tile: Tile | None = None):
     batch, num_tokens = query.shape[:2]
     num_blocks, num_kv_heads = k_cmp.shape[1], k_cmp.shape[2]
-    config, _ = _config("dkv", query.shape[2] // num_kv_heads, query.shape[3], v_cmp.shape[3], block_size, scale,
-                        query.dtype)
+    config, tile = _config("dkv", query.shape[2] // num_kv_heads, query.shape[3], v_cmp.shape[3], block_size, scale,
+                           query.dtype, tile)
     block_tiles = common.cdiv(num_blocks, config["BC"])
     split_tokens = host.dkv_split_tokens(num_tokens, block_tiles * batch * num_kv_heads)
     splits = common.cdiv(num_tokens, split_tokens)
@@ -216,7 +225,7 @@ def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo
         [jax.ShapeDtypeStruct((partial, k_cmp.shape[3]), jnp.float32),
          jax.ShapeDtypeStruct((partial, v_cmp.shape[3]), jnp.float32)],
         query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
-        block_size=block_size, scale=scale, B=batch, SPLIT_TOKENS=split_tokens,
+        block_size=block_size, scale=scale, tile=tile, B=batch, SPLIT_TOKENS=split_tokens,
     )
     return (d_k.reshape((splits,) + k_cmp.shape).sum(axis=0), d_v.reshape((splits,) + v_cmp.shape).sum(axis=0))
 

@@ -18,6 +18,8 @@ interpreted, and partial buffers keep the result deterministic).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -164,16 +166,31 @@ def selected_attention_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delt
 # ---- launch configuration -----------------------------------------------------------------------
 
 
-def _token_config(group: int, block_size: int, head_dim: int, value_dim: int, num_slots: int, itemsize: int):
+def _token_constexprs(tiles: host.TokenConfig, num_slots: int) -> dict:
     """Forward and dq: the token-major tiles (`host.token_config`: query heads per program, key
-    sub-tile) as the kernels' constexprs, and the warps."""
-    tiles = host.token_config(group, block_size, head_dim, value_dim, itemsize)
-    return (dict(ROWS=tiles.rows, BK=tiles.block_tile, SUBS=tiles.subs, SP=max(2, common.next_pow2(num_slots))),
-            tiles.num_warps)
+    sub-tile) as the kernels' constexprs."""
+    return dict(ROWS=tiles.rows, BK=tiles.block_tile, SUBS=tiles.subs, SP=max(2, common.next_pow2(num_slots)))
 
 
-def _block_config(num_tokens: int, block_size: int, head_dim: int, value_dim: int, num_slots: int, itemsize: int):
-    """dk/dv: (token, head) pairs per chunk, key sub-tile, parts of a long reader list."""
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """dk/dv: one program per key sub-tile of `block_tile` keys (a block is `subs` of them), kv head
+    and part of the block's reader list (`split` parts); `rows` (token, head) pairs per chunk."""
+
+    rows: int
+    block_tile: int
+    subs: int
+    split: int
+    # Measured for the Triton backend's twin on an H100: 4 warps beat 8 here.
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def constexprs(self) -> dict:
+        return dict(ROWS=self.rows, BK=self.block_tile, SUBS=self.subs, SPLIT=self.split)
+
+
+def block_config(num_tokens: int, block_size: int, head_dim: int, value_dim: int, num_slots: int,
+                 itemsize: int) -> BlockConfig:
     dkp, dvp = common.padded_dim(head_dim), common.padded_dim(value_dim)
     block_padded = max(16, common.next_pow2(block_size))
     # Two float32 accumulators [BK, D] live in registers for the whole program.
@@ -181,7 +198,7 @@ def _block_config(num_tokens: int, block_size: int, head_dim: int, value_dim: in
     rows = max(16, (64 if dkp + dvp <= 256 else 32) * 2 // itemsize)
     # Block 0 is read by every token of its sequence, a typical block by about S * BS tokens.
     split = min(MAX_SPLIT, common.next_pow2(max(1, num_tokens // max(1, num_slots * block_size))))
-    return dict(ROWS=rows, BK=block_tile, SUBS=block_padded // block_tile, SPLIT=split)
+    return BlockConfig(rows=rows, block_tile=block_tile, subs=block_padded // block_tile, split=split)
 
 
 # ---- one wrapper per kernel ---------------------------------------------------------------------
@@ -191,13 +208,13 @@ def _token_launch(kernel, name, out_shape, q, k, v, sel: SelectedBlocks, *arrays
     batch, num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
     group = num_q_heads // num_kv_heads
-    config, num_warps = _token_config(group, block_size, head_dim, value_dim, num_slots, q.dtype.itemsize)
+    tiles = host.token_config(group, block_size, head_dim, value_dim, q.dtype.itemsize)
     flat = [a.reshape(-1, a.shape[-1]) if a.ndim == 4 else a.reshape(-1) for a in arrays]
     return common.pallas_call(
-        kernel, grid=(num_tokens, batch * num_kv_heads * common.cdiv(group, config["ROWS"])), out_shape=out_shape,
-        num_warps=num_warps, num_stages=2, name=name,
+        kernel, grid=(num_tokens, batch * num_kv_heads * common.cdiv(group, tiles.rows)), out_shape=out_shape,
+        num_warps=tiles.num_warps, num_stages=2, name=name,
         T=num_tokens, H=num_kv_heads, G=group, DK=head_dim, DV=value_dim, S=num_slots, BS=block_size,
-        SCALE=float(scale), PRECISION=common.dot_precision(q.dtype, q.dtype), **config,
+        SCALE=float(scale), PRECISION=common.dot_precision(q.dtype, q.dtype), **_token_constexprs(tiles, num_slots),
     )(q.reshape(-1, head_dim), k.reshape(-1, head_dim), v.reshape(-1, value_dim), *flat,
       sel.indices.reshape(-1), sel.counts.reshape(-1), sel.pos, sel.seq_start)
 
@@ -225,18 +242,18 @@ def _backward_dkv(q, k, v, do, lse, delta, sel: SelectedBlocks, block_size: int,
     batch, num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, value_dim, num_slots = k.shape[2], v.shape[3], sel.indices.shape[3]
     num_blocks = sel.block_start.shape[0]
-    config = _block_config(num_tokens, block_size, head_dim, value_dim, num_slots, q.dtype.itemsize)
+    config = block_config(num_tokens, block_size, head_dim, value_dim, num_slots, q.dtype.itemsize)
     tokens, offsets = sparsity.readers_by_key_block(sel, block_size)
     rows = batch * num_tokens * num_kv_heads
-    split = config["SPLIT"]
+    split = config.split
     dk, dv = common.pallas_call(
-        selected_attention_bwd_kernel_dkv, grid=(num_blocks * config["SUBS"], batch * num_kv_heads, split),
+        selected_attention_bwd_kernel_dkv, grid=(num_blocks * config.subs, batch * num_kv_heads, split),
         out_shape=[jax.ShapeDtypeStruct((split * rows, head_dim), jnp.float32),
                    jax.ShapeDtypeStruct((split * rows, value_dim), jnp.float32)],
-        # Measured for the Triton backend's twin on an H100: 4 warps beat 8 here.
-        num_warps=4, num_stages=2, name="selected_attention_bwd_dkv",
+        num_warps=config.num_warps, num_stages=config.num_stages, name="selected_attention_bwd_dkv",
         B=batch, T=num_tokens, NB=num_blocks, H=num_kv_heads, G=num_q_heads // num_kv_heads, S=num_slots,
-        DK=head_dim, DV=value_dim, SCALE=float(scale), PRECISION=common.dot_precision(q.dtype, q.dtype), **config,
+        DK=head_dim, DV=value_dim, SCALE=float(scale), PRECISION=common.dot_precision(q.dtype, q.dtype),
+        **config.constexprs(),
     )(q.reshape(-1, head_dim), k.reshape(-1, head_dim), v.reshape(-1, value_dim), do.reshape(-1, value_dim),
       lse.reshape(-1), delta.reshape(-1), tokens.reshape(-1), offsets.reshape(-1), sel.block_start, sel.block_len)
     dk = dk.reshape((split,) + k.shape).sum(axis=0)

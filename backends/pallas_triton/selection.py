@@ -16,6 +16,8 @@ scores at least the current k-th best) skips the merge.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -116,14 +118,30 @@ def block_selection_fwd_kernel(q_ref, k_ref, lse_ref, counts_ref, pos_ref, first
     common.store_rows(out_ref, (b * T + tokens) * H + h, token_ok, jnp.where(chosen, top_block, NO_BLOCK), NUM_OUT)
 
 
-def _config(group: int, head_dim: int, num_out: int) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """`block_selection_fwd_kernel`'s tiles: `tokens` x `group_padded` query rows per program,
+    `blocks` compressed blocks scored per step, a running top-`topk`."""
+
+    group_padded: int
+    tokens: int
+    blocks: int
+    topk: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def constexprs(self) -> dict:
+        return dict(GP=self.group_padded, BT=self.tokens, BC=self.blocks, TOPK=self.topk)
+
+
+def default_tiles(group: int, head_dim: int, num_out: int) -> Tiles:
     topk = common.next_pow2(num_out)
     rows = _ROWS if common.padded_dim(head_dim) <= 128 else _ROWS // 2
     group_padded = common.next_pow2(group)
     tokens = max(1, rows // group_padded)
     # `tt.dot` needs at least 16 rows: pad the group with masked heads if need be.
     group_padded = max(group_padded, 16 // tokens)
-    return dict(GP=group_padded, BT=tokens, BC=max(topk, _BLOCKS), TOPK=topk)
+    return Tiles(group_padded=group_padded, tokens=tokens, blocks=max(topk, _BLOCKS), topk=topk)
 
 
 def supports(problem: NSAProblem) -> str | None:
@@ -139,13 +157,14 @@ def run(query, k_cmp, lse, *, block_counts, num_slots: int, block_size: int, sca
         return jnp.full((batch, num_tokens, num_kv_heads, num_slots), NO_BLOCK, jnp.int32)
     layout = token_layout(num_tokens, block_size, segments)
     counts = host.block_counts_array(block_counts, batch, num_tokens, num_kv_heads)
-    config = _config(num_q_heads // num_kv_heads, head_dim, num_out)
+    tiles = default_tiles(num_q_heads // num_kv_heads, head_dim, num_out)
     chosen = common.pallas_call(
-        block_selection_fwd_kernel, grid=(common.cdiv(num_tokens, config["BT"]), batch * num_kv_heads),
+        block_selection_fwd_kernel, grid=(common.cdiv(num_tokens, tiles.tokens), batch * num_kv_heads),
         out_shape=jax.ShapeDtypeStruct((batch * num_tokens * num_kv_heads, num_out), jnp.int32),
-        num_warps=4, num_stages=2, name="block_selection_fwd",
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, name="block_selection_fwd",
         T=num_tokens, NB=num_blocks, H=num_kv_heads, G=num_q_heads // num_kv_heads, BS=block_size, DK=head_dim,
-        NUM_OUT=num_out, SCALE=float(scale), PRECISION=common.dot_precision(query.dtype, jnp.float32), **config,
+        NUM_OUT=num_out, SCALE=float(scale), PRECISION=common.dot_precision(query.dtype, jnp.float32),
+        **tiles.constexprs(),
     )(query.reshape(-1, head_dim), k_cmp.astype(jnp.float32).reshape(-1, head_dim),
       lse.astype(jnp.float32).reshape(-1), counts.reshape(-1), layout.pos, layout.first_block)
     return host.pad_slots(chosen.reshape(batch, num_tokens, num_kv_heads, num_out), num_slots)

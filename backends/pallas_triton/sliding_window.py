@@ -12,6 +12,8 @@ across programs, so no atomics and no partial buffers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -134,36 +136,51 @@ def sliding_window_bwd_kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
 # ------------------------------------------------------------------------------------------------
 
 
-def _config(query, key, value, window: int, scale: float) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """One tile shape for the three kernels: `heads` query heads of a group (`HP`, a power of
+    two; wider groups in chunks) x `tokens` consecutive tokens (`BT`) per query tile, and `keys`
+    keys per step (`BK`; the dk/dv kernel's keys per program)."""
+
+    heads: int
+    tokens: int
+    keys: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_tiles(query, key, value) -> Tiles:
     group = query.shape[2] // key.shape[2]
     full = jnp.dtype(query.dtype) == jnp.float32
     wide = common.padded_dim(max(query.shape[3], value.shape[3])) > 128
     rows = _ROWS["wide_float32" if full and wide else "narrow"]
     heads = min(common.next_pow2(group), rows)
-    keys = 32 if wide else _KEYS[full]
-    return dict(T=query.shape[1], H=key.shape[2], G=group, HP=heads, BT=rows // heads, BK=keys, W=window,
-                DK=query.shape[3], DV=value.shape[3], SCALE=float(scale),
-                PRECISION=common.dot_precision(query.dtype, query.dtype))
+    return Tiles(heads=heads, tokens=rows // heads, keys=32 if wide else _KEYS[full])
 
 
-def _launch(kernel, name, grid, out_shape, config, *arrays):
+def _launch(kernel, name, grid, out_shape, tiles: Tiles, window: int, scale: float, *arrays):
+    query, key, value = arrays[:3]
     flat = [a.reshape(-1, a.shape[-1]) if a.ndim == 4 else a.reshape(-1) for a in arrays]
-    return common.pallas_call(kernel, grid=grid, out_shape=out_shape, num_warps=4, num_stages=2, name=name,
-                              **config)(*flat)
+    return common.pallas_call(
+        kernel, grid=grid, out_shape=out_shape, num_warps=tiles.num_warps, num_stages=tiles.num_stages, name=name,
+        T=query.shape[1], H=key.shape[2], G=query.shape[2] // key.shape[2], HP=tiles.heads, BT=tiles.tokens,
+        BK=tiles.keys, W=window, DK=query.shape[3], DV=value.shape[3], SCALE=float(scale),
+        PRECISION=common.dot_precision(query.dtype, query.dtype),
+    )(*flat)
 
 
-def _query_grid(query, config):
-    return (common.cdiv(query.shape[1], config["BT"]),
-            query.shape[0] * config["H"] * common.cdiv(config["G"], config["HP"]))
+def _query_grid(query, key, tiles: Tiles):
+    group = query.shape[2] // key.shape[2]
+    return (common.cdiv(query.shape[1], tiles.tokens), query.shape[0] * key.shape[2] * common.cdiv(group, tiles.heads))
 
 
 def _fwd(query, key, value, seq_start, window, scale):
-    config = _config(query, key, value, window, scale)
+    tiles = default_tiles(query, key, value)
     rows = query.size // query.shape[3]
-    out, lse = _launch(sliding_window_fwd_kernel, "sliding_window_fwd", _query_grid(query, config),
+    out, lse = _launch(sliding_window_fwd_kernel, "sliding_window_fwd", _query_grid(query, key, tiles),
                        [jax.ShapeDtypeStruct((rows, value.shape[3]), query.dtype),
                         jax.ShapeDtypeStruct((rows,), jnp.float32)],
-                       config, query, key, value, seq_start)
+                       tiles, window, scale, query, key, value, seq_start)
     return out.reshape(query.shape[:3] + (value.shape[3],)), lse.reshape(query.shape[:3])
 
 
@@ -174,15 +191,16 @@ def _attend_forward(query, key, value, seq_start, window: int, scale: float):
 
 def _attend_backward(window, scale, saved, d_out, lse, delta):
     query, key, value, seq_start = saved
-    config = _config(query, key, value, window, scale)
+    tiles = default_tiles(query, key, value)
     grads = (query, key, value, d_out, lse, delta, seq_start)
-    dq = _launch(sliding_window_bwd_kernel_dq, "sliding_window_bwd_dq", _query_grid(query, config),
-                 jax.ShapeDtypeStruct((query.size // query.shape[3], query.shape[3]), query.dtype), config, *grads)
+    dq = _launch(sliding_window_bwd_kernel_dq, "sliding_window_bwd_dq", _query_grid(query, key, tiles),
+                 jax.ShapeDtypeStruct((query.size // query.shape[3], query.shape[3]), query.dtype),
+                 tiles, window, scale, *grads)
     kv_rows = key.size // key.shape[3]
     dk, dv = _launch(sliding_window_bwd_kernel_dkv, "sliding_window_bwd_dkv",
-                     (common.cdiv(key.shape[1], config["BK"]), key.shape[0] * key.shape[2]),
+                     (common.cdiv(key.shape[1], tiles.keys), key.shape[0] * key.shape[2]),
                      [jax.ShapeDtypeStruct((kv_rows, key.shape[3]), key.dtype),
-                      jax.ShapeDtypeStruct((kv_rows, value.shape[3]), value.dtype)], config, *grads)
+                      jax.ShapeDtypeStruct((kv_rows, value.shape[3]), value.dtype)], tiles, window, scale, *grads)
     return dq.reshape(query.shape), dk.reshape(key.shape), dv.reshape(value.shape), None
 
 

@@ -326,38 +326,55 @@ def compressed_attention_bwd_kernel_dkv(
 # row shares the compressed blocks a tile loads, so more rows per tile means fewer reloads, and
 # 16-bit blocks leave the shared memory for 64-block tiles and a third stage (fwd 3.55 ms, dq
 # 3.72, dk/dv 9.20; with float32 blocks in one tf32 pass the best were 11.1, 14.7 and 28.6).
-_TILES = {
+Tile = host.CompressedTile
+
+TILES: dict[tuple[str, int, bool], Tile] = {
     # 16-bit problems: 16-bit operands, float32 accumulation.
-    ("fwd", 64, False): (64, 32, 8, 2), ("fwd", 128, False): (256, 64, 8, 3), ("fwd", 256, False): (64, 16, 8, 2),
-    ("dq", 64, False): (64, 32, 8, 2), ("dq", 128, False): (128, 32, 8, 3), ("dq", 256, False): (32, 16, 4, 2),
-    ("dkv", 64, False): (32, 32, 4, 2), ("dkv", 128, False): (64, 64, 4, 2), ("dkv", 256, False): (16, 16, 8, 2),
+    ("fwd", 64, False): Tile(64, 32, 8, 2), ("fwd", 128, False): Tile(256, 64, 8, 3),
+    ("fwd", 256, False): Tile(64, 16, 8, 2),
+    ("dq", 64, False): Tile(64, 32, 8, 2), ("dq", 128, False): Tile(128, 32, 8, 3),
+    ("dq", 256, False): Tile(32, 16, 4, 2),
+    ("dkv", 64, False): Tile(32, 32, 4, 2), ("dkv", 128, False): Tile(64, 64, 4, 2),
+    ("dkv", 256, False): Tile(16, 16, 8, 2),
     # float32 problems: tf32x3 splits every operand in two, so tiles shrink.
-    ("fwd", 64, True): (64, 16, 8, 2), ("fwd", 128, True): (16, 16, 4, 1), ("fwd", 256, True): (16, 16, 8, 1),
-    ("dq", 64, True): (64, 16, 8, 2), ("dq", 128, True): (16, 16, 8, 1), ("dq", 256, True): (16, 16, 8, 1),
-    ("dkv", 64, True): (16, 32, 4, 2), ("dkv", 128, True): (16, 16, 8, 1), ("dkv", 256, True): (16, 16, 8, 1),
+    ("fwd", 64, True): Tile(64, 16, 8, 2), ("fwd", 128, True): Tile(16, 16, 4, 1),
+    ("fwd", 256, True): Tile(16, 16, 8, 1),
+    ("dq", 64, True): Tile(64, 16, 8, 2), ("dq", 128, True): Tile(16, 16, 8, 1),
+    ("dq", 256, True): Tile(16, 16, 8, 1),
+    ("dkv", 64, True): Tile(16, 32, 4, 2), ("dkv", 128, True): Tile(16, 16, 8, 1),
+    ("dkv", 256, True): Tile(16, 16, 8, 1),
 }
 
 
+def default_tile(stage: str, head_dim: int, value_dim: int, dtype) -> Tile:
+    """The tuned tile (`TILES`) of kernel `stage` (fwd, dq, dkv) for these head dims and dtype."""
+    return TILES[stage, host.head_dim_class(head_dim, value_dim), launch.dot_precision(dtype) == "tf32x3"]
+
+
 def _config(stage: str, group: int, head_dim: int, value_dim: int, block_size: int, scale: float, dtype,
-            length: int | None = None) -> dict:
-    """The constexprs and launch options of one kernel (`stage` in fwd, dq, dkv). `block_size` is
-    the compressed blocks' stride `d`, `length` their length `l` (SPEC 9; default `d`)."""
-    padded_k, padded_v = launch.next_pow2(max(head_dim, 16)), launch.next_pow2(max(value_dim, 16))
-    width = max(64, padded_k, padded_v)
-    precision = launch.dot_precision(dtype)
-    rows, block_tile, num_warps, num_stages = _TILES[stage, width, precision == "tf32x3"]
-    heads = min(launch.next_pow2(group), rows)
+            length: int | None = None, tile: Tile | None = None) -> dict:
+    """The constexprs and launch options of one kernel (`stage` in fwd, dq, dkv) under `tile`
+    (default: `default_tile`). `block_size` is the compressed blocks' stride `d`, `length` their
+    length `l` (SPEC 9; default `d`)."""
+    tile = tile or default_tile(stage, head_dim, value_dim, dtype)
+    heads = min(launch.next_pow2(group), tile.rows)
     return {
-        "G": group, "HP": heads, "BT": rows // heads, "BC": block_tile, "BS": block_size, "CL": length or block_size,
-        "DK": head_dim, "DV": value_dim, "DKP": padded_k, "DVP": padded_v,
-        "SCALE": float(scale), "PRECISION": precision, "num_warps": num_warps, "num_stages": num_stages,
+        "G": group, "HP": heads, "BT": tile.rows // heads, "BC": tile.block_tile, "BS": block_size,
+        "CL": length or block_size, "DK": head_dim, "DV": value_dim,
+        "DKP": host.padded_dim(head_dim), "DVP": host.padded_dim(value_dim), "SCALE": float(scale),
+        "PRECISION": launch.dot_precision(dtype), "num_warps": tile.num_warps, "num_stages": tile.num_stages,
     }
 
 
-def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, length: int, scale: float):
+# One Python wrapper per kernel. `tile` (default: the tuned `TILES`) is what benchmarks/tile_sweep.py
+# varies; the custom VJP below always runs the defaults.
+
+
+def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, length: int, scale: float, tile: Tile | None = None):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
-    config = _config("fwd", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length)
+    config = _config("fwd", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length,
+                     tile)
     head_chunks = launch.cdiv(config["G"], config["HP"])
     v_finite, v_bad = finite_values(v_cmp)
     return launch.triton_call(
@@ -370,10 +387,12 @@ def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, length: int, sc
     )
 
 
-def _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size: int, length: int, scale: float):
+def _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size: int, length: int, scale: float,
+            tile: Tile | None = None):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
-    config = _config("dq", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length)
+    config = _config("dq", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length,
+                     tile)
     head_chunks = launch.cdiv(config["G"], config["HP"])
     return launch.triton_call(
         query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, num_tokens, num_blocks,
@@ -385,10 +404,11 @@ def _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size
 
 
 def _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
-             block_size: int, length: int, scale: float):
+             block_size: int, length: int, scale: float, tile: Tile | None = None):
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads, value_dim = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
-    config = _config("dkv", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length)
+    config = _config("dkv", num_q_heads // num_kv_heads, head_dim, value_dim, block_size, scale, query.dtype, length,
+                     tile)
     block_tiles = launch.cdiv(num_blocks, config["BC"])
     split_tokens = host.dkv_split_tokens(num_tokens, block_tiles * batch * num_kv_heads)
     splits = launch.cdiv(num_tokens, split_tokens)
@@ -454,7 +474,7 @@ def run(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segment
 
 def compile_specs() -> list[launch.CompileSpec]:
     specs = []
-    cases = [  # dtype, group, (Dk, Dv), block size: every head-dim class of _TILES, both precisions
+    cases = [  # dtype, group, (Dk, Dv), block size: every head-dim class of TILES, both precisions
         ("bfloat16", 1, (128, 128), 64),
         ("float16", 3, (40, 24), 16),
         ("float32", 16, (64, 64), 64),

@@ -105,50 +105,44 @@ def select_blocks(
     group = num_q_heads // num_kv_heads
     layout = token_layout(num_tokens, block_size, segments)
     positions = query_positions(layout.pos, batch, kv_lengths)
-    top = min(num_slots, num_blocks)
     chunk = chunk_len(num_tokens, batch * num_q_heads * num_blocks * 4 * 4)
-    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
 
     def row(q, kc, row_lse, counts, row_pos):
         def body(start, q_chunk, lse_chunk, counts_chunk, pos, first_block):
-            scores = _scores(split_heads(q_chunk, num_kv_heads), kc, scale)
-            visible = _visible(pos, first_block, num_blocks, geometry)[:, None, None, :]
-            lse_chunk = split_heads(lse_chunk[..., None], num_kv_heads)
-            lse_chunk = jnp.where(jnp.isfinite(lse_chunk), lse_chunk, 0.0)
-            probs = jnp.where(visible, jnp.exp(scores - lse_chunk), 0.0)
-            block_scores = jnp.sum(probs, axis=2)  # [C, H, NB]
-
-            local = blocks[None, :] - first_block[:, None]  # [C, NB]
-            current = (pos // block_size)[:, None]
-            candidate = (local >= 0) & (local <= current)
-            forced = candidate & ((local == 0) | (local == current - 1) | (local == current))
-            block_scores = jnp.where(forced[:, None, :], float(group), block_scores)
-            block_scores = jnp.where(candidate[:, None, :], block_scores, -jnp.inf)
-
-            best, reversed_index = jax.lax.top_k(block_scores[..., ::-1], top)
-            chosen = (num_blocks - 1 - reversed_index) - first_block[:, None, None]
-            keep = jnp.isfinite(best) & (jnp.arange(top)[None, None, :] < counts_chunk[..., None])
-            chosen = jnp.where(keep, chosen, NO_BLOCK).astype(jnp.int32)
-            return jnp.pad(chosen, ((0, 0), (0, 0), (0, num_slots - top)), constant_values=NO_BLOCK)
+            block_scores = _block_probabilities(q_chunk, kc, lse_chunk, pos, first_block, geometry, scale)
+            return _top_blocks(block_scores, pos, counts_chunk, group, block_size, num_slots, first_block)
 
         return map_query_chunks(body, chunk, q, row_lse, counts, row_pos, layout.first_block)
 
     return jax.vmap(row)(query, k_cmp, lse, block_counts.astype(jnp.int32), positions)
 
 
-def _top_blocks(block_scores, pos, counts_chunk, group: int, block_size: int, num_slots: int):
-    """`[C, H, S]` local block indices from `[C, H, NB]` scores over local blocks: the forced
-    blocks, the candidates `[0, IC]`, top-k with ties to the later block, -1 padding."""
+def _block_probabilities(q_chunk, kc, lse_chunk, pos, first_block, geometry: CompressionGeometry, scale):
+    """`[C, H, NB]`: each compressed block's attention probability summed over the group's query
+    heads (SPEC 3's score), 0 for blocks a query cannot see; a query whose lse is -inf sees none."""
+    num_blocks, num_kv_heads = kc.shape[0], kc.shape[1]
+    scores = _scores(split_heads(q_chunk, num_kv_heads), kc, scale)
+    visible = _visible(pos, first_block, num_blocks, geometry)[:, None, None, :]
+    lse_chunk = split_heads(lse_chunk[..., None], num_kv_heads)
+    lse_chunk = jnp.where(jnp.isfinite(lse_chunk), lse_chunk, 0.0)
+    return jnp.sum(jnp.where(visible, jnp.exp(scores - lse_chunk), 0.0), axis=2)
+
+
+def _top_blocks(block_scores, pos, counts_chunk, group: int, block_size: int, num_slots: int, first_block=None):
+    """`[C, H, S]` local block indices from `[C, H, NB]` block scores: the forced blocks, the
+    candidates `[0, IC]`, top-k with ties to the later block, -1 padding. The scores are over
+    local blocks, or over the packed block axis when each token's `first_block` is given."""
     num_blocks = block_scores.shape[-1]
     top = min(num_slots, num_blocks)
-    local = jnp.arange(num_blocks, dtype=jnp.int32)[None, :]
+    first = jnp.zeros_like(pos) if first_block is None else first_block
+    local = jnp.arange(num_blocks, dtype=jnp.int32)[None, :] - first[:, None]  # [C, NB]
     current = (pos // block_size)[:, None]
-    candidate = local <= current
+    candidate = (local >= 0) & (local <= current)
     forced = candidate & ((local == 0) | (local == current - 1) | (local == current))
     block_scores = jnp.where(forced[:, None, :], float(group), block_scores)
     block_scores = jnp.where(candidate[:, None, :], block_scores, -jnp.inf)
     best, reversed_index = jax.lax.top_k(block_scores[..., ::-1], top)
-    chosen = num_blocks - 1 - reversed_index
+    chosen = (num_blocks - 1 - reversed_index) - first[:, None, None]
     keep = jnp.isfinite(best) & (jnp.arange(top)[None, None, :] < counts_chunk[..., None])
     chosen = jnp.where(keep, chosen, NO_BLOCK).astype(jnp.int32)
     return jnp.pad(chosen, ((0, 0), (0, 0), (0, num_slots - top)), constant_values=NO_BLOCK)
@@ -189,11 +183,7 @@ def _select_transferred(query, k_cmp, lse, block_counts, num_slots, geometry: Co
 
     def row(q, kc, row_lse, counts, row_pos):
         def body(start, q_chunk, lse_chunk, counts_chunk, pos, first_block):
-            scores = _scores(split_heads(q_chunk, num_kv_heads), kc, scale)
-            visible = _visible(pos, first_block, num_blocks, geometry)[:, None, None, :]
-            lse_chunk = split_heads(lse_chunk[..., None], num_kv_heads)
-            lse_chunk = jnp.where(jnp.isfinite(lse_chunk), lse_chunk, 0.0)
-            probs = jnp.sum(jnp.where(visible, jnp.exp(scores - lse_chunk), 0.0), axis=2)  # [C, H, NB]
+            probs = _block_probabilities(q_chunk, kc, lse_chunk, pos, first_block, geometry, scale)
             if segments is not None:
                 # Packed rows: move each token's own blocks to the front (local index i).
                 local = first_block[:, None] + jnp.arange(local_blocks, dtype=jnp.int32)[None, :]
