@@ -35,16 +35,20 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def inputs(group: int, seq_len: int, head_dim: int, block_size: int, num_slots: int, dtype, seed: int = 0):
+def inputs(group: int, seq_len: int, head_dim: int, block_size: int, num_slots: int, dtype, seed: int = 0,
+           geometry: dict | None = None):
+    """Fresh random q, k, v and cotangent, and the compression, lse and selection computed from
+    them (`geometry`: SPEC 9's `compress_block_size` / `compress_stride`, default none)."""
+    geometry = geometry or {}
     num_q_heads, num_kv_heads = SHAPES[group]
     keys = jax.random.split(jax.random.key(seed), 5)
     q = jax.random.normal(keys[0], (1, seq_len, num_q_heads, head_dim), dtype)
     k = jax.random.normal(keys[1], (1, seq_len, num_kv_heads, head_dim), dtype)
     v = jax.random.normal(keys[2], (1, seq_len, num_kv_heads, head_dim), dtype)
     d_out = jax.random.normal(keys[3], (1, seq_len, num_q_heads, head_dim), dtype)
-    k_cmp, v_cmp = nsa.mean_pool(k, v, block_size)
-    _, lse = nsa.compressed_attention(q, k_cmp, v_cmp, block_size)
-    indices = nsa.select_blocks(q, k_cmp, lse, num_slots, block_size)
+    k_cmp, v_cmp = nsa.mean_pool(k, v, block_size, **geometry)
+    _, lse = nsa.compressed_attention(q, k_cmp, v_cmp, block_size, **geometry)
+    indices = nsa.select_blocks(q, k_cmp, lse, num_slots, block_size, **geometry)
     return dict(q=q, k=k, v=v, d_out=d_out, k_cmp=k_cmp, lse=lse, indices=jax.block_until_ready(indices))
 
 
@@ -175,14 +179,14 @@ def selection_variants(args, group, x, rows):
     def select(tiles):
         return jax.jit(lambda q, kc, lse: sel_kernel.run(q, kc, lse, block_counts=layout_counts,
                                                           num_slots=args.num_slots, block_size=bs, scale=scale,
-                                                          segments=None, tiles=tiles))
+                                                          segments=None, tiles=tiles, **args.geometry))
 
     operands = (x["q"], x["k_cmp"], x["lse"])
     base = np.asarray(select(None)(*operands))
     num_out = args.num_slots
     default = sel_kernel.default_tiles(group, args.head_dim, num_out, args.dtype)
     variants = [("default (narrow keys)", None), ("64-bit keys", dataclasses.replace(default, narrow_keys=False))]
-    for rows_, blocks, warps in ((128, 32, 8), (64, 64, 4), (64, 16, 4)):
+    for rows_, blocks, warps in ((128, 32, 8), (64, 64, 4), (64, 16, 4), (256, 32, 8), (128, 16, 8), (256, 16, 8)):
         variants.append((f"rows={rows_} blocks={blocks} warps={warps}",
                          sel_kernel.default_tiles(group, args.head_dim, num_out, args.dtype, rows=rows_,
                                                   blocks=blocks, num_warps=warps)))
@@ -261,7 +265,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--parts", default="check,selected,selection,whole")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--compress", default=None, metavar="L,D",
+                        help="SPEC 9's compression geometry for the selection sweep, e.g. 32,16 (default l = d = block)")
     args = parser.parse_args(argv)
+    args.geometry = {}
+    if args.compress:
+        length, stride = (int(x) for x in args.compress.split(","))
+        args.geometry = dict(compress_block_size=length, compress_stride=stride)
     global JSON_PATH
     JSON_PATH = args.json
     parts = set(args.parts.split(","))
@@ -271,7 +281,8 @@ def main(argv=None) -> int:
         if "check" in parts:
             check_against_xla(args, rows)
         for group in (int(g) for g in args.groups.split(",")):
-            x = inputs(group, args.seq_len, args.head_dim, args.block_size, args.num_slots, args.dtype)
+            x = inputs(group, args.seq_len, args.head_dim, args.block_size, args.num_slots, args.dtype,
+                       geometry=args.geometry)
             if "selected" in parts:
                 selected_variants(args, group, x, rows)
             if "token" in parts:
