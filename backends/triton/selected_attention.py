@@ -34,7 +34,8 @@ from ejkernel_nsa.backends.common import host
 # The token-major tiles, the same for the Pallas Triton kernels; named here too (Tiles, the benchmarks).
 from ejkernel_nsa.backends.common.host import TokenConfig, token_config
 from ejkernel_nsa.backends.common.vjp import attention_vjp
-from ejkernel_nsa.backends.triton.containment import finite_backward_operands, finite_values, nonfinite_in
+from ejkernel_nsa.backends.common.containment import finite_backward_operands, finite_values
+from ejkernel_nsa.backends.triton.containment import nonfinite_in
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.backends.triton.launch import CompileSpec, cdiv, next_pow2, pointer
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments
@@ -294,7 +295,7 @@ def selected_attention_fwd_kernel_by_block(
             m = m_new
         # A counted block starts at or before its reader, so every real row saw a key (l > 0).
         safe_l = tl.where(l > 0.0, l, 1.0)
-        # SPEC 8 (containment.py): the values came zeroed where non-finite; a row sees the block's
+        # SPEC 8 (common/containment.py): values came zeroed where non-finite; a row sees the block's
         # keys [start, min(end, token + 1)) and is NaN if one of their values was not finite.
         start = tl.load(block_start_ptr + block) + tl.zeros_like(token)
         end = tl.minimum(start + tl.load(block_len_ptr + block), token + 1)
@@ -632,7 +633,7 @@ def _selected_attention_forward(q, k, v, sel: SelectedBlocks, readers: Readers, 
 
 def _selected_attention_backward(block_size, scale, tiles, saved, d_out, lse, delta):
     q, k, v, sel, readers = saved
-    k, v, lse, delta = finite_backward_operands(k, v, lse, delta)  # SPEC 8: containment.py
+    k, v, lse, delta = finite_backward_operands(k, v, lse, delta)  # SPEC 8, common/containment.py
     dq, dk, dv = _backward(q, k, v, d_out, lse, delta, sel, readers, block_size, scale, tiles)
     return dq, dk, dv, None, None
 
