@@ -65,9 +65,14 @@ def seen_nonfinite(prefix: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array
     return (hi > lo) & (count(hi) > count(lo))
 
 
+def finite_backward_rows(lse: jax.Array, delta: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`lse` NaN and `delta` 0 where `delta` (a row's `rowsum(do * o)`) is not finite."""
+    bad_row = ~jnp.isfinite(delta)
+    return (jnp.where(bad_row, jnp.asarray(jnp.nan, lse.dtype), lse),
+            jnp.where(bad_row, jnp.zeros((), delta.dtype), delta))
+
+
 def finite_backward_operands(key: jax.Array, value: jax.Array, lse: jax.Array, delta: jax.Array):
     """`(key, value, lse, delta)` for a backward launch: `key` and `value` with their non-finite
-    entries zeroed; `lse` NaN and `delta` 0 where `delta` (a row's `rowsum(do * o)`) is not finite."""
-    bad_row = ~jnp.isfinite(delta)
-    return (finite_or_zero(key), finite_or_zero(value), jnp.where(bad_row, jnp.asarray(jnp.nan, lse.dtype), lse),
-            jnp.where(bad_row, jnp.zeros((), delta.dtype), delta))
+    entries zeroed, and `finite_backward_rows(lse, delta)`."""
+    return (finite_or_zero(key), finite_or_zero(value)) + finite_backward_rows(lse, delta)
