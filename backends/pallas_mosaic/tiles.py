@@ -420,7 +420,6 @@ def saved_softmax(lse_smem, delta_smem, load, spread, shape):
             spread(load(delta_smem), shape))
 
 
-
 # ---- SPEC 8 containment (backends/common/containment.py) ----------------------------------------
 # The kernels read keys and values zeroed where non-finite. Which rows saw a non-finite one is
 # known in XLA before the launch (each row's visible key range is part of its metadata), and the
