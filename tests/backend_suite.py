@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from containment import PLANTINGS, check_containment, check_gradient_containment
 from ejkernel_nsa.testing import oracle
 from cases import (
     TOLERANCES,
@@ -62,6 +63,17 @@ class BackendSuite:
     compression_geometry: bool = False
     # The pieces the backend has no kernel for, run on XLA (each forced there too).
     xla_pieces: tuple[Piece, ...] = ()
+    # SPEC 8 containment (tests/containment.py): the keyword arguments of each `check_containment`
+    # / `check_gradient_containment` call, compiled (every planting, poison and tensor) and in an
+    # interpreter, where each call takes seconds: one NaN value in the later sequence of a packed
+    # row (41), which shares a kernel tile with the earlier sequence's last tokens, whose future
+    # it also is, so one planting exercises both kinds of blind token and (for the gradients)
+    # the key and value rows that only the other sequence sees.
+    containment_runs: tuple[dict, ...] = ({},)
+    gradient_containment_runs: tuple[dict, ...] = ({},)
+    interpreted_containment_runs: tuple[dict, ...] = (
+        dict(poisons=(np.nan,), tensors=("value",), plantings=PLANTINGS[2:3]),)
+    interpreted_gradient_containment_runs: tuple[dict, ...] = interpreted_containment_runs
 
     @property
     def forced(self) -> str | dict[Piece, str]:
@@ -239,6 +251,23 @@ class BackendSuite:
         args = make_inputs(fixed_case(seq_len=100, group=2, window_size=0))
         with pytest.raises(registry.BackendError, match="l = d = l'"):
             nsa.explain(**dict(args, compress_block_size=16, compress_stride=8), backend=self.forced)
+
+    # ---- SPEC 8: NaN / Inf containment ---------------------------------------------------------
+
+    def test_nan_and_inf_are_contained(self):
+        """A NaN or Inf key or value reaches no output of a query that cannot see it (a future
+        position, another packed sequence), and the tokens that see it are not finite."""
+        interpreted = registry.is_interpreted(self.backend)
+        for run in self.interpreted_containment_runs if interpreted else self.containment_runs:
+            check_containment(self.forced, **run)
+
+    def test_nan_and_inf_are_contained_in_the_gradients(self):
+        """The same for the gradients: those of the blind queries and gates, and of the keys and
+        values only they see, are the clean run's; the planted token's query gradient is not
+        finite, as its output is not."""
+        interpreted = registry.is_interpreted(self.backend)
+        for run in self.interpreted_gradient_containment_runs if interpreted else self.gradient_containment_runs:
+            check_gradient_containment(self.forced, **run)
 
     # ---- transformations and the fixed examples ---------------------------------------------
 

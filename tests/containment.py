@@ -1,6 +1,7 @@
 """SPEC section 8, containment: a NaN or Inf planted in `key` / `value` at a position must not
 reach any query that cannot see that position (a later position of its own sequence, or another
-sequence of a packed row). Shared by every backend's test file, so each checks its own kernels.
+sequence of a packed row). Run by the shared suite (tests/backend_suite.py) for every backend on
+its own kernels; `backend` is what the call forces (a name, or a per-piece dict).
 
 The check: the whole call (all three branches, computed selection) on fresh random inputs, once
 clean and once with the poison planted; the outputs of the queries that cannot see the planted
@@ -41,7 +42,11 @@ PLANTINGS = [
 ]
 
 
-def check_containment(backend: str, poisons=(np.nan, np.inf), plantings=PLANTINGS, tensors=("key", "value"),
+def _label(backend) -> str:
+    return backend if isinstance(backend, str) else "+".join(sorted(set(backend.values())))
+
+
+def check_containment(backend, poisons=(np.nan, np.inf), plantings=PLANTINGS, tensors=("key", "value"),
                       seed: int = 0) -> None:
     args = _inputs(seed)
     call = dict(block_counts=2, block_size=BS, window_size=W, backend=backend)
@@ -57,7 +62,7 @@ def check_containment(backend: str, poisons=(np.nan, np.inf), plantings=PLANTING
                 planted[tensor][0, position, 0, 0] = poison
                 out = np.asarray(nsa.native_sparse_attention(**planted, **call, cu_seqlens=cu_seqlens))
                 seen = out[0, blind]
-                where = f"{backend}: {poison} in {tensor} at {position} ({name})"
+                where = f"{_label(backend)}: {poison} in {tensor} at {position} ({name})"
                 assert np.all(np.isfinite(seen)), f"{where} reached tokens {np.unique(np.nonzero(~np.isfinite(seen))[0])}"
                 np.testing.assert_allclose(seen, clean[key][0, blind], rtol=1e-5, atol=1e-6, err_msg=where)
                 # Its own arithmetic is non-finite for a NaN anywhere or an Inf value (an Inf key may
@@ -66,7 +71,7 @@ def check_containment(backend: str, poisons=(np.nan, np.inf), plantings=PLANTING
                     assert not np.all(np.isfinite(out[0, position])), f"{where}: the planted token's output is finite"
 
 
-def check_gradient_containment(backend: str, poisons=(np.nan, np.inf), plantings=PLANTINGS, tensors=("key", "value"),
+def check_gradient_containment(backend, poisons=(np.nan, np.inf), plantings=PLANTINGS, tensors=("key", "value"),
                                seed: int = 0, planted_gradient_nan: bool = True) -> None:
     """SPEC 8 for the gradients. A backward kernel meets masked keys too: a masked `p = 0` times a
     NaN `do . v` (or a NaN key in `ds @ k`), or a masked row's NaN delta (its output saw the
@@ -110,10 +115,11 @@ def check_gradient_containment(backend: str, poisons=(np.nan, np.inf), plantings
                 grads = gradients(planted, cu_seqlens)
                 for arg, rows in [(n, kv_blind if n in ("key", "value") else blind) for n in names]:
                     seen = grads[arg][0, rows]
-                    where = f"{backend}: {poison} in {tensor} at {position} ({name}), d/d{arg}"
+                    where = f"{_label(backend)}: {poison} in {tensor} at {position} ({name}), d/d{arg}"
                     assert np.all(np.isfinite(seen)), \
                         f"{where} reached tokens {rows[np.unique(np.nonzero(~np.isfinite(seen))[0])]}"
                     np.testing.assert_allclose(seen, clean[key][arg][0, rows], rtol=1e-5, atol=1e-6, err_msg=where)
                 if planted_gradient_nan and (tensor == "value" or np.isnan(poison)):
                     assert not np.all(np.isfinite(grads["query"][0, position])), \
-                        f"{backend}: {poison} in {tensor} at {position}: the planted token's query gradient is finite"
+                        f"{_label(backend)}: {poison} in {tensor} at {position}: the planted token's query " \
+                        "gradient is finite"

@@ -2,8 +2,10 @@
 EJKERNEL_NSA_INTERPRET=1 on a machine without one, through Triton's interpreter. Group sizes go
 up to 32 here, past what the peers' kernels accept in either direction."""
 
+import numpy as np
 import pytest
 from backend_suite import MODEL_HEAD_DIMS, BackendSuite, check_model_sized_heads
+from containment import PLANTINGS
 from conftest import has_gpu
 
 import ejkernel_nsa as nsa
@@ -21,6 +23,14 @@ class TestTriton(BackendSuite):
     # SPEC section 9: compression, compressed attention and selection (the fused transfer) all
     # take the geometry.
     compression_geometry = True
+    # SPEC 8 in Triton's interpreter: every forward planting; for the backward kernels (compressed
+    # dq and dk/dv, selected attention, window dq and dk/dv), d/dquery of the tokens before a
+    # mid-block NaN value, the other packed sequence's d/dkey and d/dvalue, and an Inf key.
+    interpreted_containment_runs = ({},)
+    interpreted_gradient_containment_runs = (
+        dict(poisons=(np.nan,), tensors=("value",), plantings=PLANTINGS[1:3]),
+        dict(poisons=(np.inf,), tensors=("key",), plantings=PLANTINGS[3:]),
+    )
 
 
 @pytest.mark.gpu
@@ -71,37 +81,12 @@ def test_model_sized_heads_match_oracle_and_xla(group, head_dim, value_dim, dtyp
     check_model_sized_heads("triton", group, head_dim, value_dim, dtype)
 
 
-def test_nan_and_inf_are_contained():
-    """SPEC 8 containment (issue 11): a NaN/Inf in a future position or another packed sequence
-    reaches no query that cannot see it (compiled on a GPU, interpreted with EJKERNEL_NSA_INTERPRET=1)."""
-    from containment import check_containment
-
-    if nsa.backend_status()["triton"] is not None:
-        pytest.skip(f"triton cannot run here: {nsa.backend_status()['triton']}")
-    check_containment("triton")
-
-
-def test_nan_and_inf_are_contained_in_the_gradients():
-    """SPEC 8 for the backward kernels (compressed dq and dk/dv, selected attention, window dq and
-    dk/dv): d/dquery of the tokens before a mid-block NaN value, and d/dkey, d/dvalue of the other
-    packed sequence, are the clean run's; the planted rows' own gradients stay NaN. A subset of the
-    plantings: each interpreted gradient takes seconds."""
-    import numpy as np
-    from containment import PLANTINGS, check_gradient_containment
-
-    if nsa.backend_status()["triton"] is not None:
-        pytest.skip(f"triton cannot run here: {nsa.backend_status()['triton']}")
-    check_gradient_containment("triton", poisons=(np.nan,), tensors=("value",), plantings=PLANTINGS[1:3])
-    check_gradient_containment("triton", poisons=(np.inf,), tensors=("key",), plantings=PLANTINGS[3:])
-
-
 @pytest.mark.gpu
 def test_nan_and_inf_are_contained_in_the_gradients_of_the_other_loop_orders(monkeypatch):
     """The same, with the token-major selected forward and the split selected backward (what
-    G >= 16 gets); G = 2 above takes the block-major forward and the fused backward. On a GPU
-    only: interpreted, this takes about a minute (it passed so on CPU)."""
-    import numpy as np
-    from containment import PLANTINGS, check_gradient_containment
+    G >= 16 gets); G = 2 (the suite's containment tests) takes the block-major forward and the
+    fused backward. On a GPU only: interpreted, this takes about a minute (it passed so on CPU)."""
+    from containment import check_gradient_containment
 
     from ejkernel_nsa.backends.triton import selected_attention
 
@@ -109,7 +94,7 @@ def test_nan_and_inf_are_contained_in_the_gradients_of_the_other_loop_orders(mon
     monkeypatch.setattr(selected_attention, "BLOCK_MAJOR_BELOW_GROUP", 1)
     import jax
 
-    jax.clear_caches()  # the loop order is chosen at trace time; same shapes ran above
+    jax.clear_caches()  # the loop order is chosen at trace time; the suite ran these shapes
     try:
         check_gradient_containment("triton", plantings=PLANTINGS)
     finally:

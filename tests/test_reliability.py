@@ -1,5 +1,6 @@
 """The reliability pass (issue 11): integer inputs that do not fit int32, zero-size cases, the
-exception classes docs/api.md promises, interpret mode's process state, NaN/Inf containment.
+exception classes docs/api.md promises, interpret mode's process state, the XLA backend's memory.
+NaN/Inf containment (SPEC 8) is in the shared suite (tests/backend_suite.py), for every backend.
 
 Each test names the class of failure it pins down; values are compared with the float64 oracle.
 """
@@ -214,28 +215,7 @@ def test_interpret_mode_leaves_no_process_state():
         assert "pallas_mosaic" in report["forced_after"]
 
 
-# ---- 4. NaN/Inf containment (SPEC 8) in the XLA backend; each kernel backend's test file runs
-# the same check on its kernels (tests/containment.py) ---------------------------------------------
-
-
-def test_xla_contains_nan_and_inf():
-    from containment import check_containment
-
-    check_containment("xla", poisons=(np.nan,), tensors=("value",))
-    check_containment("xla", poisons=(np.inf,), tensors=("key",))
-
-
-def test_xla_contains_nan_and_inf_in_the_gradients():
-    """The gradients of the blind tokens (and of the other packed sequence's keys and values) are
-    the clean run's. The XLA backend marks a poisoned row NaN with a `where`, whose gradient is 0,
-    so the planted rows' own gradients come out finite (that branch contributes 0): not checked here."""
-    from containment import PLANTINGS, check_gradient_containment
-
-    check_gradient_containment("xla", poisons=(np.nan,), tensors=("value",), plantings=PLANTINGS[2:3],
-                               planted_gradient_nan=False)
-
-
-# ---- 5. the XLA backend's memory follows T, within its chunk budget --------------------------------
+# ---- 4. the XLA backend's memory follows T, within its chunk budget --------------------------------
 
 
 @pytest.mark.parametrize("block_size, block_counts", [(16384, 16), (16, 4096)], ids=["huge block", "huge count"])

@@ -25,6 +25,12 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from ejkernel_nsa.backends.common.containment import (
+    finite_backward_rows,
+    finite_or_zero,
+    nonfinite_prefix,
+    seen_nonfinite,
+)
 from ejkernel_nsa.backends.common.vjp import attention_delta
 from ejkernel_nsa.backends.pallas_mosaic import tiles
 from ejkernel_nsa.backends.pallas_mosaic.tiles import LOG2E, ROWS
@@ -314,23 +320,25 @@ def _launch_dkv(shape: Shape, q_rows, k_blocks, v_blocks, do_rows, lse_rows, del
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(shape: Shape, query, k_cmp, v_cmp, meta, spans):
-    return _forward(shape, query, k_cmp, v_cmp, meta)[0]
+def _attend(shape: Shape, query, k_cmp, v_cmp, meta, spans, bad_rows):
+    return _forward(shape, query, k_cmp, v_cmp, meta, bad_rows)[0]
 
 
-def _forward(shape: Shape, query, k_cmp, v_cmp, meta):
+def _forward(shape: Shape, query, k_cmp, v_cmp, meta, bad_rows):
     tiling = shape.tiling
     q_rows = tiles.split(tiling.pack(query, shape.dk), shape.q_parts, shape.operand)
-    k_blocks = split_blocks(k_cmp, shape, shape.dk)
-    v_blocks = split_blocks(v_cmp, shape, shape.dv, shape.v_parts)
+    # SPEC 8: the kernels read finite blocks; the rows that see a non-finite one are NaN.
+    k_blocks = split_blocks(finite_or_zero(k_cmp), shape, shape.dk)
+    v_blocks = split_blocks(finite_or_zero(v_cmp), shape, shape.dv, shape.v_parts)
     o_rows, lse_rows = _launch_fwd(shape, q_rows, k_blocks, v_blocks, meta)
+    o_rows = tiles.poison(o_rows, bad_rows)
     out = tiling.unpack(o_rows, v_cmp.shape[-1]).astype(query.dtype)
     lse = tiling.unpack_scalar(lse_rows)
     return (out, lse), (q_rows, k_blocks, v_blocks, o_rows, lse_rows)
 
 
-def _attend_fwd(shape, query, k_cmp, v_cmp, meta, spans):
-    outputs, (q_rows, k_blocks, v_blocks, o_rows, lse_rows) = _forward(shape, query, k_cmp, v_cmp, meta)
+def _attend_fwd(shape, query, k_cmp, v_cmp, meta, spans, bad_rows):
+    outputs, (q_rows, k_blocks, v_blocks, o_rows, lse_rows) = _forward(shape, query, k_cmp, v_cmp, meta, bad_rows)
     return outputs, (q_rows, k_blocks, v_blocks, o_rows, lse_rows, meta, spans, k_cmp.shape, v_cmp.shape)
 
 
@@ -342,11 +350,14 @@ def _attend_bwd(shape, residuals, cotangents):
     # The residuals are packed rows, so delta is taken there (backends/common/vjp.py), with the
     # output as the caller saw it (rounded to its dtype) and the lse cotangent packed alike.
     delta = attention_delta(do_packed, o_rows.astype(shape.dtype), tiling.pack_scalar(d_lse.astype(jnp.float32)))
+    # SPEC 8: a poisoned row keeps NaN gradients, and passes none to what it cannot see.
+    lse_rows, delta = finite_backward_rows(lse_rows, delta)
     do_rows = tiles.split(do_packed, shape.q_parts, shape.operand)
     dq_rows = _launch_dq(shape, q_rows, k_blocks, v_blocks, do_rows, lse_rows, delta, meta)
     dk, dv = _launch_dkv(shape, q_rows, k_blocks, v_blocks, do_rows, lse_rows, delta, meta, spans)
     dq = tiling.unpack(dq_rows, shape.head_dim).astype(shape.dtype)
-    return (dq, unpack_blocks(dk, k_shape[1], k_shape[3]), unpack_blocks(dv, v_shape[1], v_shape[3]), None, None)
+    return (dq, unpack_blocks(dk, k_shape[1], k_shape[3]), unpack_blocks(dv, v_shape[1], v_shape[3]), None, None,
+            None)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -361,4 +372,8 @@ def run(query, k_cmp, v_cmp, *, block_size: int, scale: float, segments: Segment
     layout = token_layout(num_tokens, block_size, segments)
     meta = compressed_meta(tiling, layout, block_size)
     spans = block_tile_spans(shape, num_tokens, segments)
-    return _attend(shape, query, k_cmp.astype(jnp.float32), v_cmp.astype(jnp.float32), meta, spans)
+    # SPEC 8: the (token, kv head) pairs whose visible blocks hold a NaN or Inf key or value.
+    first = jnp.broadcast_to(layout.first_block[None, :, None], (batch, num_tokens, num_kv_heads))
+    end = first + ((layout.pos + 1) // block_size)[None, :, None]
+    bad_rows = tiles.poisoned_rows(tiling, seen_nonfinite(nonfinite_prefix(k_cmp, v_cmp), first, end))
+    return _attend(shape, query, k_cmp.astype(jnp.float32), v_cmp.astype(jnp.float32), meta, spans, bad_rows)

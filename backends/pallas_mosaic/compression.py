@@ -25,6 +25,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from ejkernel_nsa.backends.common.containment import finite_or_zero, nonfinite_prefix, seen_nonfinite
 from ejkernel_nsa.backends.pallas_mosaic import tiles
 from ejkernel_nsa.backends.pallas_mosaic.tiles import ROWS
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, block_layout, num_compressed_blocks, token_layout
@@ -181,13 +182,23 @@ def _pool(shape: Shape, x, blocks):
     return out.transpose(0, 2, 1, 3)[:, : shape.num_blocks, :, : shape.dim]
 
 
+# SPEC 8: both products run a 0/1 membership matrix over a whole tile (`A @ X`, `A^T @ dC`), so a
+# NaN or Inf in one token (or one block's cotangent) would reach every block (token) of the tile
+# as `0 * NaN`. So the kernels read their input zeroed where non-finite, and the blocks (tokens)
+# whose own tokens (block) held one are set to NaN in XLA afterwards, as their sum would be.
+
+
+def _poison(x, bad):
+    return jnp.where(bad[..., None], jnp.asarray(jnp.nan, x.dtype), x)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _mean_pool(shape: Shape, x, blocks, token_table):
-    return _pool(shape, x, blocks)
+def _mean_pool(shape: Shape, x, blocks, token_table, bad_blocks):
+    return _poison(_pool(shape, finite_or_zero(x), blocks), bad_blocks)
 
 
-def _mean_pool_fwd(shape, x, blocks, token_table):
-    return _pool(shape, x, blocks), (blocks, token_table)
+def _mean_pool_fwd(shape, x, blocks, token_table, bad_blocks):
+    return _mean_pool(shape, x, blocks, token_table, bad_blocks), (blocks, token_table)
 
 
 def _mean_pool_bwd(shape, residuals, d_cmp):
@@ -195,7 +206,8 @@ def _mean_pool_bwd(shape, residuals, d_cmp):
     B, _, H, _ = d_cmp.shape
     # d x[t] = d_cmp[block(t)] / count(block(t)): scale per block here, gather in the kernel.
     count = (blocks[:, 1] - blocks[:, 0]).reshape(-1)[: shape.num_blocks]
-    scaled = d_cmp.astype(jnp.float32) / jnp.maximum(count, 1)[None, :, None, None]
+    bad_cotangent = ~jnp.all(jnp.isfinite(d_cmp), axis=-1)  # [B, NB, H]
+    scaled = finite_or_zero(d_cmp.astype(jnp.float32)) / jnp.maximum(count, 1)[None, :, None, None]
     scaled = tiles.pad_axis(tiles.pad_axis(scaled, 3, shape.width), 1, shape.padded_blocks + 2 * BLOCK_TILE)
     body, scratch = _spread_kernel(shape)
     num_tiles = token_table.shape[0]
@@ -205,7 +217,9 @@ def _mean_pool_bwd(shape, residuals, d_cmp):
         grid=(num_tiles, B * H), grid_names=("tile", "bh"), scratch=scratch,
     )(tiles.split(scaled.transpose(0, 2, 1, 3), shape.parts, shape.operand), token_table)
     dx = dx.transpose(0, 2, 1, 3)[:, : shape.num_tokens, :, : shape.dim]
-    return dx.astype(shape.dtype), None, None
+    own_block = token_table[:, 0].reshape(-1)[: shape.num_tokens]  # every token has one
+    dx = _poison(dx, bad_cotangent[:, own_block])
+    return dx.astype(shape.dtype), None, None, None
 
 
 _mean_pool.defvjp(_mean_pool_fwd, _mean_pool_bwd)
@@ -214,9 +228,13 @@ _mean_pool.defvjp(_mean_pool_fwd, _mean_pool_bwd)
 def run(key, value, *, block_size: int, segments: Segments | None):
     num_tokens = key.shape[1]
     num_blocks = num_compressed_blocks(num_tokens, block_size, None if segments is None else segments.num_seqs)
+    layout = block_layout(num_tokens, block_size, segments)
+    first, end = (jnp.broadcast_to(x[None, :, None], (key.shape[0], num_blocks, key.shape[2]))
+                  for x in (layout.start, layout.start + layout.count))
     pooled = []
     for x in (key, value):
         shape = Shape(num_tokens, num_blocks, tiles.padded_dim(x.shape[-1]), x.shape[-1], str(x.dtype))
+        bad_blocks = seen_nonfinite(nonfinite_prefix(x), first, end)  # SPEC 8
         pooled.append(_mean_pool(shape, x, block_tables(shape, block_size, segments),
-                                 token_tables(shape, block_size, segments)))
+                                 token_tables(shape, block_size, segments), bad_blocks))
     return tuple(pooled)

@@ -28,6 +28,12 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from ejkernel_nsa.backends.common import host
 from ejkernel_nsa.backends.common.host import NO_BLOCK
+from ejkernel_nsa.backends.common.containment import (
+    finite_backward_rows,
+    finite_or_zero,
+    nonfinite_prefix,
+    seen_nonfinite,
+)
 from ejkernel_nsa.backends.common.vjp import attention_delta
 from ejkernel_nsa.backends.pallas_mosaic import tiles
 from ejkernel_nsa.backends.pallas_mosaic.tiles import LOG2E, ROWS
@@ -380,10 +386,12 @@ def _grid(shape: Shape, batch):
     return (shape.tiling.num_tiles, batch * shape.tiling.num_kv_heads * shape.tiling.head_chunks)
 
 
-def _forward(shape: Shape, query, key, value, meta, union, sel, layout):
+def _forward(shape: Shape, query, key, value, meta, union, sel, layout, bad_rows):
     tiling = shape.tiling
     q_rows = tiles.split(tiling.pack(query, shape.dk), shape.parts, shape.operand)
-    k_rows, v_rows = key_rows(key, shape, layout, shape.dk), key_rows(value, shape, layout, shape.dv)
+    # SPEC 8: the kernels read finite keys and values; the rows that see a non-finite one are NaN.
+    k_rows = key_rows(finite_or_zero(key), shape, layout, shape.dk)
+    v_rows = key_rows(finite_or_zero(value), shape, layout, shape.dv)
     B, HN = q_rows.shape[:2]
     body, scratch = _fwd_kernel(shape)
     o_rows, lse_rows = tiles.kernel(
@@ -392,16 +400,17 @@ def _forward(shape: Shape, query, key, value, meta, union, sel, layout):
                   jax.ShapeDtypeStruct((B, HN, tiling.num_rows), jnp.float32)),
         grid=_grid(shape, B), grid_names=("tile", "bh"), scratch=scratch,
     )(q_rows, k_rows, v_rows, meta, union, sel)
+    o_rows = tiles.poison(o_rows, bad_rows)
     return tiling.unpack(o_rows, shape.value_dim).astype(query.dtype), (q_rows, k_rows, v_rows, o_rows, lse_rows)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(shape: Shape, query, key, value, meta, union, sel, readers, kmeta, layout):
-    return _forward(shape, query, key, value, meta, union, sel, layout)[0]
+def _attend(shape: Shape, query, key, value, meta, union, sel, readers, kmeta, layout, bad_rows):
+    return _forward(shape, query, key, value, meta, union, sel, layout, bad_rows)[0]
 
 
-def _attend_fwd(shape, query, key, value, meta, union, sel, readers, kmeta, layout):
-    out, saved = _forward(shape, query, key, value, meta, union, sel, layout)
+def _attend_fwd(shape, query, key, value, meta, union, sel, readers, kmeta, layout, bad_rows):
+    out, saved = _forward(shape, query, key, value, meta, union, sel, layout, bad_rows)
     return out, (saved, meta, union, sel, readers, kmeta, layout)
 
 
@@ -414,6 +423,8 @@ def _attend_bwd(shape, residuals, d_out):
     do_packed = tiling.pack(d_out.astype(jnp.float32), shape.dv)
     # delta = rowsum(do * o) on the packed rows, the output as the caller saw it (its dtype).
     delta = attention_delta(do_packed, o_rows.astype(dtype))
+    # SPEC 8: a poisoned row keeps NaN gradients, and passes none to what it cannot see.
+    lse_rows, delta = finite_backward_rows(lse_rows, delta)
     do_rows = tiles.split(do_packed, shape.parts, shape.operand)
     body, scratch = _dq_kernel(shape)
     dq_rows = tiles.kernel(
@@ -432,7 +443,7 @@ def _attend_bwd(shape, residuals, d_out):
     dq = tiling.unpack(dq_rows, shape.head_dim).astype(dtype)
     d_k = unblock(d_k, shape, layout, shape.head_dim).astype(dtype)
     d_v = unblock(d_v, shape, layout, shape.value_dim).astype(dtype)
-    return dq, d_k, d_v, None, None, None, None, None, None
+    return dq, d_k, d_v, None, None, None, None, None, None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -461,4 +472,18 @@ def run(query, key, value, block_indices, block_counts, *, block_size: int, scal
     readers, kmeta = inverted_index(union, shape)
     union = union.reshape(*union.shape[:3], shape.union // ROWS, ROWS)
     meta = last_key_meta(tiling.row_meta(layout, block_size), block_size)
-    return _attend(shape, query, key, value, meta, union, sel, readers, kmeta, layout)
+    bad_rows = tiles.poisoned_rows(tiling, _saw_nonfinite(key, value, block_indices, blocks, layout, block_size))
+    return _attend(shape, query, key, value, meta, union, sel, readers, kmeta, layout, bad_rows)
+
+
+def _saw_nonfinite(key, value, block_indices, blocks, layout, block_size: int):
+    """SPEC 8: `[B, T, H]`, whether a (token, kv head) sees a NaN or Inf key or value: in one of its
+    counted blocks (`blocks >= 0`), at its keys `[start, min(start + BS, token + 1))`."""
+    token = jnp.arange(layout.pos.shape[0], dtype=jnp.int32)[None, :, None, None]
+    start = (token - layout.pos[None, :, None, None]) + block_indices.astype(jnp.int32) * block_size
+    counted = blocks >= 0
+    lo = jnp.where(counted, start, 0)
+    hi = jnp.where(counted, jnp.minimum(start + block_size, token + 1), 0)
+    # seen_nonfinite takes the kv head last: [B, T, S, H].
+    seen = seen_nonfinite(nonfinite_prefix(key, value), lo.transpose(0, 1, 3, 2), hi.transpose(0, 1, 3, 2))
+    return jnp.any(seen, axis=2)

@@ -422,7 +422,29 @@ def saved_softmax(lse_smem, delta_smem, load, spread, shape):
     """The forward's lse (natural units) and `delta` for a backward tile, broadcast with `spread`
     (`rows` or `cols`): whether the row saw anything, lse in log2 units (0 where not), delta."""
     lse = load(lse_smem)
-    seen = lse > -jnp.inf
+    # Not `lse > -inf`: a row whose output saw a non-finite value comes with lse NaN
+    # (`poisoned_rows`), and must keep it, so that its visible probabilities (its own gradients)
+    # are NaN while its masked ones stay 0.
+    seen = lse != -jnp.inf
     return (spread(seen, shape), spread(jnp.where(seen, lse * LOG2E, 0.0), shape),
             spread(load(delta_smem), shape))
 
+
+# ---- SPEC 8 containment (backends/common/containment.py) ----------------------------------------
+# The kernels read keys and values zeroed where non-finite. Which rows saw a non-finite one is
+# known in XLA before the launch (each row's visible key range is part of its metadata), and the
+# kernels load TMA boxes, not per-row gathers: so the flag is gathered from the prefix count in
+# XLA, and applied to the kernel's packed output there too (one `where`, fused into the unpack
+# copy), nothing in the kernels.
+
+
+def poisoned_rows(tiling: RowTiling, seen):
+    """`[B, T, H]` bool (the (token, kv head) saw a non-finite key or value) -> `[B, H*HEAD_CHUNKS,
+    NT*64]` bool over the packed query rows (every query head of the kv head's group)."""
+    per_head = jnp.repeat(seen, tiling.group, axis=2)  # query head i belongs to kv head i // G
+    return tiling.pack_scalar(per_head.astype(jnp.int32)) > 0
+
+
+def poison(o_rows, bad_rows):
+    """The packed output `[B, HN, rows, D]` with NaN on the `poisoned_rows`."""
+    return jnp.where(bad_rows[..., None], jnp.asarray(jnp.nan, o_rows.dtype), o_rows)

@@ -125,8 +125,9 @@ def softmax_init(rows: int, value_width: int):
 
 def softmax_step(state, s2, visible, v, precision):
     """Fold one key tile into the running softmax: `s2` are base-2 scores `[rows, keys]`, `v`
-    the tile's values `[keys, Dv]`. A row that has seen nothing keeps max -inf and is shifted by
-    0, so no `-inf - -inf` appears."""
+    the tile's values `[keys, Dv]`, zeroed where non-finite (SPEC 8: a masked `p = 0` must not
+    meet a NaN; `nonfinite_in` poisons the rows that saw one after the loop). A row that has seen
+    nothing keeps max -inf and is shifted by 0, so no `-inf - -inf` appears."""
     m, l, acc = state
     s2 = jnp.where(visible, s2, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s2, axis=1))
@@ -134,20 +135,8 @@ def softmax_step(state, s2, visible, v, precision):
     p = jnp.exp2(s2 - shift[:, None])
     alpha = jnp.exp2(m - shift)
     l = l * alpha + jnp.sum(p, axis=1)
-    v, seen_nonfinite = contained_values(v, visible)
     acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision)
-    return m_new, l, jnp.where(seen_nonfinite[:, None], jnp.nan, acc)
-
-
-def contained_values(v, visible):
-    """SPEC 8 containment: the tile's keys are shared by rows that see different keys, and a
-    masked `p = 0` times a NaN/Inf value is NaN. So the product runs on `v` with its non-finite
-    entries zeroed, and the rows that do see a non-finite value are returned (to be set to NaN).
-    Reductions are float maxima, which both Triton's lowering and the interpreter take."""
-    finite = jnp.isfinite(v)
-    bad_key = jnp.max(jnp.where(finite, 0.0, 1.0), axis=1) > 0.0
-    seen = jnp.max(jnp.where(visible & bad_key[None, :], 1.0, 0.0), axis=1) > 0.0
-    return jnp.where(finite, v, jnp.zeros((), v.dtype)), seen
+    return m_new, l, acc
 
 
 def softmax_finish(state):
@@ -158,8 +147,24 @@ def softmax_finish(state):
     return acc / safe[:, None], jnp.where(seen, (m + jnp.log2(safe)) * LN2, -jnp.inf)
 
 
+def nonfinite_in(prefix_ref, b, h, lo, hi, ok, *, N: int, H: int):
+    """SPEC 8 (backends/common/containment.py), read once after a forward loop: per row, whether
+    value rows `[lo, hi)` of batch row `b`, kv head `h` held a NaN or Inf. `prefix_ref` is the
+    flattened `nonfinite_prefix` `[B, N + 1, H]` of the values (which the kernel read zeroed)."""
+    base = (b * (N + 1)) * H + h
+    count_hi = load_vector(prefix_ref, base + hi * H, ok)
+    count_lo = load_vector(prefix_ref, base + lo * H, ok)
+    return ok & (hi > lo) & (count_hi > count_lo)
+
+
+def poisoned(out, bad):
+    """`out` `[rows, width]` with NaN on the rows `bad` (those that saw a non-finite value)."""
+    return jnp.where(bad[:, None], jnp.nan, out)
+
+
 def base2_lse(lse):
-    """lse in base 2 for the backward pass; rows without a key (-inf) get 0, their p is masked."""
+    """lse in base 2 for the backward pass; rows without a key (-inf) get 0, their p is masked.
+    A NaN lse (a row that saw a non-finite value, `finite_backward_operands`) stays NaN."""
     return jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
 
 

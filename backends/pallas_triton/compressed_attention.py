@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 
 from ejkernel_nsa import sparsity
 from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.backends.common.containment import finite_backward_operands, finite_values
 from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.pallas_triton import common
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
@@ -84,7 +85,7 @@ def _scored_block_tile(q, k_ref, v_ref, b, h, c0, c_hi, lo, hi, *, NB, H, BC, DK
     return k, v, s2, (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
 
 
-def compressed_attention_fwd_kernel(q_ref, k_ref, v_ref, pos_ref, first_ref, o_ref, lse_ref, *,
+def compressed_attention_fwd_kernel(q_ref, k_ref, v_ref, v_bad_ref, pos_ref, first_ref, o_ref, lse_ref, *,
                                     T, NB, H, G, HP, BT, BC, BS, DK, DV, SCALE, PRECISION):
     b, h, row_ok, q_row, lo, hi, c_lo, c_hi = _query_program(pos_ref, first_ref, T=T, NB=NB, H=H, G=G, HP=HP,
                                                              BT=BT, BS=BS)
@@ -98,6 +99,7 @@ def compressed_attention_fwd_kernel(q_ref, k_ref, v_ref, pos_ref, first_ref, o_r
     steps = jnp.maximum(c_hi - c_lo + BC - 1, 0) // BC
     state = jax.lax.fori_loop(0, steps, step, common.softmax_init(BT * HP, common.padded_dim(DV)))
     out, lse = common.softmax_finish(state)
+    out = common.poisoned(out, common.nonfinite_in(v_bad_ref, b, h, lo, hi, row_ok, N=NB, H=H))  # SPEC 8
     common.store_rows(o_ref, q_row, row_ok, out, DV)
     common.store_vector(lse_ref, q_row, row_ok, lse)
 
@@ -192,10 +194,11 @@ def _query_grid(query, num_kv_heads):
 def _fwd(query, k_cmp, v_cmp, pos, first_block, block_size: int, scale: float, tile: Tile | None = None):
     batch, num_tokens, num_q_heads, _ = query.shape
     rows = batch * num_tokens * num_q_heads
+    v_finite, v_bad = finite_values(v_cmp)  # SPEC 8: backends/common/containment.py
     out, lse = _launch(
         compressed_attention_fwd_kernel, "fwd", _query_grid(query, k_cmp.shape[2]),
         [jax.ShapeDtypeStruct((rows, v_cmp.shape[3]), query.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32)],
-        query, k_cmp, v_cmp, pos, first_block, block_size=block_size, scale=scale, tile=tile,
+        query, k_cmp, v_finite, v_bad, pos, first_block, block_size=block_size, scale=scale, tile=tile,
     )
     return out.reshape(query.shape[:3] + (v_cmp.shape[3],)), lse.reshape(query.shape[:3])
 
@@ -237,6 +240,7 @@ def _attend_forward(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi,
 
 def _attend_backward(block_size, scale, saved, d_out, lse, delta):
     query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi = saved
+    k_cmp, v_cmp, lse, delta = finite_backward_operands(k_cmp, v_cmp, lse, delta)  # SPEC 8
     dq = _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, scale)
     dk, dv = _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
                       block_size, scale)

@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 
 from ejkernel_nsa import sparsity
 from ejkernel_nsa.backends.common import host
+from ejkernel_nsa.backends.common.containment import finite_backward_operands, finite_values
 from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.pallas_triton import common
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments
@@ -68,7 +69,7 @@ def _token_program(indices_ref, counts_ref, pos_ref, seq_start_ref, *, T, H, G, 
     q_row = (b * T + t) * (H * G) + h * G + heads
     pos = pos_ref[t]
     slots = _counted_blocks(indices_ref, counts_ref, (b * T + t) * H + h, pos, S=S, SP=SP, BS=BS)
-    return h, heads < G, q_row, pos, b * T + seq_start_ref[t], slots
+    return b, h, heads < G, q_row, pos, b * T + seq_start_ref[t], slots
 
 
 def _scored_key_tile(q, k_ref, v_ref, step, slots, pos, first_key, *, H, h, DK, DV, BS, BK, SUBS, SCALE, PRECISION):
@@ -86,9 +87,20 @@ def _scored_key_tile(q, k_ref, v_ref, step, slots, pos, first_key, *, H, h, DK, 
     return k, v, s2, visible[None, :]
 
 
-def selected_attention_fwd_kernel(q_ref, k_ref, v_ref, indices_ref, counts_ref, pos_ref, seq_start_ref,
+def _saw_nonfinite(v_bad_ref, slots, pos, first_key, *, T, H, b, h, BS):
+    """SPEC 8, after the loop: whether one of the token's counted blocks held a non-finite value
+    in the keys it sees (`[start, min(start + BS, token + 1))`, `common.nonfinite_in`)."""
+    index, keep, _, _ = slots
+    seq_start = first_key - b * T  # the token's sequence start in its batch row
+    start = seq_start + index * BS
+    end = jnp.minimum(start + BS, seq_start + pos + 1)
+    bad = common.nonfinite_in(v_bad_ref, b, h, start, end, keep, N=T, H=H)
+    return jnp.max(jnp.where(bad, 1.0, 0.0)) > 0.0
+
+
+def selected_attention_fwd_kernel(q_ref, k_ref, v_ref, v_bad_ref, indices_ref, counts_ref, pos_ref, seq_start_ref,
                                   o_ref, lse_ref, *, T, H, G, ROWS, DK, DV, S, SP, BS, BK, SUBS, SCALE, PRECISION):
-    h, head_ok, q_row, pos, first_key, slots = _token_program(indices_ref, counts_ref, pos_ref, seq_start_ref, T=T,
+    b, h, head_ok, q_row, pos, first_key, slots = _token_program(indices_ref, counts_ref, pos_ref, seq_start_ref, T=T,
                                                               H=H, G=G, ROWS=ROWS, S=S, SP=SP, BS=BS)
     q = common.load_rows(q_ref, q_row, head_ok, common.padded_dim(DK), DK)
 
@@ -99,6 +111,7 @@ def selected_attention_fwd_kernel(q_ref, k_ref, v_ref, indices_ref, counts_ref, 
 
     state = jax.lax.fori_loop(0, slots[3] * SUBS, step, common.softmax_init(ROWS, common.padded_dim(DV)))
     out, lse = common.softmax_finish(state)
+    out = jnp.where(_saw_nonfinite(v_bad_ref, slots, pos, first_key, T=T, H=H, b=b, h=h, BS=BS), jnp.nan, out)
     common.store_rows(o_ref, q_row, head_ok, out, DV)
     common.store_vector(lse_ref, q_row, head_ok, lse)
 
@@ -106,7 +119,7 @@ def selected_attention_fwd_kernel(q_ref, k_ref, v_ref, indices_ref, counts_ref, 
 def selected_attention_bwd_kernel_dq(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, indices_ref, counts_ref,
                                      pos_ref, seq_start_ref, dq_ref, *,
                                      T, H, G, ROWS, DK, DV, S, SP, BS, BK, SUBS, SCALE, PRECISION):
-    h, head_ok, q_row, pos, first_key, slots = _token_program(indices_ref, counts_ref, pos_ref, seq_start_ref, T=T,
+    _, h, head_ok, q_row, pos, first_key, slots = _token_program(indices_ref, counts_ref, pos_ref, seq_start_ref, T=T,
                                                               H=H, G=G, ROWS=ROWS, S=S, SP=SP, BS=BS)
     q, do, lse2, delta = common.row_grad_inputs(q_ref, do_ref, lse_ref, delta_ref, q_row, head_ok, DK, DV)
 
@@ -221,10 +234,11 @@ def _token_launch(kernel, name, out_shape, q, k, v, sel: SelectedBlocks, *arrays
 
 def _forward(q, k, v, sel: SelectedBlocks, block_size: int, scale: float):
     rows = q.size // q.shape[3]
+    v_finite, v_bad = finite_values(v)  # SPEC 8: backends/common/containment.py
     out, lse = _token_launch(
         selected_attention_fwd_kernel, "selected_attention_fwd",
         [jax.ShapeDtypeStruct((rows, v.shape[3]), q.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32)],
-        q, k, v, sel, block_size=block_size, scale=scale,
+        q, k, v_finite, sel, v_bad, block_size=block_size, scale=scale,
     )
     return out.reshape(q.shape[:3] + (v.shape[3],)), lse.reshape(q.shape[:3])
 
@@ -271,6 +285,7 @@ def _selected_attention_forward(q, k, v, sel: SelectedBlocks, block_size: int, s
 
 def _selected_attention_backward(block_size, scale, saved, d_out, lse, delta):
     q, k, v, sel = saved
+    k, v, lse, delta = finite_backward_operands(k, v, lse, delta)  # SPEC 8
     dq = _backward_dq(q, k, v, d_out, lse, delta, sel, block_size, scale)
     dk, dv = _backward_dkv(q, k, v, d_out, lse, delta, sel, block_size, scale)
     return dq, dk, dv, None

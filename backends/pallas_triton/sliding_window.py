@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ejkernel_nsa.backends.common.containment import finite_backward_operands, finite_values
 from ejkernel_nsa.backends.common.vjp import attention_vjp
 from ejkernel_nsa.backends.pallas_triton import common
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
@@ -70,7 +71,7 @@ def _scored_key_tile(q, k_ref, v_ref, b, h, j0, hi, token, row_ok, row_lo, *, T,
     return k, v, s2, _visible(keys, key_ok, token, row_ok, row_lo)
 
 
-def sliding_window_fwd_kernel(q_ref, k_ref, v_ref, seq_start_ref, o_ref, lse_ref, *,
+def sliding_window_fwd_kernel(q_ref, k_ref, v_ref, v_bad_ref, seq_start_ref, o_ref, lse_ref, *,
                               T, H, G, HP, BT, BK, W, DK, DV, SCALE, PRECISION):
     b, h, token, row_ok, q_row, row_lo, lo, hi = _query_program(seq_start_ref, T=T, H=H, G=G, HP=HP, BT=BT, W=W)
     q = common.load_rows(q_ref, q_row, row_ok, common.padded_dim(DK), DK)
@@ -83,6 +84,7 @@ def sliding_window_fwd_kernel(q_ref, k_ref, v_ref, seq_start_ref, o_ref, lse_ref
     steps = jnp.maximum(hi - lo + BK - 1, 0) // BK
     state = jax.lax.fori_loop(0, steps, step, common.softmax_init(BT * HP, common.padded_dim(DV)))
     out, lse = common.softmax_finish(state)
+    out = common.poisoned(out, common.nonfinite_in(v_bad_ref, b, h, row_lo, token + 1, row_ok, N=T, H=H))  # SPEC 8
     common.store_rows(o_ref, q_row, row_ok, out, DV)
     common.store_vector(lse_ref, q_row, row_ok, lse)
 
@@ -177,10 +179,11 @@ def _query_grid(query, key, tiles: Tiles):
 def _fwd(query, key, value, seq_start, window, scale):
     tiles = default_tiles(query, key, value)
     rows = query.size // query.shape[3]
+    v_finite, v_bad = finite_values(value)  # SPEC 8: backends/common/containment.py
     out, lse = _launch(sliding_window_fwd_kernel, "sliding_window_fwd", _query_grid(query, key, tiles),
                        [jax.ShapeDtypeStruct((rows, value.shape[3]), query.dtype),
                         jax.ShapeDtypeStruct((rows,), jnp.float32)],
-                       tiles, window, scale, query, key, value, seq_start)
+                       tiles, window, scale, query, key, v_finite, v_bad, seq_start)
     return out.reshape(query.shape[:3] + (value.shape[3],)), lse.reshape(query.shape[:3])
 
 
@@ -192,6 +195,7 @@ def _attend_forward(query, key, value, seq_start, window: int, scale: float):
 def _attend_backward(window, scale, saved, d_out, lse, delta):
     query, key, value, seq_start = saved
     tiles = default_tiles(query, key, value)
+    key, value, lse, delta = finite_backward_operands(key, value, lse, delta)  # SPEC 8
     grads = (query, key, value, d_out, lse, delta, seq_start)
     dq = _launch(sliding_window_bwd_kernel_dq, "sliding_window_bwd_dq", _query_grid(query, key, tiles),
                  jax.ShapeDtypeStruct((query.size // query.shape[3], query.shape[3]), query.dtype),

@@ -34,7 +34,8 @@ import triton.language as tl
 from ejkernel_nsa import sparsity
 from ejkernel_nsa.backends.common import host
 from ejkernel_nsa.backends.common.vjp import attention_vjp
-from ejkernel_nsa.backends.triton.containment import finite_backward_operands, finite_values, nonfinite_in
+from ejkernel_nsa.backends.common.containment import finite_backward_operands, finite_values
+from ejkernel_nsa.backends.triton.containment import nonfinite_in
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
@@ -172,7 +173,7 @@ def compressed_attention_fwd_kernel(
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    # SPEC 8 (containment.py): the values came zeroed where non-finite; rows that see one are NaN.
+    # SPEC 8 (common/containment.py): values came zeroed where non-finite; rows that saw one are NaN.
     out = tl.where(nonfinite_in(v_bad_ptr, b, h, lo, hi, row_ok, NB, H)[:, None], float("nan"), out)
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     o_base = _row_base(o_ptr, b, t0, h, head0, T, HQ, G, DV)
@@ -439,7 +440,7 @@ def _attend_forward(query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi,
 
 def _attend_backward(block_size, length, scale, saved, d_out, lse, delta):
     query, k_cmp, v_cmp, pos, first_block, viewer_lo, viewer_hi = saved
-    k_cmp, v_cmp, lse, delta = finite_backward_operands(k_cmp, v_cmp, lse, delta)  # SPEC 8: containment.py
+    k_cmp, v_cmp, lse, delta = finite_backward_operands(k_cmp, v_cmp, lse, delta)  # SPEC 8, common/containment.py
     dq = _bwd_dq(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, block_size, length, scale)
     dk, dv = _bwd_dkv(query, k_cmp, v_cmp, d_out, lse, delta, pos, first_block, viewer_lo, viewer_hi,
                       block_size, length, scale)

@@ -34,7 +34,8 @@ from ejkernel_nsa.backends.common import host
 # The token-major tiles, the same for the Pallas Triton kernels; named here too (Tiles, the benchmarks).
 from ejkernel_nsa.backends.common.host import TokenConfig, token_config
 from ejkernel_nsa.backends.common.vjp import attention_vjp
-from ejkernel_nsa.backends.triton.containment import finite_backward_operands, finite_values, nonfinite_in
+from ejkernel_nsa.backends.common.containment import finite_backward_operands, finite_values
+from ejkernel_nsa.backends.triton.containment import nonfinite_in
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.backends.triton.launch import CompileSpec, cdiv, next_pow2, pointer
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments
@@ -267,7 +268,7 @@ def selected_attention_fwd_kernel_by_block(
     dv = tl.arange(0, DVP)
     block_start = tl.load(block_start_ptr + block)
     block_len = tl.load(block_len_ptr + block)
-    # SPEC 8 (containment.py): the values came zeroed where non-finite. A clean block (nearly
+    # SPEC 8 (common/containment.py): the values came zeroed where non-finite. A clean block (nearly
     # always) needs no per-row check; the per-row gathers cost ~3 ms at G=1, 64k on an H200.
     block_has_bad = nonfinite_in(v_bad_ptr, b, h, block_start, block_start + block_len, block_len > 0,
                                  num_tokens, H)
@@ -639,7 +640,7 @@ def _selected_attention_forward(q, k, v, sel: SelectedBlocks, readers: Readers, 
 
 def _selected_attention_backward(block_size, scale, tiles, saved, d_out, lse, delta):
     q, k, v, sel, readers = saved
-    k, v, lse, delta = finite_backward_operands(k, v, lse, delta)  # SPEC 8: containment.py
+    k, v, lse, delta = finite_backward_operands(k, v, lse, delta)  # SPEC 8, common/containment.py
     dq, dk, dv = _backward(q, k, v, d_out, lse, delta, sel, readers, block_size, scale, tiles)
     return dq, dk, dv, None, None
 

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from ejkernel_nsa.backends.common import host
 from ejkernel_nsa.backends.common.vjp import attention_vjp
-from ejkernel_nsa.backends.triton.containment import finite_backward_operands, finite_values, nonfinite_in
+from ejkernel_nsa.backends.common.containment import finite_backward_operands, finite_values
+from ejkernel_nsa.backends.triton.containment import nonfinite_in
 from ejkernel_nsa.backends.triton import launch
 from ejkernel_nsa.problem import NSAProblem, Piece, Segments, token_layout
 
@@ -124,7 +125,7 @@ def sliding_window_fwd_kernel(
 
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
-    # SPEC 8 (containment.py): the values came zeroed where non-finite; rows that see one are NaN.
+    # SPEC 8 (common/containment.py): values came zeroed where non-finite; rows that saw one are NaN.
     bad = nonfinite_in(v_bad_ptr, b, h, row_lo, tok + 1, valid, T, H)
     o = tl.where(bad[:, None], float("nan"), acc / l_safe[:, None])
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
@@ -445,7 +446,7 @@ def _attend_forward(query, key, value, seq_start, window, scale):
 
 def _attend_backward(window, scale, saved, d_out, lse, delta):
     query, key, value, seq_start = saved
-    key, value, lse, delta = finite_backward_operands(key, value, lse, delta)  # SPEC 8: containment.py
+    key, value, lse, delta = finite_backward_operands(key, value, lse, delta)  # SPEC 8, common/containment.py
     d_query = sliding_window_bwd_dq(query, key, value, d_out, lse, delta, seq_start, window, scale)
     d_key, d_value = sliding_window_bwd_dkv(query, key, value, d_out, lse, delta, seq_start, window, scale)
     return d_query, d_key, d_value, None

@@ -23,6 +23,7 @@ from ejkernel_nsa.backends.xla.layout import (
     merge_heads,
     nonfinite_rows,
     poisoned,
+    poisoned_probs,
     query_positions,
     split_heads,
 )
@@ -73,9 +74,10 @@ def compressed_attention(query, k_cmp, v_cmp, *, block_size: int, scale: float, 
             scores = _scores(split_heads(q_chunk, num_kv_heads), kc, scale)
             visible = _visible(pos, first_block, num_blocks, geometry)
             probs, lse = masked_softmax(scores, visible[:, None, None, :])
-            out = matmul("chgn,nhd->chgd", probs.astype(vc.dtype), vc)
             seen_bad = count_visible("cn,nh->ch", visible, bad)
-            out, lse = poisoned(out, seen_bad), poisoned(lse, seen_bad)
+            probs = poisoned_probs(probs, visible[:, None, None, :], seen_bad)
+            out = matmul("chgn,nhd->chgd", probs.astype(vc.dtype), vc)
+            lse = poisoned(lse, seen_bad)
             return merge_heads(out).astype(q.dtype), lse.reshape(lse.shape[0], num_q_heads)
 
         return map_query_chunks(body, chunk, q, row_pos, layout.first_block)

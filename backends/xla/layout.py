@@ -14,6 +14,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from ejkernel_nsa.backends.common.containment import finite_or_zero  # noqa: F401 (the pieces read it here)
+
 # Upper bound on the bytes that one query chunk's intermediates may take, for the whole batch.
 CHUNK_BYTES = 256 * 2**20
 MIN_CHUNK, MAX_CHUNK = 16, 1024
@@ -109,12 +111,14 @@ def merge_heads(x: jax.Array) -> jax.Array:
 # ---- containment (SPEC section 8) ----------------------------------------------------------------
 # A masked probability is exactly 0, but 0 * NaN = NaN: multiplying it by a NaN/Inf key or value
 # that the query cannot see would leak that value. So the products run on keys and values whose
-# non-finite entries are zeroed, and a query whose *visible* set holds a non-finite key or value
-# gets NaN back explicitly (what it would have computed: its result is undefined).
-
-
-def finite_or_zero(x: jax.Array) -> jax.Array:
-    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+# non-finite entries are zeroed (`finite_or_zero`, shared with the kernel backends), and a query
+# whose *visible* set holds a non-finite key or value gets NaN back (its result is undefined).
+# The NaN enters as a factor on that query's visible probabilities, not as a `where` on its
+# output: a `where` has gradient 0 on the branch it drops, which gave such a query (and the keys it
+# sees) finite gradients. As a factor, its gradients are NaN, and nothing else's: the masked
+# probabilities keep factor 1 and value 0, and the softmax's backward reaches the raw scores
+# through `where(mask, ...)`, which passes exact zeros where masked. This is what the kernel
+# backends do (backends/common/containment.py: lse NaN and delta 0 for such a row).
 
 
 def nonfinite_rows(key: jax.Array, value: jax.Array) -> jax.Array:
@@ -123,11 +127,23 @@ def nonfinite_rows(key: jax.Array, value: jax.Array) -> jax.Array:
     return (~finite).astype(jnp.float32)
 
 
-def poisoned(out: jax.Array, seen_nonfinite: jax.Array) -> jax.Array:
-    """`out` `[C, H, G, ...]` with NaN for the (token, kv head) pairs whose count of visible
-    non-finite rows `seen_nonfinite` `[C, H]` is positive."""
-    bad = (seen_nonfinite > 0).reshape(seen_nonfinite.shape + (1,) * (out.ndim - 2))
-    return jnp.where(bad, jnp.asarray(jnp.nan, out.dtype), out)
+def _saw_nonfinite(seen_nonfinite: jax.Array, ndim: int) -> jax.Array:
+    """`seen_nonfinite` `[C, H]` (counts) as a boolean broadcast over `ndim - 2` trailing axes."""
+    return (seen_nonfinite > 0).reshape(seen_nonfinite.shape + (1,) * (ndim - seen_nonfinite.ndim))
+
+
+def poisoned_probs(probs: jax.Array, mask: jax.Array, seen_nonfinite: jax.Array) -> jax.Array:
+    """`probs` `[C, H, G, K]` (any axes before `H`'s trailing ones) times NaN where `mask` (the
+    softmax's, broadcastable) is set for a (token, kv head) whose count of visible non-finite rows
+    `seen_nonfinite` `[C, H]` is positive, times 1 elsewhere."""
+    bad = _saw_nonfinite(seen_nonfinite, probs.ndim) & mask
+    return probs * jnp.where(bad, jnp.float32(jnp.nan), jnp.float32(1.0))
+
+
+def poisoned(x: jax.Array, seen_nonfinite: jax.Array) -> jax.Array:
+    """`x` `[C, H, ...]` with NaN for the (token, kv head) pairs that saw a non-finite row. For
+    values without a gradient path of their own (the compressed lse, which feeds the selection)."""
+    return jnp.where(_saw_nonfinite(seen_nonfinite, x.ndim), jnp.asarray(jnp.nan, x.dtype), x)
 
 
 def count_visible(spec: str, mask: jax.Array, bad_rows: jax.Array) -> jax.Array:

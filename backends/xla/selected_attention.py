@@ -26,7 +26,7 @@ from ejkernel_nsa.backends.xla.layout import (
     matmul,
     merge_heads,
     nonfinite_rows,
-    poisoned,
+    poisoned_probs,
     query_positions,
     split_heads,
 )
@@ -87,7 +87,8 @@ def _attend(q_chunk, k_rows, v_rows, key_mask, seen_bad, scale, spec_k, spec_v, 
     num_kv_heads = key_mask.shape[1]
     scores = matmul(spec_k, split_heads(q_chunk, num_kv_heads), k_rows)
     probs, _ = masked_softmax(scores * scale, key_mask[:, :, None, :])
-    out = poisoned(matmul(spec_v, probs.astype(v_rows.dtype), v_rows), seen_bad)
+    probs = poisoned_probs(probs, key_mask[:, :, None, :], seen_bad)
+    out = matmul(spec_v, probs.astype(v_rows.dtype), v_rows)
     return merge_heads(out).astype(dtype)
 
 

@@ -21,7 +21,7 @@ from ejkernel_nsa.backends.xla.layout import (
     matmul,
     merge_heads,
     nonfinite_rows,
-    poisoned,
+    poisoned_probs,
     split_heads,
 )
 from ejkernel_nsa.problem import Segments, token_layout
@@ -72,9 +72,9 @@ def sliding_window_attention(query, key, value, *, window_size: int, scale: floa
             visible = (key_token[:, None, :] >= first[..., None]) & (key_token[:, None, :] <= token[..., None])
             scores = matmul("nqhgd,nkhd->nqhgk", split_heads(q_band, num_kv_heads), k_pair)
             probs, _ = masked_softmax(scores * scale, visible[:, :, None, None, :])
-            out = matmul("nqhgk,nkhd->nqhgd", probs.astype(v_pair.dtype), v_pair)
             seen_bad = count_visible("nqk,nkh->nqh", visible, bad_pair)
-            out = jax.vmap(poisoned)(out, seen_bad)
+            probs = poisoned_probs(probs, visible[:, :, None, None, :], seen_bad)
+            out = matmul("nqhgk,nkhd->nqhgd", probs.astype(v_pair.dtype), v_pair)
             return merge_heads(out).astype(q.dtype)
 
         outs = map_query_chunks(body, bands_per_step, to_bands(q), k_pairs, v_pairs, bad_pairs,
@@ -116,8 +116,8 @@ def _window_against_longer_keys(query, key, value, window_size: int, scale: floa
             visible = (key_pos[None, :] > pos[:, None] - window) & (key_pos[None, :] <= pos[:, None])
             scores = matmul("chgd,khd->chgk", split_heads(q_chunk, num_kv_heads), k_span)
             probs, _ = masked_softmax(scores * scale, visible[:, None, None, :])
+            probs = poisoned_probs(probs, visible[:, None, None, :], count_visible("ck,kh->ch", visible, bad))
             out = matmul("chgk,khd->chgd", probs.astype(v.dtype), v_span)
-            out = poisoned(out, count_visible("ck,kh->ch", visible, bad))
             return merge_heads(out).astype(q.dtype)
 
         return map_query_chunks(body, chunk, q)
