@@ -51,6 +51,12 @@ _NUM_WARPS = 4
 _BLOCKS = 32
 # Bound on a step's keys, [tokens, blocks] int64, which live in registers with the running top-k.
 _KEYS = 4096
+# SPEC 9's transfer scores (l'/d + l/d - 1) compressed blocks per selection block, so a step loads
+# that many times the keys: bound by those loads, it wants more query rows per program and fewer
+# blocks per step. H200, G=16, the paper's l=32, d=16, l'=64, T=64k (benchmarks/NOTES.md): 128 rows,
+# 16 blocks, 8 warps 20.3 ms; the default 64 / 32 / 4 took 25.8, 256 / 16 / 8 29.7, 128 / 32 / 8
+# 24.3. Measured at G=16 only.
+_TRANSFER_TILES = dict(rows=128, blocks=16, num_warps=8)
 # Beyond this many slots the top-k network no longer fits in registers (spills at 256 already).
 _MAX_SLOTS = 256
 
@@ -268,7 +274,8 @@ def _block_selection_fwd(query, k_cmp, lse, counts, pos, first_block, *, num_out
     batch, num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, num_kv_heads = k_cmp.shape[1:3]
     group = num_q_heads // num_kv_heads
-    tiles = tiles or default_tiles(group, head_dim, num_out, query.dtype)
+    if tiles is None:
+        tiles = default_tiles(group, head_dim, num_out, query.dtype, **({} if transfer is None else _TRANSFER_TILES))
     if transfer is None:
         # SPEC 3: the transfer's inputs are unused (TAPS=0); any arrays of the right kind fill them.
         sel_first, tap_base, tap_weight, num_selection_blocks = first_block, first_block, lse, num_blocks
@@ -384,7 +391,7 @@ def compile_specs() -> list[launch.CompileSpec]:
     cases.append(("bfloat16", 16, 128, 64, 16, (5, -1, 32, 16)))
     for dtype, group, head_dim, block_size, slots, *geometry in cases:
         taps, first_tap, length, stride = geometry[0] if geometry else (0, 0, block_size, block_size)
-        tiles = default_tiles(group, head_dim, slots, dtype)
+        tiles = default_tiles(group, head_dim, slots, dtype, **(_TRANSFER_TILES if geometry else {}))
         signature = {
             "q_ptr": launch.pointer(dtype), "k_ptr": launch.pointer(dtype), "lse_ptr": "*fp32", "counts_ptr": "*i32",
             "pos_ptr": "*i32", "first_block_ptr": "*i32", "sel_first_ptr": "*i32", "tap_base_ptr": "*i32",
