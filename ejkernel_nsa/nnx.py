@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 try:
     from flax import nnx
@@ -214,6 +214,19 @@ class NativeSparseAttention(nnx.Module):
 
     def _compressor_params(self) -> dict | None:
         return None if self.compressor is None else self.compressor.as_dict()
+
+    # Two overloads so that a type checker knows which of the two results a call returns: the
+    # output alone without a cache, `(output, new cache)` with one (and no mask then).
+    @overload
+    def __call__(
+        self, x: Float[Array, "B T hidden"], attention_mask: Shaped[Array, "B T"] | None = None, *,
+        cache: None = None,
+    ) -> Float[Array, "B T hidden"]: ...
+
+    @overload
+    def __call__(
+        self, x: Float[Array, "B T hidden"], attention_mask: None = None, *, cache: kv_cache.NSACache,
+    ) -> tuple[Float[Array, "B T hidden"], kv_cache.NSACache]: ...
 
     def __call__(
         self,
