@@ -207,7 +207,8 @@ class NativeSparseAttention(nnx.Module):
         geometry and, with a learned compressor, keeping its blocks (the layer passes its current
         parameters on every cached call); `dtype` defaults to the layer's `dtype`, else
         `param_dtype`."""
-        dtype = self.dtype if self.dtype is not None else self.param_dtype
+        if dtype is None:
+            dtype = self.dtype if self.dtype is not None else self.param_dtype
         return kv_cache.init(batch, capacity, self.num_kv_heads, self.head_dim, block_size=self.block_size,
                              compress_block_size=self.compress_length, compress_stride=self.compress_step,
                              compressor=self._compressor_params(), dtype=dtype)
