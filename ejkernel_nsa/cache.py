@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float, Int
 
 from ejkernel_nsa import compressor as learned_compressor
 from ejkernel_nsa.api import _plan, _run
@@ -66,10 +68,11 @@ class NSACache:
     def geometry(self) -> CompressionGeometry:
         return geometry_of(self.block_size, self.compress_block_size, self.compress_stride)
 
-    def append(self, key, value, num_new=None, *, compressor=None) -> NSACache:
+    def append(self, key: Float[Array, "B n H Dk"], value: Float[Array, "B n H Dv"],
+               num_new: Int[Array, " B"] | None = None, *, compressor: dict | None = None) -> NSACache:
         return append(self, key, value, num_new, compressor=compressor)
 
-    def attend(self, query, *args, **kwargs) -> jax.Array:
+    def attend(self, query: Float[Array, "B T HQ Dk"], *args: Any, **kwargs: Any) -> Float[Array, "B T HQ Dv"]:
         return attend(self, query, *args, **kwargs)
 
 
@@ -125,7 +128,8 @@ def init(batch: int, capacity: int, num_kv_heads: int, head_dim: int, value_dim:
     )
 
 
-def from_keys(key, value, lengths=None, *, block_size: int = 64, compress_block_size: int | None = None,
+def from_keys(key: Float[Array, "B C H Dk"], value: Float[Array, "B C H Dv"], lengths: Int[Array, " B"] | None = None,
+              *, block_size: int = 64, compress_block_size: int | None = None,
               compress_stride: int | None = None, compressor: dict | None = None) -> NSACache:
     """A cache holding `key` `[B, C, H, Dk]` and `value` `[B, C, H, Dv]` (capacity `C`, a multiple
     of `block_size`), of row lengths `lengths` `[B]` (default `C`): for a prefix computed
@@ -146,7 +150,8 @@ def from_keys(key, value, lengths=None, *, block_size: int = 64, compress_block_
     return _cache_of(key, value, key_cmp, value_cmp, lengths, geometry, compressor is not None)
 
 
-def append(cache: NSACache, key, value, num_new=None, *, compressor: dict | None = None) -> NSACache:
+def append(cache: NSACache, key: Float[Array, "B n H Dk"], value: Float[Array, "B n H Dv"],
+           num_new: Int[Array, " B"] | None = None, *, compressor: dict | None = None) -> NSACache:
     """Write `key` `[B, n, H, Dk]` and `value` `[B, n, H, Dv]` after each row's last token.
 
     Every row gains `n` tokens, or `num_new[b]` (`[B]` int in `[0, n]`, may be traced): then row
@@ -266,9 +271,11 @@ def _check_new_tokens(cache: NSACache, key, value):
     return key, value
 
 
-def attend(cache: NSACache, query, g_cmp=None, g_slc=None, block_indices=None, block_counts=16,
-           softmax_scale: float | None = None, *, g_swa=None, window_size: int = 0,
-           max_block_counts: int | None = None, backend: str | None = None) -> jax.Array:
+def attend(cache: NSACache, query: Float[Array, "B T HQ Dk"], g_cmp: Float[Array, "B T HQ"] | None = None,
+           g_slc: Float[Array, "B T HQ"] | None = None, block_indices: Int[Array, "B T H S"] | None = None,
+           block_counts: int | Int[Array, "B T H"] = 16, softmax_scale: float | None = None, *,
+           g_swa: Float[Array, "B T HQ"] | None = None, window_size: int = 0,
+           max_block_counts: int | None = None, backend: str | None = None) -> Float[Array, "B T HQ Dv"]:
     """NSA of `query` `[B, T, HQ, Dk]`, the last `T` tokens of each row (already `append`ed),
     against the cache: `native_sparse_attention(query, key, value, ..., kv_lengths=lengths)` with
     the cached compressed blocks as supplied ones (`key_cmp=`, `value_cmp=`). Arguments as there;

@@ -24,12 +24,13 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
 
 from ejkernel_nsa.problem import block_layout
 from ejkernel_nsa.validation import ShapeChecker, check_geometry, segments_of, static_int
 
 
-def init(rng, compress_block_size: int, key_dim: int, value_dim: int, hidden: int, *,
+def init(rng: jax.Array, compress_block_size: int, key_dim: int, value_dim: int, hidden: int, *,
          dtype=jnp.float32) -> dict:
     """Parameters for blocks of `compress_block_size` tokens: `{"key": ..., "value": ...}`, each
     with `position` `[l, D]`, `w_in` `[l * D, hidden]`, `b_in`, `w_out` `[hidden, D]` (zero) and
@@ -55,8 +56,10 @@ def _init_branch(rng, length: int, dim: int, hidden: int, dtype) -> dict:
     }
 
 
-def apply(params: dict, key, value, *, compress_block_size: int, compress_stride: int | None = None,
-          cu_seqlens=None) -> tuple[jax.Array, jax.Array]:
+def apply(params: dict, key: Float[Array, "B T H Dk"], value: Float[Array, "B T H Dv"], *,
+          compress_block_size: int, compress_stride: int | None = None,
+          cu_seqlens: Int[Array, " N+1"] | None = None,
+          ) -> tuple[Float[Array, "B NBc H Dk"], Float[Array, "B NBc H Dv"]]:
     """`key` `[B, T, H, Dk]`, `value` `[B, T, H, Dv]` -> `(key_cmp, value_cmp)`, float32
     `[B, NBc, H, D]` in SPEC 9's layout: `NBc = ceil(T / d)`, or with `cu_seqlens` the packed
     `T // d + N` blocks, sequence n's starting at `sum(ceil(L_m / d), m < n)`. A block reads only

@@ -28,6 +28,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float, Int
 from jax.sharding import PartitionSpec as P
 
 from ejkernel_nsa import api, registry
@@ -75,18 +76,18 @@ def _reorder(x, order: np.ndarray, axis: int):
 
 
 def context_parallel_nsa(
-    query,
-    key,
-    value,
-    g_cmp=None,
-    g_slc=None,
-    block_indices=None,
-    block_counts=16,
+    query: Float[Array, "B T HQ Dk"],
+    key: Float[Array, "B T H Dk"],
+    value: Float[Array, "B T H Dv"],
+    g_cmp: Float[Array, "B T HQ"] | None = None,
+    g_slc: Float[Array, "B T HQ"] | None = None,
+    block_indices: Int[Array, "B T H S"] | None = None,
+    block_counts: int | Int[Array, "B T H"] = 16,
     block_size: int = 64,
     softmax_scale: float | None = None,
-    cu_seqlens=None,
+    cu_seqlens: Int[Array, " N+1"] | None = None,
     *,
-    g_swa=None,
+    g_swa: Float[Array, "B T HQ"] | None = None,
     window_size: int = 0,
     max_block_counts: int | None = None,
     mesh: jax.sharding.Mesh,
@@ -95,7 +96,7 @@ def context_parallel_nsa(
     head_axis: AxisEntry = None,
     load_balance: str = "contiguous",
     backend: str | None = None,
-) -> jax.Array:
+) -> Float[Array, "B T HQ Dv"]:
     """`native_sparse_attention` with the token axis split over `mesh`'s `seq_axis`.
 
     Takes `native_sparse_attention`'s arguments, global shapes, plus the mesh and its axes

@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 try:
     from flax import nnx
@@ -207,13 +207,27 @@ class NativeSparseAttention(nnx.Module):
         geometry and, with a learned compressor, keeping its blocks (the layer passes its current
         parameters on every cached call); `dtype` defaults to the layer's `dtype`, else
         `param_dtype`."""
-        dtype = self.dtype if self.dtype is not None else self.param_dtype
+        if dtype is None:
+            dtype = self.dtype if self.dtype is not None else self.param_dtype
         return kv_cache.init(batch, capacity, self.num_kv_heads, self.head_dim, block_size=self.block_size,
                              compress_block_size=self.compress_length, compress_stride=self.compress_step,
                              compressor=self._compressor_params(), dtype=dtype)
 
     def _compressor_params(self) -> dict | None:
         return None if self.compressor is None else self.compressor.as_dict()
+
+    # Two overloads so that a type checker knows which of the two results a call returns: the
+    # output alone without a cache, `(output, new cache)` with one (and no mask then).
+    @overload
+    def __call__(
+        self, x: Float[Array, "B T hidden"], attention_mask: Shaped[Array, "B T"] | None = None, *,
+        cache: None = None,
+    ) -> Float[Array, "B T hidden"]: ...
+
+    @overload
+    def __call__(
+        self, x: Float[Array, "B T hidden"], attention_mask: None = None, *, cache: kv_cache.NSACache,
+    ) -> tuple[Float[Array, "B T hidden"], kv_cache.NSACache]: ...
 
     def __call__(
         self,

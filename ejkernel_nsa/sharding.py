@@ -25,6 +25,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -70,8 +71,12 @@ def axis_names_of(entry: AxisEntry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def per_shard(fn: Callable) -> Callable:
-    """Decorate a public NSA call so that explicitly sharded inputs run it per batch/head shard."""
+def per_shard[F: Callable[..., Any]](fn: F) -> F:
+    """Decorate a public NSA call so that explicitly sharded inputs run it per batch/head shard.
+
+    Typed as returning `fn`'s own type: the wrapper takes the same arguments, so type checkers and
+    `help()` see the public call's annotated signature rather than `(*args, **kwargs)`.
+    """
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
@@ -82,12 +87,12 @@ def per_shard(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         return run_per_shard(fn, bound, layout)
 
-    wrapper.unsharded = fn
-    return wrapper
+    wrapper.unsharded = fn  # type: ignore[attr-defined]  # read back by `sharded`
+    return cast(F, wrapper)
 
 
-def sharded(fn: Callable, mesh: jax.sharding.Mesh, *, batch_axis: AxisEntry = None,
-            head_axis: AxisEntry = None) -> Callable:
+def sharded[F: Callable[..., Any]](fn: F, mesh: jax.sharding.Mesh, *, batch_axis: AxisEntry = None,
+                                    head_axis: AxisEntry = None) -> F:
     """`fn` (any public NSA call) computed per shard of `mesh`'s `batch_axis` and `head_axis`.
 
     Works on auto and explicit meshes, inside or outside `jit`, forward and backward; the kernels
@@ -120,7 +125,7 @@ def sharded(fn: Callable, mesh: jax.sharding.Mesh, *, batch_axis: AxisEntry = No
     def wrapper(*args, **kwargs):
         return run_per_shard(unsharded, signature.bind(*args, **kwargs), layout)
 
-    return wrapper
+    return cast(F, wrapper)  # the same arguments and result as `fn`, for type checkers
 
 
 def _array_arguments(arguments: dict) -> dict[str, jax.Array]:

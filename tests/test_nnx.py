@@ -374,6 +374,16 @@ def test_cache_prefill_and_steps_equal_the_full_sequence():
 
 
 @needs_flax
+def test_init_cache_dtype_defaults_to_the_layers_and_is_overridable():
+    # An explicit dtype= was once dropped for the layer's own (a bf16 cache of an f32 layer).
+    layer = make_layer()
+    assert layer.init_cache(B, 64).key.dtype == jnp.float32
+    assert make_layer(dtype=jnp.bfloat16).init_cache(B, 64).key.dtype == jnp.bfloat16
+    cache = layer.init_cache(B, 64, dtype=jnp.bfloat16)
+    assert cache.key.dtype == cache.value.dtype == jnp.bfloat16
+
+
+@needs_flax
 @pytest.mark.parametrize("learned", [False, True], ids=["geometry", "compressor"])
 def test_cache_with_geometry_or_compressor_equals_the_full_sequence(learned):
     # SPEC 9's overlapping blocks in the cache, mean-pooled or through the layer's own learned
