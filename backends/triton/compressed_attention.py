@@ -88,6 +88,83 @@ def _row_base(ptr, b, t0, h, head0, T, HQ: tl.constexpr, G: tl.constexpr, D: tl.
 
 
 @triton.jit
+def _query_program(H: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr):
+    """The query tile of this program of the forward or dq grid (tokens on axis 0, batch row x
+    kv head x head chunk on axis 1): its first token `t0` and head `head0`, batch row, kv head."""
+    HEAD_CHUNKS: tl.constexpr = (G + HP - 1) // HP
+    t0 = tl.program_id(0) * BT
+    pid = tl.program_id(1)
+    head0 = (pid % HEAD_CHUNKS) * HP
+    bh = pid // HEAD_CHUNKS
+    b = bh // H
+    h = bh % H
+    return t0, head0, b, h
+
+
+@triton.jit
+def _tile_blocks(lo, hi, NB):
+    """Which rows see a block, and the tile's block range: the union of those rows' `[lo, hi)`."""
+    seen = hi > lo
+    c_lo = tl.min(tl.where(seen, lo, NB), axis=0)
+    c_hi = tl.max(tl.where(seen, hi, 0), axis=0)
+    return seen, c_lo, c_hi
+
+
+@triton.jit
+def _head_columns(DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr):
+    """The key and value head-dim columns (padded to powers of two >= 16) and which are real."""
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    return dk, dv, dk < DK, dv < DV
+
+
+@triton.jit
+def _load_rows(ptr, b, t0, h, head0, T, row, row_ok, cols, cols_ok, HQ: tl.constexpr, G: tl.constexpr,
+               D: tl.constexpr):
+    """A query-side tile [rows, len(cols)] of a [B, T, HQ, D] tensor (q, do), zero for padding.
+    The forward and dq kernels load q with its row base computed first, as they always have:
+    Triton evaluates a call's keyword arguments (the mask) before its positional ones, so going
+    through here would move their mask's predicates in the PTX (same SASS, but not the same text)."""
+    return tl.load(_row_base(ptr, b, t0, h, head0, T, HQ, G, D) + row[:, None] * D + cols[None, :],
+                   mask=row_ok[:, None] & cols_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _backward_rows(do_ptr, lse_ptr, delta_ptr, b, t0, h, head0, T, row, row_ok, lo, hi, dv, dv_ok,
+                   HQ: tl.constexpr, G: tl.constexpr, DV: tl.constexpr):
+    """What both backward kernels need of a query tile besides q: dO, lse in base 2 and delta."""
+    do = _load_rows(do_ptr, b, t0, h, head0, T, row, row_ok, dv, dv_ok, HQ, G, DV)
+    seen = hi > lo
+    # Rows without a block have lse = -inf and no visible column; keep their shift finite.
+    lse = tl.load(_row_base(lse_ptr, b, t0, h, head0, T, HQ, G, 1) + row, mask=row_ok & seen, other=0.0)
+    lse = tl.where(seen, lse * LOG2E, 0.0)
+    delta = tl.load(_row_base(delta_ptr, b, t0, h, head0, T, HQ, G, 1) + row, mask=row_ok, other=0.0)
+    return do, lse, delta
+
+
+@triton.jit
+def _block_offset(b, c, h, NB, H: tl.constexpr, D: tl.constexpr):
+    """Scalar 64-bit offset of compressed block `c` of kv head `h` in a [B, NB, H, D] tensor."""
+    return ((b.to(tl.int64) * NB + c) * H + h) * D
+
+
+@triton.jit
+def _load_blocks(k_tile, v_tile, block, col_ok, dk, dv, dk_ok, dv_ok, H: tl.constexpr, DK: tl.constexpr,
+                 DV: tl.constexpr, BC: tl.constexpr):
+    """The keys and values of the `BC` blocks at the scalar pointers (zero where `col_ok` is not),
+    and the pointers moved on to the next block tile."""
+    k = tl.load(k_tile + block[:, None] * (H * DK) + dk[None, :], mask=col_ok[:, None] & dk_ok[None, :], other=0.0)
+    v = tl.load(v_tile + block[:, None] * (H * DV) + dv[None, :], mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+    return k, v, k_tile + BC * H * DK, v_tile + BC * H * DV
+
+
+@triton.jit
+def _visible(cols, lo, hi):
+    """Scores [rows, blocks] that count: the block is in the row's `[lo, hi)`."""
+    return (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+
+
+@triton.jit
 def _online_softmax_step(q, k, v, m_i, l_i, acc, visible, SCALE: tl.constexpr, PRECISION: tl.constexpr,
                          MASKED: tl.constexpr):
     """One block tile of the forward's online softmax (base 2). MASKED: `visible` [rows, BC]
@@ -119,31 +196,18 @@ def compressed_attention_fwd_kernel(
     CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    HEAD_CHUNKS: tl.constexpr = (G + HP - 1) // HP
     HQ: tl.constexpr = H * G
-    t0 = tl.program_id(0) * BT
-    pid = tl.program_id(1)
-    head0 = (pid % HEAD_CHUNKS) * HP
-    bh = pid // HEAD_CHUNKS
-    b = bh // H
-    h = bh % H
-
+    t0, head0, b, h = _query_program(H, G, HP, BT)
     dt, dh, row_ok, lo, hi = _query_tile(pos_ptr, first_block_ptr, t0, head0, T, G, BS, CL, HP, BT)
-    seen = hi > lo
-    # The tile's block range: the union of its rows' (rows without a block left out).
-    c_lo = tl.min(tl.where(seen, lo, NB), axis=0)
-    c_hi = tl.max(tl.where(seen, hi, 0), axis=0)
+    seen, c_lo, c_hi = _tile_blocks(lo, hi, NB)
 
-    dk = tl.arange(0, DKP)
-    dv = tl.arange(0, DVP)
-    dk_ok = dk < DK
-    dv_ok = dv < DV
+    dk, dv, dk_ok, dv_ok = _head_columns(DK, DV, DKP, DVP)
     row = dt * HQ + dh
     q_base = _row_base(q_ptr, b, t0, h, head0, T, HQ, G, DK)
     q = tl.load(q_base + row[:, None] * DK + dk[None, :], mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
     # Scalar 64-bit pointers to the tile's first block, advanced block tile by block tile.
-    k_tile = k_ptr + ((b.to(tl.int64) * NB + c_lo) * H + h) * DK
-    v_tile = v_ptr + ((b.to(tl.int64) * NB + c_lo) * H + h) * DV
+    k_tile = k_ptr + _block_offset(b, c_lo, h, NB, H, DK)
+    v_tile = v_ptr + _block_offset(b, c_lo, h, NB, H, DV)
     block = tl.arange(0, BC)
 
     m_i = tl.full([BT * HP], float("-inf"), dtype=tl.float32)
@@ -164,11 +228,8 @@ def compressed_attention_fwd_kernel(
     for c0 in range(c_lo + num_full * BC, c_hi, BC):
         cols = c0 + block
         col_ok = cols < c_hi
-        k = tl.load(k_tile + block[:, None] * (H * DK) + dk[None, :], mask=col_ok[:, None] & dk_ok[None, :], other=0.0)
-        v = tl.load(v_tile + block[:, None] * (H * DV) + dv[None, :], mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-        k_tile += BC * H * DK
-        v_tile += BC * H * DV
-        visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+        k, v, k_tile, v_tile = _load_blocks(k_tile, v_tile, block, col_ok, dk, dv, dk_ok, dv_ok, H, DK, DV, BC)
+        visible = _visible(cols, lo, hi)
         m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, visible, SCALE, PRECISION, True)
 
     seen = l_i > 0.0
@@ -191,48 +252,29 @@ def compressed_attention_bwd_kernel_dq(
     CL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    HEAD_CHUNKS: tl.constexpr = (G + HP - 1) // HP
     HQ: tl.constexpr = H * G
-    t0 = tl.program_id(0) * BT
-    pid = tl.program_id(1)
-    head0 = (pid % HEAD_CHUNKS) * HP
-    bh = pid // HEAD_CHUNKS
-    b = bh // H
-    h = bh % H
-
+    t0, head0, b, h = _query_program(H, G, HP, BT)
     dt, dh, row_ok, lo, hi = _query_tile(pos_ptr, first_block_ptr, t0, head0, T, G, BS, CL, HP, BT)
-    seen = hi > lo
-    c_lo = tl.min(tl.where(seen, lo, NB), axis=0)
-    c_hi = tl.max(tl.where(seen, hi, 0), axis=0)
+    seen, c_lo, c_hi = _tile_blocks(lo, hi, NB)
 
-    dk = tl.arange(0, DKP)
-    dv = tl.arange(0, DVP)
-    dk_ok = dk < DK
-    dv_ok = dv < DV
+    dk, dv, dk_ok, dv_ok = _head_columns(DK, DV, DKP, DVP)
     row = dt * HQ + dh
     q_base = _row_base(q_ptr, b, t0, h, head0, T, HQ, G, DK)
     q = tl.load(q_base + row[:, None] * DK + dk[None, :], mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
-    do = tl.load(_row_base(do_ptr, b, t0, h, head0, T, HQ, G, DV) + row[:, None] * DV + dv[None, :],
-                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-    # Rows without a block have lse = -inf and no visible column; keep their shift finite.
-    lse = tl.load(_row_base(lse_ptr, b, t0, h, head0, T, HQ, G, 1) + row, mask=row_ok & seen, other=0.0)
-    lse = tl.where(seen, lse * LOG2E, 0.0)
-    delta = tl.load(_row_base(delta_ptr, b, t0, h, head0, T, HQ, G, 1) + row, mask=row_ok, other=0.0)
+    do, lse, delta = _backward_rows(do_ptr, lse_ptr, delta_ptr, b, t0, h, head0, T, row, row_ok, lo, hi, dv, dv_ok,
+                                    HQ, G, DV)
     # Scalar 64-bit pointers to the tile's first block, advanced block tile by block tile.
-    k_tile = k_ptr + ((b.to(tl.int64) * NB + c_lo) * H + h) * DK
-    v_tile = v_ptr + ((b.to(tl.int64) * NB + c_lo) * H + h) * DV
+    k_tile = k_ptr + _block_offset(b, c_lo, h, NB, H, DK)
+    v_tile = v_ptr + _block_offset(b, c_lo, h, NB, H, DV)
     block = tl.arange(0, BC)
 
     dq = tl.zeros([BT * HP, DKP], dtype=tl.float32)
     for c0 in range(c_lo, c_hi, BC):
         cols = c0 + block
         col_ok = cols < c_hi
-        k = tl.load(k_tile + block[:, None] * (H * DK) + dk[None, :], mask=col_ok[:, None] & dk_ok[None, :], other=0.0)
-        v = tl.load(v_tile + block[:, None] * (H * DV) + dv[None, :], mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-        k_tile += BC * H * DK
-        v_tile += BC * H * DV
+        k, v, k_tile, v_tile = _load_blocks(k_tile, v_tile, block, col_ok, dk, dv, dk_ok, dv_ok, H, DK, DV, BC)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (SCALE * LOG2E)
-        visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+        visible = _visible(cols, lo, hi)
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -270,12 +312,9 @@ def compressed_attention_bwd_kernel_dkv(
     t_lo = tl.maximum(t_lo, split * SPLIT_TOKENS)
     t_hi = tl.minimum(t_hi, (split + 1) * SPLIT_TOKENS)
 
-    dk = tl.arange(0, DKP)
-    dv = tl.arange(0, DVP)
-    dk_ok = dk < DK
-    dv_ok = dv < DV
-    k_off = ((b.to(tl.int64) * NB + c0) * H + h) * DK
-    v_off = ((b.to(tl.int64) * NB + c0) * H + h) * DV
+    dk, dv, dk_ok, dv_ok = _head_columns(DK, DV, DKP, DVP)
+    k_off = _block_offset(b, c0, h, NB, H, DK)
+    v_off = _block_offset(b, c0, h, NB, H, DV)
     k_tile = block[:, None] * (H * DK) + dk[None, :]
     v_tile = block[:, None] * (H * DV) + dv[None, :]
     k = tl.load(k_ptr + k_off + k_tile, mask=col_ok[:, None] & dk_ok[None, :], other=0.0)
@@ -291,17 +330,12 @@ def compressed_attention_bwd_kernel_dkv(
             head0 = head_chunk * HP
             dt, dh, row_ok, lo, hi = _query_tile(pos_ptr, first_block_ptr, t0, head0, t_hi, G, BS, CL, HP, BT)
             row = dt * HQ + dh
-            q = tl.load(_row_base(q_ptr, b, t0, h, head0, T, HQ, G, DK) + row[:, None] * DK + dk[None, :],
-                        mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
-            do = tl.load(_row_base(do_ptr, b, t0, h, head0, T, HQ, G, DV) + row[:, None] * DV + dv[None, :],
-                         mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-            seen = hi > lo
-            lse = tl.load(_row_base(lse_ptr, b, t0, h, head0, T, HQ, G, 1) + row, mask=row_ok & seen, other=0.0)
-            lse = tl.where(seen, lse * LOG2E, 0.0)
-            delta = tl.load(_row_base(delta_ptr, b, t0, h, head0, T, HQ, G, 1) + row, mask=row_ok, other=0.0)
+            q = _load_rows(q_ptr, b, t0, h, head0, T, row, row_ok, dk, dk_ok, HQ, G, DK)
+            do, lse, delta = _backward_rows(do_ptr, lse_ptr, delta_ptr, b, t0, h, head0, T, row, row_ok, lo, hi,
+                                            dv, dv_ok, HQ, G, DV)
 
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (SCALE * LOG2E)
-            visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+            visible = _visible(cols, lo, hi)
             p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
             dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)

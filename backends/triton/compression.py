@@ -27,6 +27,35 @@ _NUM_WARPS = 4
 
 
 @triton.jit
+def _block_program(block_start_ptr, block_count_ptr, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                   TOKENS: tl.constexpr):
+    """What both directions need of this program's (compressed block, batch row x head): the
+    block, `b` (int64, for the addresses) and `h`, the block's first token and token count, the
+    head-dim columns and which are real, and the token offsets of one loop step."""
+    block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    b = (batch_head // H).to(tl.int64)
+    h = batch_head % H
+
+    start = tl.load(block_start_ptr + block)
+    count = tl.load(block_count_ptr + block)
+    dims = tl.arange(0, BD)
+    dim_ok = dims < D
+    offsets = tl.arange(0, TOKENS)
+    return block, b, h, start, count, dims, dim_ok, offsets
+
+
+@triton.jit
+def _step_rows(start, step, offsets, count, b, h, T, H: tl.constexpr, D: tl.constexpr):
+    """The first element of each token of loop step `step` in a [B, T, H, D] tensor (int64:
+    B * T * H * D may pass 2^31), and which of those tokens belong to the block."""
+    tokens = (start + step + offsets).to(tl.int64)
+    token_ok = step + offsets < count
+    rows = ((b * T + tokens) * H + h) * D
+    return rows, token_ok
+
+
+@triton.jit
 def mean_pool_fwd_kernel(
     x_ptr,  # [B, T, H, D]
     block_start_ptr,  # [NB] int32: global index of each block's first token
@@ -40,22 +69,12 @@ def mean_pool_fwd_kernel(
     BS: tl.constexpr,
     TOKENS: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    b = (batch_head // H).to(tl.int64)
-    h = batch_head % H
-
-    start = tl.load(block_start_ptr + block)
-    count = tl.load(block_count_ptr + block)
-    dims = tl.arange(0, BD)
-    dim_ok = dims < D
-    offsets = tl.arange(0, TOKENS)
+    block, b, h, start, count, dims, dim_ok, offsets = _block_program(block_start_ptr, block_count_ptr, H, D, BD,
+                                                                      TOKENS)
 
     total = tl.zeros([BD], dtype=tl.float32)
     for step in range(0, BS, TOKENS):
-        tokens = (start + step + offsets).to(tl.int64)
-        token_ok = step + offsets < count
-        rows = ((b * T + tokens) * H + h) * D
+        rows, token_ok = _step_rows(start, step, offsets, count, b, h, T, H, D)
         x = tl.load(x_ptr + rows[:, None] + dims[None, :], mask=token_ok[:, None] & dim_ok[None, :], other=0.0)
         total += tl.sum(x.to(tl.float32), axis=0)
 
@@ -78,25 +97,15 @@ def mean_pool_bwd_kernel(
     BS: tl.constexpr,
     TOKENS: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    b = (batch_head // H).to(tl.int64)
-    h = batch_head % H
-
-    start = tl.load(block_start_ptr + block)
-    count = tl.load(block_count_ptr + block)
-    dims = tl.arange(0, BD)
-    dim_ok = dims < D
-    offsets = tl.arange(0, TOKENS)
+    block, b, h, start, count, dims, dim_ok, offsets = _block_program(block_start_ptr, block_count_ptr, H, D, BD,
+                                                                      TOKENS)
 
     d_out = tl.load(d_out_ptr + ((b * NB + block) * H + h) * D + dims, mask=dim_ok, other=0.0)
     share = (d_out / tl.maximum(count, 1).to(tl.float32)).to(d_x_ptr.dtype.element_ty)
     tile = tl.zeros([TOKENS, BD], dtype=d_x_ptr.dtype.element_ty) + share[None, :]
     # Every token lies in exactly one block, so these stores cover d_x without zero-filling it.
     for step in range(0, BS, TOKENS):
-        tokens = (start + step + offsets).to(tl.int64)
-        token_ok = step + offsets < count
-        rows = ((b * T + tokens) * H + h) * D
+        rows, token_ok = _step_rows(start, step, offsets, count, b, h, T, H, D)
         tl.store(d_x_ptr + rows[:, None] + dims[None, :], tile, mask=token_ok[:, None] & dim_ok[None, :])
 
 

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ejkernel_nsa.backends.common import host
 from ejkernel_nsa.backends.triton import launch
-from ejkernel_nsa.backends.triton.decode_span import merge_splits
+from ejkernel_nsa.backends.triton.decode_span import decline_unless_decoding_step, merge_splits
 from ejkernel_nsa.backends.triton.launch import CompileSpec, next_pow2, pointer
 from ejkernel_nsa.problem import NSAProblem, Piece
 
@@ -33,11 +33,7 @@ LONGER_KEYS = True
 
 
 def supports(problem: NSAProblem) -> str | None:
-    if not problem.against_longer_keys:
-        return "decoding steps only (SPEC section 10 with one query per row); selected_attention runs the rest"
-    if (problem.query_len or problem.seq_len) != 1:
-        return f"one query per row (a decoding step), got TQ={problem.query_len}; chunked prefill runs on XLA"
-    reason = launch.common_decline(problem)
+    reason = decline_unless_decoding_step(problem, "selected_attention")
     if reason is not None:
         return reason
     block_size = problem.block_size

@@ -42,13 +42,19 @@ MAX_GROUP = 64
 TARGET_PROGRAMS = 256
 
 
-def decline(problem: NSAProblem) -> str | None:
-    """What both pieces of this kernel decline: anything but a decoding step, and tiles it lacks."""
+def decline_unless_decoding_step(problem: NSAProblem, full_length: str) -> str | None:
+    """What every decoding kernel (this one and `decode.py`'s) declines: anything but a decoding
+    step, which the kernel named `full_length` runs, and what no Triton kernel does."""
     if not problem.against_longer_keys:
-        return "decoding steps only (SPEC section 10 with one query per row); the full-length kernel runs the rest"
+        return f"decoding steps only (SPEC section 10 with one query per row); {full_length} runs the rest"
     if (problem.query_len or problem.seq_len) != 1:
         return f"one query per row (a decoding step), got TQ={problem.query_len}; chunked prefill runs on XLA"
-    reason = launch.common_decline(problem)
+    return launch.common_decline(problem)
+
+
+def decline(problem: NSAProblem) -> str | None:
+    """What both pieces of this kernel decline: anything but a decoding step, and tiles it lacks."""
+    reason = decline_unless_decoding_step(problem, "the full-length kernel")
     if reason is not None:
         return reason
     if problem.group_size > MAX_GROUP:

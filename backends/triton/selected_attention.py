@@ -93,6 +93,34 @@ def _token_rows(num_tokens, H: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr
 
 
 @triton.jit
+def _token_blocks(indices_ptr, counts_ptr, pos_ptr, seq_start_ptr, t, b, h, token, num_tokens, H: tl.constexpr,
+                  S: tl.constexpr, SP: tl.constexpr, BS: tl.constexpr):
+    """What a token-major program walks: the token's position, its sequence's first key (a row of
+    the batch row), and its counted blocks (`_counted_blocks`)."""
+    pos = tl.load(pos_ptr + t)
+    first_key = b * num_tokens + tl.load(seq_start_ptr + t)
+    index, keep, rank, num = _counted_blocks(indices_ptr, counts_ptr, token * H + h, pos, S, SP, BS)
+    return pos, first_key, index, keep, rank, num
+
+
+@triton.jit
+def _online_softmax_step(s, v, m, l, acc, visible, PRECISION: tl.constexpr):
+    """One key tile of the forward's online softmax (base 2), from its scores `s` [rows, keys]
+    (scaled by `qk_scale`); `visible` broadcasts against them and says which count. The caller
+    computes the scores before the mask: the other way round reorders the compiled code."""
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    # A tile can be fully masked for a row (a sub-tile past the token, a padding row); keep exp2
+    # away from (-inf) - (-inf).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
 def _token_step(k_ptr, v_ptr, index, keep, rank, step, pos, first_key, h, H: tl.constexpr, DK: tl.constexpr,
                 DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
                 SUBS: tl.constexpr):
@@ -124,9 +152,8 @@ def selected_attention_fwd_kernel(
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
     q = tl.load(q_ptr + q_rows[:, None] * DK + dk[None, :], mask=head_ok[:, None] & (dk[None, :] < DK), other=0.0)
-    pos = tl.load(pos_ptr + t)
-    first_key = b * num_tokens + tl.load(seq_start_ptr + t)
-    index, keep, rank, num = _counted_blocks(indices_ptr, counts_ptr, token * H + h, pos, S, SP, BS)
+    pos, first_key, index, keep, rank, num = _token_blocks(indices_ptr, counts_ptr, pos_ptr, seq_start_ptr, t, b, h,
+                                                           token, num_tokens, H, S, SP, BS)
 
     qk_scale = SCALE * LOG2E
     m = tl.full([ROWS], float("-inf"), tl.float32)
@@ -136,15 +163,7 @@ def selected_attention_fwd_kernel(
         k, v, visible = _token_step(k_ptr, v_ptr, index, keep, rank, step, pos, first_key, h, H, DK, DV, DKP, DVP,
                                     BS, BK, SUBS)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(visible[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        # A sub-tile past the token can be fully masked; keep exp2 away from (-inf) - (-inf).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = _online_softmax_step(s, v, m, l, acc, visible[None, :], PRECISION)
 
     seen = l > 0.0
     safe_l = tl.where(seen, l, 1.0)
@@ -175,9 +194,8 @@ def selected_attention_bwd_kernel_dq(
     do = tl.load(do_ptr + q_rows[:, None] * DV + dv[None, :], mask=head_ok[:, None] & (dv[None, :] < DV), other=0.0)
     delta = tl.load(delta_ptr + q_rows, mask=head_ok, other=0.0)
     lse2 = tl.load(lse_ptr + q_rows, mask=head_ok, other=0.0) * LOG2E
-    pos = tl.load(pos_ptr + t)
-    first_key = b * num_tokens + tl.load(seq_start_ptr + t)
-    index, keep, rank, num = _counted_blocks(indices_ptr, counts_ptr, token * H + h, pos, S, SP, BS)
+    pos, first_key, index, keep, rank, num = _token_blocks(indices_ptr, counts_ptr, pos_ptr, seq_start_ptr, t, b, h,
+                                                           token, num_tokens, H, S, SP, BS)
 
     qk_scale = SCALE * LOG2E
     acc = tl.zeros([ROWS, DKP], tl.float32)
@@ -197,10 +215,14 @@ def selected_attention_bwd_kernel_dq(
 
 
 @triton.jit
-def _reader_tile(tile_block_ptr, tile_chunk_ptr, offsets_ptr, bh, tile, num_tiles, num_blocks,
-                 G: tl.constexpr, ROWS: tl.constexpr, CHUNKS: tl.constexpr):
-    """A work tile: its key block (-1 for an unused tile), the first entry of the block's reader
-    list, the list's length in rows, and the tile's chunk range."""
+def _reader_tile(tile_block_ptr, tile_chunk_ptr, offsets_ptr, tile, num_tiles, num_blocks,
+                 H: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, CHUNKS: tl.constexpr):
+    """Work tile `tile` of this program's batch row x kv head (grid axis 1): `bh`, the batch row
+    `b` (int64) and kv head `h`, the tile's key block (-1 for an unused tile), the first entry of
+    the block's reader list, the list's length in rows, and the tile's chunk range."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
     at = bh.to(tl.int64) * num_tiles + tile
     block = tl.load(tile_block_ptr + at)
     offsets = offsets_ptr + bh.to(tl.int64) * (num_blocks + 1) + tl.maximum(block, 0)
@@ -208,7 +230,14 @@ def _reader_tile(tile_block_ptr, tile_chunk_ptr, offsets_ptr, bh, tile, num_tile
     num_rows = (tl.load(offsets + 1) - first) * G
     chunk_lo = tl.load(tile_chunk_ptr + at)
     chunk_hi = tl.minimum(chunk_lo + CHUNKS, tl.cdiv(num_rows, ROWS))
-    return block, first, num_rows, chunk_lo, chunk_hi
+    return bh, b, h, block, first, num_rows, chunk_lo, chunk_hi
+
+
+@triton.jit
+def _reader_sees(row_ok, token, key_ok, key_token):
+    """Scores [rows, keys] of a chunk against a key tile that count. A block and its readers share
+    one sequence: causality compares rows of the batch row."""
+    return row_ok[:, None] & key_ok[None, :] & (key_token[None, :] <= token[:, None])
 
 
 @triton.jit
@@ -256,11 +285,8 @@ def selected_attention_fwd_kernel_by_block(
     BK: tl.constexpr, SUBS: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    block, first, num_rows, chunk_lo, chunk_hi = _reader_tile(
-        tile_block_ptr, tile_chunk_ptr, offsets_ptr, bh, tile, num_tiles, num_blocks, G, ROWS, CHUNKS)
+    bh, b, h, block, first, num_rows, chunk_lo, chunk_hi = _reader_tile(
+        tile_block_ptr, tile_chunk_ptr, offsets_ptr, tile, num_tiles, num_blocks, H, G, ROWS, CHUNKS)
     if block < 0:
         return
     list_base = bh.to(tl.int64) * num_tokens * S + first
@@ -289,16 +315,8 @@ def selected_attention_fwd_kernel_by_block(
                 k, v, key_token, key_ok, _ = _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block, sub, b,
                                                        h, num_tokens, H, DK, DV, DKP, DVP, BK)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            # A block and its readers share one sequence: causality compares rows of the batch row.
-            visible = row_ok[:, None] & key_ok[None, :] & (key_token[None, :] <= token[:, None])
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
+            visible = _reader_sees(row_ok, token, key_ok, key_token)
+            m, l, acc = _online_softmax_step(s, v, m, l, acc, visible, PRECISION)
         # A counted block starts at or before its reader, so every real row saw a key (l > 0).
         safe_l = tl.where(l > 0.0, l, 1.0)
         out = acc / safe_l[:, None]
@@ -370,11 +388,8 @@ def selected_attention_bwd_kernel(
     buffers zeroed before the launch."""
     tile = tl.program_id(0) // SUBS
     sub = tl.program_id(0) % SUBS
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    block, first, num_rows, chunk_lo, chunk_hi = _reader_tile(
-        tile_block_ptr, tile_chunk_ptr, offsets_ptr, bh, tile, num_tiles, num_blocks, G, ROWS, CHUNKS)
+    bh, b, h, block, first, num_rows, chunk_lo, chunk_hi = _reader_tile(
+        tile_block_ptr, tile_chunk_ptr, offsets_ptr, tile, num_tiles, num_blocks, H, G, ROWS, CHUNKS)
     if block < 0:
         return
     list_base = bh.to(tl.int64) * num_tokens * S + first
@@ -393,7 +408,7 @@ def selected_attention_bwd_kernel(
         lse2 = tl.load(lse_ptr + q_row, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(delta_ptr + q_row, mask=row_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = row_ok[:, None] & key_ok[None, :] & (key_token[None, :] <= token[:, None])
+        visible = _reader_sees(row_ok, token, key_ok, key_token)
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
         dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)

@@ -62,18 +62,13 @@ def _query_rows(t0, g0, T, BT: tl.constexpr, HP: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def sliding_window_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, v_bad_ptr, seq_start_ptr,
-    T, H, W,
-    o_ptr, lse_ptr,
-    G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
-    SCALE: tl.constexpr, PRECISION: tl.constexpr,
-):
+def _query_program(T, H, G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr):
+    """Which query tile this program of the forward or dq grid owns: batch row `b` (int64, for
+    the addresses), kv head `h`, the tile's first head `g0` within the group and first token `t0`.
+    Consecutive programs take consecutive tiles of one head, so their key spans overlap in L2."""
     HEAD_CHUNKS: tl.constexpr = (G + HP - 1) // HP
     num_tiles = tl.cdiv(T, BT)
     pid = tl.program_id(0)
-    # Consecutive programs take consecutive tiles of one head: their key spans overlap in L2.
     tile = pid % num_tiles
     bhc = pid // num_tiles
     g0 = (bhc % HEAD_CHUNKS) * HP
@@ -82,20 +77,75 @@ def sliding_window_fwd_kernel(
     h = bh % H
     HQ = H * G
     t0 = tile * BT
+    return b, h, HQ, g0, t0
 
+
+@triton.jit
+def _load_rows(ptr, head_row, row_off, cols, valid, D: tl.constexpr):
+    """A query-side tile [rows, len(cols)] (q, do): the tile's rows from the int64 `head_row`
+    base, zero for padding rows and columns."""
+    return tl.load(ptr + head_row * D + row_off[:, None] * D + cols[None, :],
+                   mask=valid[:, None] & (cols[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, head_row, row_off, cols, valid, value, D: tl.constexpr):
+    """The query-side tile `value` back to memory (o, dq), in the pointer's dtype."""
+    tl.store(ptr + head_row * D + row_off[:, None] * D + cols[None, :], value.to(ptr.dtype.element_ty),
+             mask=valid[:, None] & (cols[None, :] < D))
+
+
+@triton.jit
+def _backward_rows(do_ptr, lse_ptr, delta_ptr, head_row, row_off, dv, valid, DV: tl.constexpr):
+    """What both backward kernels need of a query tile besides q: dO, lse in base 2 and delta."""
+    do = _load_rows(do_ptr, head_row, row_off, dv, valid, DV)
+    lse = tl.load(lse_ptr + head_row + row_off, mask=valid, other=0.0)
+    # lse is -inf only for a row that sees no key, whose p is masked to 0 anyway.
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    delta = tl.load(delta_ptr + head_row + row_off, mask=valid, other=0.0)
+    return do, lse2, delta
+
+
+@triton.jit
+def _window_start(seq_start_ptr, tok, tok_ok, W):
+    """Each row's first visible key: the later of its sequence's start and `tok - W + 1`."""
+    seq_start = tl.load(seq_start_ptr + tok, mask=tok_ok, other=0)
+    return tl.maximum(seq_start, tok - W + 1)
+
+
+@triton.jit
+def _key_span(seq_start_ptr, t0, T, W, BT: tl.constexpr):
+    """The keys a query tile can see, `[lo, hi)`: row bounds grow with the token, so the tile's
+    first token bounds the span from below and its last from above."""
+    lo = tl.maximum(tl.load(seq_start_ptr + t0), t0 - W + 1)
+    hi = tl.minimum(t0 + BT, T)
+    return lo, hi
+
+
+@triton.jit
+def _in_window(j, row_lo, tok, valid):
+    """Scores [rows, keys] that count: a real row, a key in its window, and not past its token."""
+    return valid[:, None] & (j[None, :] >= row_lo[:, None]) & (j[None, :] <= tok[:, None])
+
+
+@triton.jit
+def sliding_window_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, v_bad_ptr, seq_start_ptr,
+    T, H, W,
+    o_ptr, lse_ptr,
+    G: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+    SCALE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b, h, HQ, g0, t0 = _query_program(T, H, G, HP, BT)
     tok, dt, dg, valid = _query_rows(t0, g0, T, BT, HP, G)
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
     head_row = (b * T + t0) * HQ + h * G + g0  # int64: (token t0, head g0) on the [B*T*HQ] axis
     row_off = dt * HQ + dg
-    q = tl.load(q_ptr + head_row * DK + row_off[:, None] * DK + dk[None, :],
-                mask=valid[:, None] & (dk[None, :] < DK), other=0.0)
-    seq_start = tl.load(seq_start_ptr + tok, mask=tok < T, other=0)
-    row_lo = tl.maximum(seq_start, tok - W + 1)
-
-    # Row bounds grow with the token, so the tile's first token bounds its key span from below.
-    lo = tl.maximum(tl.load(seq_start_ptr + t0), t0 - W + 1)
-    hi = tl.minimum(t0 + BT, T)
+    q = _load_rows(q_ptr, head_row, row_off, dk, valid, DK)
+    row_lo = _window_start(seq_start_ptr, tok, tok < T, W)
+    lo, hi = _key_span(seq_start_ptr, t0, T, W, BT)
     qk_scale = SCALE * LOG2E
 
     m_i = tl.full([BT * HP], float("-inf"), tl.float32)
@@ -112,7 +162,7 @@ def sliding_window_fwd_kernel(
         v = tl.load(v_ptr + kv_row * DV + (jj * H * DV)[:, None] + dv[None, :],
                     mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
-        visible = valid[:, None] & (j[None, :] >= row_lo[:, None]) & (j[None, :] <= tok[:, None])
+        visible = _in_window(j, row_lo, tok, valid)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen nothing yet keeps m = -inf; shift it by 0 so exp2 never sees -inf - -inf.
@@ -129,8 +179,7 @@ def sliding_window_fwd_kernel(
     bad = nonfinite_in(v_bad_ptr, b, h, row_lo, tok + 1, valid, T, H)
     o = tl.where(bad[:, None], float("nan"), acc / l_safe[:, None])
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
-    tl.store(o_ptr + head_row * DV + row_off[:, None] * DV + dv[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=valid[:, None] & (dv[None, :] < DV))
+    _store_rows(o_ptr, head_row, row_off, dv, valid, o, DV)
     tl.store(lse_ptr + head_row + row_off, lse, mask=valid)
 
 
@@ -143,36 +192,16 @@ def sliding_window_bwd_kernel_dq(
     DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    HEAD_CHUNKS: tl.constexpr = (G + HP - 1) // HP
-    num_tiles = tl.cdiv(T, BT)
-    pid = tl.program_id(0)
-    tile = pid % num_tiles
-    bhc = pid // num_tiles
-    g0 = (bhc % HEAD_CHUNKS) * HP
-    bh = bhc // HEAD_CHUNKS
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    HQ = H * G
-    t0 = tile * BT
-
+    b, h, HQ, g0, t0 = _query_program(T, H, G, HP, BT)
     tok, dt, dg, valid = _query_rows(t0, g0, T, BT, HP, G)
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
     head_row = (b * T + t0) * HQ + h * G + g0
     row_off = dt * HQ + dg
-    q = tl.load(q_ptr + head_row * DK + row_off[:, None] * DK + dk[None, :],
-                mask=valid[:, None] & (dk[None, :] < DK), other=0.0)
-    do = tl.load(do_ptr + head_row * DV + row_off[:, None] * DV + dv[None, :],
-                 mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
-    lse = tl.load(lse_ptr + head_row + row_off, mask=valid, other=0.0)
-    # lse is -inf only for a row that sees no key, whose p is masked to 0 anyway.
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-    delta = tl.load(delta_ptr + head_row + row_off, mask=valid, other=0.0)
-    seq_start = tl.load(seq_start_ptr + tok, mask=tok < T, other=0)
-    row_lo = tl.maximum(seq_start, tok - W + 1)
-
-    lo = tl.maximum(tl.load(seq_start_ptr + t0), t0 - W + 1)
-    hi = tl.minimum(t0 + BT, T)
+    q = _load_rows(q_ptr, head_row, row_off, dk, valid, DK)
+    do, lse2, delta = _backward_rows(do_ptr, lse_ptr, delta_ptr, head_row, row_off, dv, valid, DV)
+    row_lo = _window_start(seq_start_ptr, tok, tok < T, W)
+    lo, hi = _key_span(seq_start_ptr, t0, T, W, BT)
     qk_scale = SCALE * LOG2E
 
     dq = tl.zeros([BT * HP, DKP], tl.float32)
@@ -187,15 +216,14 @@ def sliding_window_bwd_kernel_dq(
         v_t = tl.load(v_ptr + kv_row * DV + (jj * H * DV)[None, :] + dv[:, None],
                       mask=key_ok[None, :] & (dv[:, None] < DV), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = valid[:, None] & (j[None, :] >= row_lo[:, None]) & (j[None, :] <= tok[:, None])
+        visible = _in_window(j, row_lo, tok, valid)
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, v_t, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
     dq = dq * SCALE
-    tl.store(dq_ptr + head_row * DK + row_off[:, None] * DK + dk[None, :], dq.to(dq_ptr.dtype.element_ty),
-             mask=valid[:, None] & (dk[None, :] < DK))
+    _store_rows(dq_ptr, head_row, row_off, dk, valid, dq, DK)
 
 
 @triton.jit
@@ -242,15 +270,9 @@ def sliding_window_bwd_kernel_dkv(
         tok, dt, dg, valid = _query_rows(t0, g0, t_hi, BT, HP, G)
         head_row = (b * T + t0) * HQ + h * G + g0
         row_off = dt * HQ + dg
-        q = tl.load(q_ptr + head_row * DK + row_off[:, None] * DK + dk_idx[None, :],
-                    mask=valid[:, None] & (dk_idx[None, :] < DK), other=0.0)
-        do = tl.load(do_ptr + head_row * DV + row_off[:, None] * DV + dv_idx[None, :],
-                     mask=valid[:, None] & (dv_idx[None, :] < DV), other=0.0)
-        lse = tl.load(lse_ptr + head_row + row_off, mask=valid, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-        delta = tl.load(delta_ptr + head_row + row_off, mask=valid, other=0.0)
-        seq_start = tl.load(seq_start_ptr + tok, mask=valid, other=0)
-        row_lo = tl.maximum(seq_start, tok - W + 1)
+        q = _load_rows(q_ptr, head_row, row_off, dk_idx, valid, DK)
+        do, lse2, delta = _backward_rows(do_ptr, lse_ptr, delta_ptr, head_row, row_off, dv_idx, valid, DV)
+        row_lo = _window_start(seq_start_ptr, tok, valid, W)
 
         # Transposed scores [BK, rows]: dk and dv are then plain (keys x rows) @ (rows x D) dots.
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
