@@ -171,6 +171,23 @@ def token_variants(args, group, x, rows):
                          "rel_err_vs_first")
 
 
+def backward_variants(args, group, x, rows):
+    """The split backward's block-major dk/dv kernel: rows per chunk, chunks per work tile (a
+    block with more chunks than a tile takes adds its dk/dv by atomics) and warps; the forward
+    and the token-major dq stay at their defaults."""
+    bs, itemsize = args.block_size, jnp.dtype(args.dtype).itemsize
+    base = slc.block_config(bs, args.head_dim, args.head_dim, itemsize, backward=True)
+    _, fwd_bwd = selected_fns(args)
+    operands = (x["q"], x["k"], x["v"], x["indices"], x["d_out"])
+    grads_base = []
+    for rows_, chunks, warps in ((base.rows, base.chunks, base.num_warps), (64, 16, 8), (64, 32, 8), (64, 64, 8),
+                                 (128, 8, 8), (128, 32, 8), (64, 32, 4), (64, 64, 4), (128, 32, 4)):
+        name = f"split bwd rows={rows_} chunks={chunks} warps={warps}"
+        tiles = slc.Tiles(backward_order="split",
+                          backward=dataclasses.replace(base, rows=rows_, chunks=chunks, num_warps=warps))
+        measure_selected(rows, args, group, name, "fwd_bwd", fwd_bwd(tiles), operands, grads_base, "rel_err_vs_first")
+
+
 def selection_variants(args, group, x, rows):
     scale = args.head_dim**-0.5
     bs = args.block_size
@@ -287,6 +304,8 @@ def main(argv=None) -> int:
                 selected_variants(args, group, x, rows)
             if "token" in parts:
                 token_variants(args, group, x, rows)
+            if "backward" in parts:
+                backward_variants(args, group, x, rows)
             if "selection" in parts:
                 selection_variants(args, group, x, rows)
             if "whole" in parts:

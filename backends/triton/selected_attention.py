@@ -449,7 +449,7 @@ class BlockConfig:
 
 
 def block_config(block_size: int, head_dim: int, value_dim: int, itemsize: int = 2, *,
-                 backward: bool = False) -> BlockConfig:
+                 backward: bool = False, split: bool = False) -> BlockConfig:
     dkp, dvp = _padded(head_dim), _padded(value_dim)
     block_padded = max(16, next_pow2(block_size))
     # Register budget, in 16-bit elements, for K and V [tile, D] (the backward adds float32 dk/dv
@@ -460,8 +460,15 @@ def block_config(block_size: int, head_dim: int, value_dim: int, itemsize: int =
     # A warpgroup's wgmma tile is 64 rows; wide or float32 heads halve it.
     rows = max(16, (64 if dkp + dvp <= 256 else 32) * 2 // itemsize)
     # Chunks per tile: measured on an H200, 8 beat 4 by 3-4% in the forward and the backward.
-    return BlockConfig(rows=rows, chunks=8, block_tile=block_tile, subs=block_padded // block_tile,
-                       num_warps=8 if backward or dkp + dvp > 256 else 4)
+    chunks, num_warps = 8, 8 if backward or dkp + dvp > 256 else 4
+    if backward and split and dkp + dvp <= 256:
+        # The split backward's dk/dv kernel (no dq: fewer registers) at G >= 16, where a chunk is
+        # only rows / G readers: longer tiles add fewer dk/dv partials by atomics, and 4 warps keep
+        # more programs resident. H200, G=16, D=128, bf16, 64k (benchmarks/NOTES.md), fwd+bwd ms:
+        # 8 chunks / 8 warps 59.1, 32 / 8 57.1, 64 / 8 56.3, 32 / 4 46.4.
+        chunks, num_warps = 32, 4
+    return BlockConfig(rows=rows, chunks=chunks, block_tile=block_tile, subs=block_padded // block_tile,
+                       num_warps=num_warps)
 
 
 # The measured crossovers (docs/triton.md): below these group sizes the block-major forward and
@@ -604,7 +611,8 @@ def _backward(q, k, v, d_out, lse, delta, sel: SelectedBlocks, readers: Readers,
     num_blocks = sel.block_start.shape[0]
     group = num_q_heads // num_kv_heads
     order = tiles.backward_order or backward_loop_order(group)
-    cfg = tiles.backward or block_config(block_size, head_dim, value_dim, q.dtype.itemsize, backward=True)
+    cfg = tiles.backward or block_config(block_size, head_dim, value_dim, q.dtype.itemsize, backward=True,
+                                         split=order == "split")
     work = _tiles_of(readers, sel, group, cfg)
     fused = order == "fused"
     dq, dk, dv = launch.triton_call(
@@ -712,7 +720,8 @@ def compile_specs() -> list[CompileSpec]:
         combine_sig = dict(o_part_ptr=part, lse_part_ptr=f32, keep_ptr=i8, num_tokens="i32", o_ptr=ptr, lse_ptr=f32)
         combine_meta = dict(H=num_kv_heads, G=group, S=num_slots, ROWS=_combine_rows(value_dim), DV=value_dim,
                             DVP=_padded(value_dim))
-        bwd_cfg = block_config(block_size, head_dim, value_dim, itemsize, backward=True)
+        bwd_cfg = block_config(block_size, head_dim, value_dim, itemsize, backward=True,
+                               split=backward_loop_order(group) == "split")
         dq_sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr=f32, delta_ptr=f32, indices_ptr=i32,
                       counts_ptr=i32, pos_ptr=i32, seq_start_ptr=i32, num_tokens="i32", dq_ptr=ptr)
         bwd_sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr=f32, delta_ptr=f32, **tiles,
