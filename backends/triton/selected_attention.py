@@ -259,14 +259,15 @@ def _chunk_rows(pairs_ptr, list_base, chunk, num_rows, num_tokens, b, h,
 
 
 @triton.jit
-def _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block, sub, b, h, num_tokens,
+def _key_tile(k_ptr, v_ptr, block_start, block_len, sub, b, h, num_tokens,
               H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
               BK: tl.constexpr):
-    """Sub-tile `sub` of a packed key block: keys [BK, DKP], values [BK, DVP], the keys' rows in
-    the batch row, and which of them exist (a sequence's last block may be partial)."""
+    """Sub-tile `sub` of a packed key block that starts at row `block_start` of its batch row and
+    holds `block_len` keys (a sequence's last block may be partial): keys [BK, DKP], values
+    [BK, DVP], the keys' rows in the batch row, and which of them exist."""
     in_tile = tl.arange(0, BK)
-    key_token = tl.load(block_start_ptr + block) + sub * BK + in_tile
-    key_ok = sub * BK + in_tile < tl.load(block_len_ptr + block)
+    key_token = block_start + sub * BK + in_tile
+    key_ok = sub * BK + in_tile < block_len
     key_rows = (b * num_tokens + key_token) * H + h
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
@@ -300,8 +301,8 @@ def selected_attention_fwd_kernel_by_block(
                                  num_tokens, H)
     if SUBS == 1:
         # The whole block in one tile: its keys and values are read once for every chunk.
-        k, v, key_token, key_ok, _ = _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block, 0, b, h,
-                                               num_tokens, H, DK, DV, DKP, DVP, BK)
+        k, v, key_token, key_ok, _ = _key_tile(k_ptr, v_ptr, block_start, block_len, 0, b, h, num_tokens,
+                                               H, DK, DV, DKP, DVP, BK)
     qk_scale = SCALE * LOG2E
     for chunk in range(chunk_lo, chunk_hi):
         row_ok, token, q_row, part_row = _chunk_rows(pairs_ptr, list_base, chunk, num_rows, num_tokens, b, h,
@@ -312,8 +313,8 @@ def selected_attention_fwd_kernel_by_block(
         acc = tl.zeros([ROWS, DVP], tl.float32)
         for sub in tl.static_range(SUBS):
             if SUBS > 1:
-                k, v, key_token, key_ok, _ = _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block, sub, b,
-                                                       h, num_tokens, H, DK, DV, DKP, DVP, BK)
+                k, v, key_token, key_ok, _ = _key_tile(k_ptr, v_ptr, block_start, block_len, sub, b, h,
+                                                       num_tokens, H, DK, DV, DKP, DVP, BK)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             visible = _reader_sees(row_ok, token, key_ok, key_token)
             m, l, acc = _online_softmax_step(s, v, m, l, acc, visible, PRECISION)
@@ -395,8 +396,9 @@ def selected_attention_bwd_kernel(
     list_base = bh.to(tl.int64) * num_tokens * S + first
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
-    k, v, key_token, key_ok, key_rows = _key_tile(k_ptr, v_ptr, block_start_ptr, block_len_ptr, block, sub, b, h,
-                                                  num_tokens, H, DK, DV, DKP, DVP, BK)
+    k, v, key_token, key_ok, key_rows = _key_tile(k_ptr, v_ptr, tl.load(block_start_ptr + block),
+                                                  tl.load(block_len_ptr + block), sub, b, h, num_tokens,
+                                                  H, DK, DV, DKP, DVP, BK)
     qk_scale = SCALE * LOG2E
     dk_acc = tl.zeros([BK, DKP], tl.float32)
     dv_acc = tl.zeros([BK, DVP], tl.float32)
