@@ -58,6 +58,11 @@ def kernel_table(run, calls: int) -> list[dict]:
     events = device_events(trace_dir)
     if not events:
         raise RuntimeError("the trace holds no GPU kernel (is this a GPU?)")
+    return per_call(events, calls)
+
+
+def per_call(events: list[tuple[int, str, float]], calls: int) -> list[dict]:
+    """Kernel time per call, by kernel name, in order of first launch."""
     total = collections.defaultdict(float)
     count = collections.Counter()
     first = {}

@@ -307,3 +307,21 @@ def test_the_tile_sweep_passes_each_tile_to_the_kernels(capsys):
     timed = [line for line in out.splitlines() if " ms  (max |diff| from the default tile " in line]
     assert len(timed) == sum(len(tiles) for tiles in tile_sweep.TINY_CANDIDATES.values()), out
     assert all(float(line.rsplit(" ", 1)[1].rstrip(")")) < 1e-4 for line in timed), out
+
+
+def test_kernel_times_sums_each_kernel_per_call_in_launch_order():
+    import kernel_times
+
+    events = [(30, "dq", 2.0), (10, "fwd", 1.5), (20, "bwd", 4.0), (40, "fwd", 0.5), (50, "bwd", 2.0), (60, "dq", 1.0)]
+    rows = kernel_times.per_call(sorted(events), calls=2)
+    assert [r["kernel"] for r in rows] == ["fwd", "bwd", "dq"]
+    assert [r["ms"] for r in rows] == [1.0, 3.0, 1.5]
+    assert all(r["launches"] == 1 for r in rows)
+
+
+@pytest.mark.skipif(has_gpu(), reason="checks what a machine without a GPU reports")
+def test_kernel_times_says_so_when_the_trace_has_no_gpu_kernel():
+    import kernel_times
+
+    with pytest.raises(RuntimeError, match="no GPU kernel"):
+        kernel_times.kernel_table(lambda i: jax.numpy.arange(4.0) * i, calls=1)
