@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import sys
 import tempfile
 
 import jax
 
 import bench_impls  # noqa: E402 (benchmarks/ is the script's folder)
+from kernel_report import print_kernels, record  # noqa: E402
 
 
 def _event_name(event) -> str:
@@ -90,17 +90,10 @@ def main(argv=None) -> int:
         for mode in args.modes.split(","):
             case = bench_impls.Case(ours, shape, args.seq_len, mode)
             rows = kernel_table(ours.build(case, seed=0), args.calls)
-            total = sum(r["ms"] for r in rows)
-            print(f"\n== ours {shape.describe()} T={args.seq_len} W={case.W} {mode}, {jax.devices()[0].device_kind}: "
-                  f"{len(rows)} kernels, {total:.2f} ms of kernel time per call")
-            for r in rows:
-                if r["ms"] >= 0.05:
-                    print(f"  {r['ms']:8.3f}  x{r['launches']:<4g} {r['kernel'][:110]}")
-            print(f"  (kernels under 0.05 ms: {sum(r['ms'] for r in rows if r['ms'] < 0.05):.3f} ms in all)")
-            records.append(dict(shape=name, T=args.seq_len, W=case.W, mode=mode, kernels=rows, total_ms=total))
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(records, f, indent=1)
+            total = print_kernels(f"ours {shape.describe()} T={args.seq_len} W={case.W} {mode}, "
+                                  f"{jax.devices()[0].device_kind}", rows)
+            record(records, args.json, shape=name, T=args.seq_len, W=case.W, mode=mode, kernels=rows,
+                   total_ms=total)
     return 0
 
 

@@ -11,11 +11,11 @@ shapes as the harness (`bench_impls.SHAPES`). GPU only; the peer is never a depe
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
 import bench_impls  # noqa: E402 (benchmarks/ is the script's folder)
+from kernel_report import print_kernels, record  # noqa: E402
 
 
 def kernel_sequence(prof) -> list[tuple[str, float]]:
@@ -74,17 +74,8 @@ def main(argv=None) -> int:
             for i in range(3):  # compile and warm up
                 run(i)
             rows = profile(run, args.calls)
-            total = sum(r["ms"] for r in rows)
-            print(f"\n== flash_nsa {shape.describe()} T={args.seq_len} {mode}: {len(rows)} kernels, "
-                  f"{total:.2f} ms of kernel time")
-            for r in rows:
-                if r["ms"] >= 0.05:
-                    print(f"  {r['ms']:8.3f}  {r['kernel'][:110]}")
-            print(f"  (kernels under 0.05 ms: {sum(r['ms'] for r in rows if r['ms'] < 0.05):.3f} ms in all)")
-            records.append(dict(shape=name, T=args.seq_len, mode=mode, kernels=rows, total_ms=total))
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(records, f, indent=1)
+            total = print_kernels(f"flash_nsa {shape.describe()} T={args.seq_len} {mode}", rows)
+            record(records, args.json, shape=name, T=args.seq_len, mode=mode, kernels=rows, total_ms=total)
     return 0
 
 

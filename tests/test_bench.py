@@ -319,6 +319,18 @@ def test_kernel_times_sums_each_kernel_per_call_in_launch_order():
     assert all(r["launches"] == 1 for r in rows)
 
 
+def test_kernel_report_prints_each_kernel_and_sums_the_small_ones(capsys, tmp_path):
+    import kernel_report
+
+    rows = [dict(kernel="fwd", ms=1.25, launches=1), dict(kernel="tiny", ms=0.01, launches=3)]
+    assert kernel_report.print_kernels("ours", rows) == 1.26
+    out = capsys.readouterr().out
+    assert "2 kernels, 1.26 ms" in out and "1.250  x1" in out and "under 0.05 ms: 0.010" in out
+    records = []
+    kernel_report.record(records, str(tmp_path / "k.json"), shape="paper", kernels=rows)
+    assert json.loads((tmp_path / "k.json").read_text()) == records
+
+
 @pytest.mark.skipif(has_gpu(), reason="checks what a machine without a GPU reports")
 def test_kernel_times_says_so_when_the_trace_has_no_gpu_kernel():
     import kernel_times
